@@ -1,0 +1,66 @@
+"""Builds the built-in sample data set: scikit-learn's 1,797 scanned handwritten digits (real 8x8
+grey-level images of 10 classes) as 32x32 RGB PNGs in ImageFolder layout, with a train/val split.
+
+    python data_prep/sample_data.py DST
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SIZE = 32
+VAL_EVERY = 5  # every 5th image of each class goes to val/: a 80/20 split stratified by class
+
+
+def default_sample_root() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "ddmim" / "sample-digits"
+
+
+def build_sample_dataset(dst: Path) -> Path:
+    """Writes DST/{train,val}/<digit>/<index>.png once; an existing complete set is reused."""
+    from sklearn.datasets import load_digits
+
+    dst = Path(dst)
+    if (dst / "train").is_dir() and (dst / "val").is_dir():
+        return dst
+    digits = load_digits()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # written beside the destination and renamed at the end, so an interrupted build leaves no half set
+    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".tmp-", dir=dst.parent))
+    try:
+        seen: dict[int, int] = {}
+        for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+            label = int(label)
+            seen[label] = seen.get(label, 0) + 1
+            split = "val" if seen[label] % VAL_EVERY == 0 else "train"
+            grey = (image / 16.0 * 255.0).round().astype(np.uint8)
+            rgb = Image.fromarray(grey, mode="L").resize((SIZE, SIZE), Image.BICUBIC).convert("RGB")
+            folder = tmp / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            rgb.save(folder / f"{index:04d}.png")
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dst", nargs="?", type=Path, default=default_sample_root(), help="output folder")
+    args = parser.parse_args(argv)
+    root = build_sample_dataset(args.dst)
+    counts = {split: sum(1 for _ in (root / split).rglob("*.png")) for split in ("train", "val")}
+    print(f"sample data set at {root}: {counts['train']} train and {counts['val']} val images, 10 classes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from ddmim.cli import main
+
+sys.exit(main())

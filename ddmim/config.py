@@ -1,0 +1,216 @@
+"""Typed run configuration: YAML presets shipped in the package plus `section.key=value` overrides.
+
+Every field is declared here with its type, so an unknown key or a value of the wrong type is
+caught when the configuration is built, long before a model is constructed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from ddmim.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 224
+    patch_size: int = 4
+    embed_dim: int = 96
+    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    embed_out: int = 1024  # the seed's `num_classes`: size of the linear head after pooling
+    proj_hidden: int = 512
+    proj_out: int = 512
+
+
+@dataclass
+class MaskConfig:
+    # ratios[0] is the base token-mask ratio; a stage i > 0 is masked iff ratios[i] > 0
+    ratios: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5, 0.0])
+
+
+@dataclass
+class LossConfig:
+    stagefactor: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 0.1])
+    alpha: float = 1.0
+    tau: float = 0.05
+    recon_normalize: str = "all"  # "all" (seed) or "masked" (SimMIM)
+    recon_beta: float = 1.0
+    perceptual_beta: float = 1.0
+    infonce_seed_quirk: bool = True
+
+
+@dataclass
+class EmaConfig:
+    decay: float = 0.999
+    every: int = 32
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-3
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    step_size: int = 20  # StepLR period in epochs
+    gamma: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    hflip: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    val_crop_ratio: float = 224 / 256  # Resize(size / ratio) then CenterCrop(size)
+    num_workers: int = 8
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 52
+    seed: int = 0
+    val_every: int = 1  # epochs between validations
+    log_every: int = 50  # steps between logged training losses
+
+
+@dataclass
+class Config:
+    name: str = "seed"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("ddmim.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise UserError(f"unknown preset '{name}'; available: {', '.join(preset_names())}")
+    text = resources.files("ddmim.presets").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    raise UserError(f"{where} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise UserError(f"{where or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown option {where}{unknown[0]}; known in this section: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`optim.lr=1e-3` -> {"optim": {"lr": 0.001}}; the value is read as YAML (lists: `[1,2]`)."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(f"override '{text}': cannot read value '{raw}'") from None
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def make_config(preset: str, overrides: list[str] | None = None) -> Config:
+    values = load_preset(preset)
+    values.setdefault("name", preset)
+    for text in overrides or []:
+        values = _merge(values, parse_override(text))
+    return config_from_dict(values)
+
+
+def validate(cfg: Config) -> None:
+    m = cfg.model
+    n = len(m.depths)
+    if n < 1 or len(m.num_heads) != n:
+        raise UserError(f"model.depths and model.num_heads need one entry per stage, got {m.depths} and {m.num_heads}")
+    reduction = m.patch_size * 2 ** (n - 1)
+    if m.img_size <= 0 or m.patch_size <= 0 or m.img_size % reduction:
+        raise UserError(
+            f"model.img_size={m.img_size} must be a positive multiple of patch_size * 2^(stages-1) = {reduction} "
+            f"(each stage halves the {m.img_size // max(m.patch_size, 1)}-token grid)")
+    for i, heads in enumerate(m.num_heads):
+        dim = m.embed_dim * 2 ** i
+        if heads <= 0 or dim % heads:
+            raise UserError(f"stage {i}: width {dim} (model.embed_dim * 2^{i}) is not divisible by num_heads {heads}")
+    if len(cfg.mask.ratios) != n or not all(0.0 <= r < 1.0 for r in cfg.mask.ratios):
+        raise UserError(f"mask.ratios needs {n} values in [0, 1), got {cfg.mask.ratios}")
+    if len(cfg.loss.stagefactor) != n:
+        raise UserError(f"loss.stagefactor needs {n} values (one per stage), got {cfg.loss.stagefactor}")
+    if cfg.loss.recon_normalize not in ("all", "masked"):
+        raise UserError(f"loss.recon_normalize must be 'all' or 'masked', got '{cfg.loss.recon_normalize}'")
+    if cfg.loss.tau <= 0:
+        raise UserError(f"loss.tau must be positive, got {cfg.loss.tau}")
+    if not 0.0 <= cfg.ema.decay <= 1.0 or cfg.ema.every < 1:
+        raise UserError(f"ema.decay must be in [0, 1] and ema.every >= 1, got {cfg.ema.decay}, {cfg.ema.every}")
+    if cfg.train.batch_size < 2:
+        raise UserError("train.batch_size must be at least 2 (the contrastive loss needs negatives)")
+    if cfg.train.epochs < 1:
+        raise UserError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
+    if cfg.optim.lr <= 0:
+        raise UserError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if len(cfg.data.crop_scale) != 2 or not 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1:
+        raise UserError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {cfg.data.crop_scale}")
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuilds a Config saved with `Config.to_dict` (e.g. from a checkpoint's hyper-parameters)."""
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,24 @@
+"""Token masks of DDMIM: 1 = visible, 0 = masked (the seed's convention).
+
+Reference implementations; `kernels/` provides fused versions with the same signatures.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def base_token_mask(batch: int, grid: int, ratio: float, *, device=None, generator=None) -> torch.Tensor:
+    """(B, grid, grid) float mask; each token is masked independently with probability `ratio`."""
+    u = torch.rand(batch, grid, grid, device=device, generator=generator)
+    return (u >= ratio).float()
+
+
+def stage_masks(base: torch.Tensor, ratios: list[float]) -> list[torch.Tensor | None]:
+    """One mask per stage: stage i samples the top-left token of each 2^i x 2^i block of the base mask
+    (the seed's strided downsampling, not pooling). A stage whose ratio is 0 is not masked (None)."""
+    return [base[:, :: 2**i, :: 2**i] if r > 0 else None for i, r in enumerate(ratios)]
+
+
+def pixel_mask(base: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, 1, H, W) mask at pixel resolution: nearest upsampling of the token mask by `patch`."""
+    return base.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2).unsqueeze(1)

@@ -1,0 +1,74 @@
+"""DDMIM as a plain nn.Module: student, EMA teacher, heads, and the combined objective of one batch."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ddmim.backbone import MaskedSwin
+from ddmim.config import Config
+from ddmim.ema import ema_update_, make_teacher
+from ddmim.heads import PixelDecoder, ProjectionHead
+from ddmim.losses import info_nce, perceptual_losses, reconstruction_loss
+from ddmim.masking import base_token_mask, stage_masks
+
+# Maps this rank's teacher embeddings to (embeddings of all ranks, offset of this rank's rows).
+Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def _local(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return z, 0
+
+
+class DDMIM(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.student = MaskedSwin(cfg.model)
+        self.teacher = make_teacher(self.student.stages)
+        self.proj = ProjectionHead(cfg.model.embed_out, cfg.model.proj_hidden, cfg.model.proj_out)
+        self.decoder = PixelDecoder(self.student.num_features, self.student.stride)
+
+    def train(self, mode: bool = True) -> "DDMIM":
+        super().train(mode)
+        self.teacher.eval()  # the teacher is a fixed target: no drop-path noise
+        return self
+
+    def draw_mask(self, batch: int, *, device=None, generator=None) -> torch.Tensor:
+        return base_token_mask(batch, self.student.grid, self.cfg.mask.ratios[0], device=device, generator=generator)
+
+    def embedding(self, stage_out: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.student.pooled_head(self.student.norm(stage_out)))
+
+    def forward(self, images: torch.Tensor, base_mask: torch.Tensor, gather: Gather = _local) -> dict[str, torch.Tensor]:
+        """All loss terms for one batch; `base_mask` is (B, grid, grid) with 1 = visible."""
+        cfg = self.cfg.loss
+        masks = stage_masks(base_mask, self.cfg.mask.ratios)
+        tokens = self.student.embed(images)
+        student_out = self.student.forward_stages(tokens, masks)
+        with torch.no_grad():
+            t = tokens.detach()
+            teacher_out = []
+            for stage in self.teacher:
+                t = stage(t)
+                teacher_out.append(t)
+            z_t = self.embedding(t)  # student's norm/head/proj on the teacher's features: a stop-gradient target
+
+        last = student_out[-1]
+        z_s = self.embedding(last)
+        z_all, offset = gather(z_t)
+        contrastive = info_nce(z_s, z_all, tau=cfg.tau, offset=offset, seed_quirk=cfg.infonce_seed_quirk)
+        pred = self.decoder(self.student.norm(last))
+        recon = reconstruction_loss(pred, images, base_mask, beta=cfg.recon_beta, normalize=cfg.recon_normalize)
+        perceptual = perceptual_losses(student_out, teacher_out, beta=cfg.perceptual_beta)
+
+        loss = recon + cfg.alpha * contrastive
+        for factor, term in zip(cfg.stagefactor, perceptual):
+            loss = loss + factor * term
+        out = {"loss": loss, "recon": recon, "contrastive": contrastive}
+        out.update({f"perceptual_{i}": term for i, term in enumerate(perceptual)})
+        return out
+
+    def update_teacher(self) -> None:
+        ema_update_(self.teacher, self.student.stages, self.cfg.ema.decay)

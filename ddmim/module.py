@@ -1,0 +1,66 @@
+"""The Lightning wrapper of DDMIM: steps, logging, EMA schedule, optimiser and LR schedule."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from ddmim.config import Config, config_from_dict
+from ddmim.model import DDMIM
+
+
+class DDMIMModule(pl.LightningModule):
+    def __init__(self, config: dict[str, Any], channels_last: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg: Config = config_from_dict(config)
+        self.channels_last = channels_last
+        self.model = DDMIM(self.cfg)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _gather(self, z_t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Negatives from every data-parallel rank; z_t is a stop-gradient target, so no gradient to route."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return z_t, 0
+        gathered = self.all_gather(z_t)  # (world, B, D)
+        return gathered.flatten(0, 1), self.global_rank * z_t.shape[0]
+
+    def _images(self, batch) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _log_losses(self, prefix: str, losses: dict[str, torch.Tensor], batch_size: int, on_step: bool) -> None:
+        for name, value in losses.items():
+            self.log(f"{prefix}/{name}", value.detach(), batch_size=batch_size, on_step=on_step, on_epoch=not on_step,
+                     prog_bar=name == "loss", sync_dist=not on_step)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = self._images(batch)
+        mask = self.model.draw_mask(images.shape[0], device=images.device)
+        losses = self.model(images, mask, gather=self._gather)
+        self._log_losses("train", losses, images.shape[0], on_step=True)
+        return losses["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # global_step counts optimiser steps and has already advanced past this batch's step
+        if self.global_step % self.cfg.ema.every == 0:
+            self.model.update_teacher()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images = self._images(batch)
+        # the same masks at every validation, so validation losses of different epochs are comparable
+        generator = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + batch_idx)
+        mask = self.model.draw_mask(images.shape[0], generator=generator).to(images.device)
+        losses = self.model(images, mask, gather=self._gather)
+        self._log_losses("val", losses, images.shape[0], on_step=False)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
