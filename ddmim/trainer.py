@@ -1,6 +1,7 @@
 """Assembles the Lightning Trainer: device and precision checks, loggers, checkpoints, measurement callbacks."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from ddmim.callbacks import ThroughputReport, ValLossHistory
 from ddmim.config import Config
 from ddmim.errors import UserError
+
+# The EMA teacher is kept in eval mode on purpose (no drop-path noise in the target).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu")

@@ -1,0 +1,75 @@
+"""Bad input to `ddmim train`: one clear line on stderr, exit code 2, no traceback, nothing overwritten."""
+import subprocess
+import sys
+
+import pytest
+
+from ddmim.cli import main
+
+
+def _run(capsys, *args):
+    code = main(["train", "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_missing_data_path(capsys, tmp_path):
+    code, err = _run(capsys, "--data", str(tmp_path / "nowhere"), "--preset", "tiny")
+    assert code == 2
+    assert err.startswith("ddmim: error:") and "does not exist" in err and "\n" not in err
+
+
+def test_folder_without_images(capsys, tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    code, err = _run(capsys, "--data", str(tmp_path), "--preset", "tiny", "--out", str(tmp_path / "run"))
+    assert code == 2 and "no images found" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_folder_without_val_split(capsys, sample_root, tmp_path):
+    (tmp_path / "train").symlink_to(sample_root / "train")
+    code, err = _run(capsys, "--data", str(tmp_path), "--preset", "tiny")
+    assert code == 2 and "no 'val/' folder" in err
+
+
+def test_unknown_preset(capsys, sample_root):
+    code, err = _run(capsys, "--data", str(sample_root), "--preset", "gigantic")
+    assert code == 2 and "unknown preset 'gigantic'" in err and "tiny" in err
+
+
+def test_image_size_the_backbone_cannot_take(capsys, sample_root):
+    code, err = _run(capsys, "--data", str(sample_root), "--preset", "tiny", "--set", "model.img_size=40")
+    assert code == 2 and "model.img_size=40" in err
+
+
+def test_cuda_only_options_on_cpu(capsys, sample_root):
+    code, err = _run(capsys, "--data", str(sample_root), "--preset", "tiny", "--accelerator", "gpu")
+    assert code == 2 and "no CUDA device" in err
+    code, err = _run(capsys, "--data", str(sample_root), "--preset", "tiny", "--precision", "16-mixed")
+    assert code == 2 and "16-mixed" in err
+
+
+def test_existing_run_folder_is_not_overwritten(capsys, sample_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.ckpt").write_bytes(b"precious")
+    code, err = _run(capsys, "--data", str(sample_root), "--preset", "tiny", "--out", str(out))
+    assert code == 2 and "already exists" in err
+    assert (out / "last.ckpt").read_bytes() == b"precious"
+
+
+def test_console_entry_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ddmim", "train", "--data", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"ddmim: error: data path {tmp_path / 'missing'} does not exist "
+                                                "or is not a folder"]
+
+
+@pytest.mark.parametrize("preset", ["seed", "tiny"])
+def test_config_command_prints_preset(capsys, preset):
+    assert main(["config", "--preset", preset]) == 0
+    assert f"name: {preset}" in capsys.readouterr().out

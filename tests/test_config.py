@@ -1,0 +1,40 @@
+import pytest
+
+from ddmim.config import config_from_dict, make_config, preset_names
+from ddmim.errors import UserError
+
+
+def test_presets_load_and_seed_values():
+    assert {"seed", "tiny"} <= set(preset_names())
+    cfg = make_config("seed")
+    assert (cfg.model.img_size, cfg.model.patch_size, cfg.model.embed_dim) == (224, 4, 96)
+    assert cfg.model.depths == [2, 2, 6, 2] and cfg.model.num_heads == [3, 6, 12, 24]
+    assert (cfg.train.batch_size, cfg.train.epochs) == (52, 50)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.step_size, cfg.optim.gamma) == (5e-3, 1e-4, 20, 0.1)
+    assert cfg.mask.ratios == [0.5, 0.5, 0.5, 0.0] and cfg.loss.stagefactor == [1.0, 1.0, 1.0, 0.1]
+    assert (cfg.loss.tau, cfg.loss.alpha, cfg.ema.decay, cfg.ema.every) == (0.05, 1.0, 0.999, 32)
+
+
+def test_overrides_are_typed_and_round_trip():
+    cfg = make_config("tiny", ["optim.lr=1e-4", "model.depths=[1,1,1,1]", "loss.recon_normalize=masked"])
+    assert cfg.optim.lr == 1e-4 and cfg.model.depths == [1, 1, 1, 1] and cfg.loss.recon_normalize == "masked"
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.img_size=100"], "img_size"),
+    (["model.colour=3"], "unknown option model.colour"),
+    (["optim.lr=fast"], "optim.lr must be of type float"),
+    (["mask.ratios=[0.5,0.5]"], "mask.ratios"),
+    (["loss.recon_normalize=pixels"], "recon_normalize"),
+    (["nonsense"], "section.key=value"),
+    (["model.num_heads=[5,2,4,8]"], "num_heads"),
+])
+def test_invalid_overrides_are_refused(overrides, message):
+    with pytest.raises(UserError, match=message):
+        make_config("tiny", overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(UserError, match="unknown preset 'huge'"):
+        make_config("huge")

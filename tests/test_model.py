@@ -1,0 +1,87 @@
+import copy
+
+import torch
+
+from ddmim.config import make_config
+from ddmim.ema import ema_update_
+from ddmim.model import DDMIM
+
+
+def _batch(cfg, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, cfg.model.img_size, cfg.model.img_size, generator=g)
+
+
+def test_seed_preset_shapes_and_parameter_count():
+    cfg = make_config("seed")
+    model = DDMIM(cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 28_000_000 <= trainable <= 32_000_000
+    with torch.no_grad():
+        outs = model.student.forward_stages(model.student.embed(torch.randn(1, 3, 224, 224)), [None] * 4)
+        pred = model.decoder(model.student.norm(outs[-1]))
+    assert [tuple(o.shape[1:3]) for o in outs] == [(56, 56), (28, 28), (14, 14), (7, 7)]
+    assert [o.shape[-1] for o in outs] == [96, 192, 384, 768]
+    assert pred.shape == (1, 3, 224, 224)
+    assert model.student.pooled_head(model.student.norm(outs[-1])).shape == (1, 1024)
+
+
+def test_teacher_starts_as_copy_and_gets_no_gradients(tiny_cfg):
+    model = DDMIM(tiny_cfg)
+    for t, s in zip(model.teacher.parameters(), model.student.stages.parameters()):
+        assert torch.equal(t, s)
+    images = _batch(tiny_cfg)
+    out = model(images, model.draw_mask(4))
+    out["loss"].backward()
+    assert all(not p.requires_grad and p.grad is None for p in model.teacher.parameters())
+
+
+def test_every_student_parameter_receives_gradients(tiny_cfg):
+    model = DDMIM(tiny_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images = _batch(tiny_cfg)
+    # Swin V2 zero-initialises its residual post-norms, which blocks gradients to attention and MLP
+    # weights until one step has moved them; the second step's gradients must reach everything.
+    for _ in range(2):
+        opt.zero_grad()
+        model(images, model.draw_mask(4))["loss"].backward()
+        opt.step()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("teacher.") for n in trainable)
+    missing = [n for n, p in trainable.items() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_ema_update_matches_formula(tiny_cfg):
+    model = DDMIM(tiny_cfg)
+    with torch.no_grad():
+        for p in model.student.stages.parameters():
+            p.add_(torch.randn_like(p))
+    before = copy.deepcopy(model.teacher)
+    decay = 0.999
+    ema_update_(model.teacher, model.student.stages, decay)
+    for t_new, t_old, s in zip(model.teacher.parameters(), before.parameters(), model.student.stages.parameters()):
+        expected = t_old * decay + (1 - decay) * s
+        torch.testing.assert_close(t_new, expected, rtol=0, atol=1e-7)
+        assert not torch.equal(t_new, t_old)
+    for t_buf, s_buf in zip(model.teacher.buffers(), model.student.stages.buffers()):
+        assert torch.equal(t_buf, s_buf)
+
+
+def test_loss_combines_terms_with_stagefactor_and_alpha(tiny_cfg):
+    tiny_cfg.loss.alpha = 0.5
+    tiny_cfg.loss.stagefactor = [1.0, 0.5, 0.25, 0.1]
+    model = DDMIM(tiny_cfg)
+    out = model(_batch(tiny_cfg), model.draw_mask(4))
+    expected = out["recon"] + 0.5 * out["contrastive"] + sum(
+        f * out[f"perceptual_{i}"] for i, f in enumerate(tiny_cfg.loss.stagefactor))
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_channels_last_gives_the_same_loss(tiny_cfg):
+    model = DDMIM(tiny_cfg).eval()
+    images, mask = _batch(tiny_cfg), model.draw_mask(4, generator=torch.Generator().manual_seed(0))
+    reference = model(images, mask)["loss"]
+    model.to(memory_format=torch.channels_last)
+    fast = model(images.contiguous(memory_format=torch.channels_last), mask)["loss"]
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)

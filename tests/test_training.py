@@ -1,0 +1,26 @@
+import json
+
+import torch
+
+from ddmim.config import make_config
+from ddmim.module import DDMIMModule
+from ddmim.pretrain import pretrain
+
+
+def test_tiny_pretraining_on_sample_data_lowers_the_loss(sample_root, tmp_path):
+    cfg = make_config("tiny", ["train.epochs=3", "data.num_workers=0"])
+    summary = pretrain(cfg, sample_root, tmp_path / "run", progress_bar=False)
+    assert summary["steps"] == 3 * (len(list((sample_root / "train").rglob("*.png"))) // cfg.train.batch_size)
+    assert len(summary["val_loss_history"]) == 4  # before training and after each epoch
+    assert summary["val_loss_last"] < 0.9 * summary["val_loss_first"]
+    assert summary["train_images_per_s"] > 0
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["val_loss_last"] == summary["val_loss_last"]
+    assert (tmp_path / "run" / "logs" / "metrics.csv").read_text().count("val/recon") == 1
+
+    # the last checkpoint restores the trained weights, teacher included
+    restored = DDMIMModule.load_from_checkpoint(summary["checkpoint_last"])
+    state = torch.load(summary["checkpoint_last"], weights_only=False)["state_dict"]
+    assert any(k.startswith("model.teacher.") for k in state)
+    for name, tensor in restored.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
