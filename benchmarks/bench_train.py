@@ -34,7 +34,8 @@ def bench_preset(preset: str, batch: int, device: torch.device, precision: str, 
 
     def step() -> None:
         with autocast:
-            loss = model(images, model.draw_mask(batch, device=device))["loss"]
+            base, masks = model.draw_masks(batch, device=device)
+            loss = model(images, base, masks)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

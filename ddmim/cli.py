@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from ddmim.config import make_config, preset_names
+from ddmim.config import KERNEL_CHOICES, make_config, preset_names
 from ddmim.errors import UserError
 from ddmim.trainer import ACCELERATORS, PRECISIONS
 
@@ -39,6 +39,9 @@ def _add_train(sub) -> None:
                    help="auto: bf16-mixed on CUDA, 32 on the CPU")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format for input batches and the convolutions")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES,
+                   help="fused Triton kernels for the masks and losses (auto: on CUDA) or the PyTorch "
+                        "references; shortcut for --set train.kernels=...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
 
 
@@ -50,7 +53,7 @@ def _add_config(sub) -> None:
 
 def _train_overrides(args) -> list[str]:
     shortcuts = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
-                 "workers": "data.num_workers", "seed": "train.seed"}
+                 "workers": "data.num_workers", "seed": "train.seed", "kernels": "train.kernels"}
     extra = [f"{key}={getattr(args, name)}" for name, key in shortcuts.items() if getattr(args, name) is not None]
     return args.overrides + extra
 

@@ -15,6 +15,8 @@ import yaml
 
 from ddmim.errors import UserError
 
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
 
 @dataclass
 class ModelConfig:
@@ -35,6 +37,7 @@ class ModelConfig:
 class MaskConfig:
     # ratios[0] is the base token-mask ratio; a stage i > 0 is masked iff ratios[i] > 0
     ratios: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5, 0.0])
+    exact_count: bool = False  # mask exactly round(ratio * tokens) per image (SimMIM) instead of independently
 
 
 @dataclass
@@ -81,6 +84,7 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 1  # epochs between validations
     log_every: int = 50  # steps between logged training losses
+    kernels: str = "auto"  # auto | triton | torch: fused Triton kernels or the PyTorch references
 
 
 @dataclass
@@ -204,6 +208,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"loss.tau must be positive, got {cfg.loss.tau}")
     if not 0.0 <= cfg.ema.decay <= 1.0 or cfg.ema.every < 1:
         raise UserError(f"ema.decay must be in [0, 1] and ema.every >= 1, got {cfg.ema.decay}, {cfg.ema.every}")
+    if cfg.train.kernels not in KERNEL_CHOICES:
+        raise UserError(f"train.kernels must be one of {', '.join(KERNEL_CHOICES)}, got '{cfg.train.kernels}'")
     if cfg.train.batch_size < 2:
         raise UserError("train.batch_size must be at least 2 (the contrastive loss needs negatives)")
     if cfg.train.epochs < 1:

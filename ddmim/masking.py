@@ -7,10 +7,16 @@ from __future__ import annotations
 import torch
 
 
-def base_token_mask(batch: int, grid: int, ratio: float, *, device=None, generator=None) -> torch.Tensor:
-    """(B, grid, grid) float mask; each token is masked independently with probability `ratio`."""
+def base_token_mask(batch: int, grid: int, ratio: float, *, exact_count: bool = False, device=None,
+                    generator=None) -> torch.Tensor:
+    """(B, grid, grid) float mask. Each token is masked independently with probability `ratio` (the
+    seed's way), or with `exact_count` exactly round(ratio * grid^2) tokens of each image (SimMIM's)."""
     u = torch.rand(batch, grid, grid, device=device, generator=generator)
-    return (u >= ratio).float()
+    if not exact_count:
+        return (u >= ratio).float()
+    chosen = u.flatten(1).argsort(dim=1)[:, : round(ratio * grid * grid)]
+    mask = torch.ones(batch, grid * grid, device=u.device)
+    return mask.scatter_(1, chosen, 0.0).view(batch, grid, grid)
 
 
 def stage_masks(base: torch.Tensor, ratios: list[float]) -> list[torch.Tensor | None]:

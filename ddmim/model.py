@@ -10,8 +10,9 @@ from ddmim.backbone import MaskedSwin
 from ddmim.config import Config
 from ddmim.ema import ema_update_, make_teacher
 from ddmim.heads import PixelDecoder, ProjectionHead
-from ddmim.losses import info_nce, perceptual_losses, reconstruction_loss
-from ddmim.masking import base_token_mask, stage_masks
+from ddmim.losses import info_nce
+from ddmim.masking import stage_masks
+from ddmim.ops import draw_masks, recon_loss, stage_losses
 
 # Maps this rank's teacher embeddings to (embeddings of all ranks, offset of this rank's rows).
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
@@ -35,16 +36,22 @@ class DDMIM(nn.Module):
         self.teacher.eval()  # the teacher is a fixed target: no drop-path noise
         return self
 
-    def draw_mask(self, batch: int, *, device=None, generator=None) -> torch.Tensor:
-        return base_token_mask(batch, self.student.grid, self.cfg.mask.ratios[0], device=device, generator=generator)
+    def draw_masks(self, batch: int, *, device=None, seed: int = 0, index: int = 0):
+        """(base mask, stage masks) of draw `index` of random stream `seed`."""
+        return draw_masks(self.cfg.train.kernels, batch, self.student.grid, self.cfg.mask.ratios,
+                          exact_count=self.cfg.mask.exact_count, seed=seed, index=index, device=device)
 
     def embedding(self, stage_out: torch.Tensor) -> torch.Tensor:
         return self.proj(self.student.pooled_head(self.student.norm(stage_out)))
 
-    def forward(self, images: torch.Tensor, base_mask: torch.Tensor, gather: Gather = _local) -> dict[str, torch.Tensor]:
-        """All loss terms for one batch; `base_mask` is (B, grid, grid) with 1 = visible."""
+    def forward(self, images: torch.Tensor, base_mask: torch.Tensor, masks: list[torch.Tensor | None] | None = None,
+                gather: Gather = _local) -> dict[str, torch.Tensor]:
+        """All loss terms for one batch; `base_mask` is (B, grid, grid) with 1 = visible, `masks` the stage
+        masks drawn with it (derived from it when not given)."""
         cfg = self.cfg.loss
-        masks = stage_masks(base_mask, self.cfg.mask.ratios)
+        kernels = self.cfg.train.kernels
+        if masks is None:
+            masks = stage_masks(base_mask, self.cfg.mask.ratios)
         tokens = self.student.embed(images)
         student_out = self.student.forward_stages(tokens, masks)
         with torch.no_grad():
@@ -60,8 +67,8 @@ class DDMIM(nn.Module):
         z_all, offset = gather(z_t)
         contrastive = info_nce(z_s, z_all, tau=cfg.tau, offset=offset, seed_quirk=cfg.infonce_seed_quirk)
         pred = self.decoder(self.student.norm(last))
-        recon = reconstruction_loss(pred, images, base_mask, beta=cfg.recon_beta, normalize=cfg.recon_normalize)
-        perceptual = perceptual_losses(student_out, teacher_out, beta=cfg.perceptual_beta)
+        recon = recon_loss(kernels, pred, images, base_mask, beta=cfg.recon_beta, normalize=cfg.recon_normalize)
+        perceptual = stage_losses(kernels, student_out, teacher_out, beta=cfg.perceptual_beta)
 
         loss = recon + cfg.alpha * contrastive
         for factor, term in zip(cfg.stagefactor, perceptual):

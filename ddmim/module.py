@@ -9,6 +9,8 @@ import torch
 from ddmim.config import Config, config_from_dict
 from ddmim.model import DDMIM
 
+VAL_STREAM = 7919  # validation masks use seed + VAL_STREAM, apart from the training masks
+
 
 class DDMIMModule(pl.LightningModule):
     def __init__(self, config: dict[str, Any], channels_last: bool = False):
@@ -40,8 +42,10 @@ class DDMIMModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = self._images(batch)
-        mask = self.model.draw_mask(images.shape[0], device=images.device)
-        losses = self.model(images, mask, gather=self._gather)
+        index = self.global_step * self.trainer.world_size + self.global_rank
+        base, masks = self.model.draw_masks(images.shape[0], device=images.device, seed=self.cfg.train.seed,
+                                            index=index)
+        losses = self.model(images, base, masks, gather=self._gather)
         self._log_losses("train", losses, images.shape[0], on_step=True)
         return losses["loss"]
 
@@ -52,10 +56,12 @@ class DDMIMModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images = self._images(batch)
-        # the same masks at every validation, so validation losses of different epochs are comparable
-        generator = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + batch_idx)
-        mask = self.model.draw_mask(images.shape[0], generator=generator).to(images.device)
-        losses = self.model(images, mask, gather=self._gather)
+        # the same masks at every validation (a stream of their own), so validation losses of different
+        # epochs are comparable
+        index = batch_idx * self.trainer.world_size + self.global_rank
+        seed = self.cfg.train.seed + VAL_STREAM
+        base, masks = self.model.draw_masks(images.shape[0], device=images.device, seed=seed, index=index)
+        losses = self.model(images, base, masks, gather=self._gather)
         self._log_losses("val", losses, images.shape[0], on_step=False)
 
     def configure_optimizers(self):

@@ -12,6 +12,7 @@ from ddmim.config import Config
 from ddmim.data import make_datamodule
 from ddmim.errors import UserError
 from ddmim.module import DDMIMModule
+from ddmim.ops import check_kernels
 from ddmim.trainer import build_trainer, resolve_device
 
 
@@ -27,6 +28,7 @@ def pretrain(cfg: Config, data_root: Path, out: Path, *, data_format: str = "fol
              precision: str = "auto", channels_last: bool = False, max_steps: int = -1,
              progress_bar: bool = True) -> dict:
     accelerator, precision = resolve_device(accelerator, precision)
+    check_kernels(cfg.train.kernels)
     datamodule = make_datamodule(data_root, cfg, data_format)
     run_dir = prepare_run_dir(out)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,7 +1,14 @@
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's CPU interpreter; it must be chosen before any kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest
-import torch
 
 from data_prep.sample_data import build_sample_dataset
 from ddmim.config import make_config

@@ -73,3 +73,10 @@ def test_console_entry_prints_no_traceback(tmp_path):
 def test_config_command_prints_preset(capsys, preset):
     assert main(["config", "--preset", preset]) == 0
     assert f"name: {preset}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_triton_kernels_without_cuda(capsys, sample_root, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, err = _run(capsys, "--data", str(sample_root), "--preset", "tiny", "--kernels", "triton")
+    assert code == 2 and "--kernels triton needs a CUDA device" in err

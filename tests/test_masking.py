@@ -52,7 +52,7 @@ def test_masked_stage_input_tokens_are_exactly_zero():
     for i, stage in enumerate(model.student.stages):
         stage.blocks[0].register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[0].detach()))
     images = torch.randn(4, 3, 32, 32)
-    base = model.draw_mask(4, generator=torch.Generator().manual_seed(3))
+    base = model.draw_masks(4, seed=3)[0]
     model(images, base)
     masks = stage_masks(base, cfg.mask.ratios)
     for i in range(3):

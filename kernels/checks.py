@@ -1,0 +1,55 @@
+"""Argument checks shared by the kernels' launchers: every mistake is a ValueError raised before a launch."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(name: str, tensor: torch.Tensor) -> None:
+    if tensor.device.type != "cuda" and not interpreting():
+        raise ValueError(f"{name} is on {tensor.device}, but this Triton kernel needs CUDA tensors "
+                         "(or TRITON_INTERPRET=1 to run it in Triton's CPU interpreter)")
+
+
+def check_loss_inputs(pred, target, mask, *, mode: str, normalize: str, modes) -> None:
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
+    if normalize not in ("all", "masked"):
+        raise ValueError(f"normalize must be 'all' or 'masked', got {normalize!r}")
+    if pred.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"pred has dtype {pred.dtype}; expected one of float32, bfloat16, float16")
+    if target.shape != pred.shape:
+        raise ValueError(f"target has shape {tuple(target.shape)} but pred has {tuple(pred.shape)}")
+    if target.dtype != pred.dtype:
+        raise ValueError(f"target has dtype {target.dtype} but pred has {pred.dtype}")
+    if target.device != pred.device:
+        raise ValueError(f"target is on {target.device} but pred is on {pred.device}")
+    check_device("pred", pred)
+    if mask is None:
+        if not pred.is_contiguous() or not target.is_contiguous():
+            raise ValueError("pred and target must be contiguous when no mask is given")
+        return
+    if pred.dim() != 4:
+        raise ValueError(f"pred must be (B, C, H, W) when a mask is given, got shape {tuple(pred.shape)}")
+    if not (pred.is_contiguous() or pred.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError("pred must be contiguous or channels-last")
+    if pred.stride() != target.stride():
+        raise ValueError(f"target's memory layout (strides {target.stride()}) differs from pred's "
+                         f"({pred.stride()}); make both contiguous or both channels-last")
+    if mask.dim() != 3 or mask.shape[0] != pred.shape[0]:
+        raise ValueError(f"mask must be (B, h, w) with B={pred.shape[0]}, got shape {tuple(mask.shape)}")
+    if mask.device != pred.device:
+        raise ValueError(f"mask is on {mask.device} but pred is on {pred.device}")
+    if mask.dtype not in (torch.bool, torch.uint8, *FLOAT_DTYPES):
+        raise ValueError(f"mask has dtype {mask.dtype}; expected bool, uint8 or a float 0/1 mask")
+    H, W = pred.shape[2:]
+    h, w = mask.shape[1:]
+    if h == 0 or w == 0 or H % h or W % w:
+        raise ValueError(f"mask of size {h}x{w} does not divide the image size {H}x{W}")
