@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from ddmim.config import KERNEL_CHOICES, make_config, preset_names
+from ddmim.data import FORMATS
 from ddmim.errors import UserError
 from ddmim.trainer import ACCELERATORS, PRECISIONS
 
@@ -18,9 +19,12 @@ def _add_train(sub) -> None:
         "train", help="pretrain a Swin backbone with DDMIM",
         description="Pretrain with DDMIM. Without --data, builds (once) the sample data set of handwritten "
                     "digits and trains the 'tiny' preset on the CPU in a few minutes.")
-    p.add_argument("--data", type=Path, help="data set root holding train/<class>/* and val/<class>/*; "
+    p.add_argument("--data", type=Path, help="data set root: train/<class>/* and val/<class>/* (folder), "
+                   "train.beton and val.beton (ffcv), or train/*.tar and val/*.tar shards (dali); "
                    "default: the built-in sample data set")
-    p.add_argument("--format", default="folder", choices=["folder"], help="storage format of --data (default folder)")
+    p.add_argument("--data-format", "--format", dest="format", default="auto", choices=FORMATS,
+                   help="storage format of --data (default auto: told from the files). ffcv and dali "
+                        "apply the same augmentation as folder (crop scale/ratio, flip, normalisation, size)")
     p.add_argument("--preset", help=f"configuration preset: {', '.join(preset_names())} "
                    "(default: tiny without --data, seed with it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

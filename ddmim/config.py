@@ -74,7 +74,9 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     val_crop_ratio: float = 224 / 256  # Resize(size / ratio) then CenterCrop(size)
-    num_workers: int = 8
+    num_workers: int = 8  # loader worker processes (torchvision, FFCV) or threads (DALI)
+    ffcv_order: str = "random"  # random | quasi_random (lower memory, single process only)
+    ffcv_os_cache: bool = False  # let the OS page cache hold the .beton (when it fits in memory)
 
 
 @dataclass
@@ -208,6 +210,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"loss.tau must be positive, got {cfg.loss.tau}")
     if not 0.0 <= cfg.ema.decay <= 1.0 or cfg.ema.every < 1:
         raise UserError(f"ema.decay must be in [0, 1] and ema.every >= 1, got {cfg.ema.decay}, {cfg.ema.every}")
+    if cfg.data.ffcv_order not in ("random", "quasi_random"):
+        raise UserError(f"data.ffcv_order must be random or quasi_random, got '{cfg.data.ffcv_order}'")
     if cfg.train.kernels not in KERNEL_CHOICES:
         raise UserError(f"train.kernels must be one of {', '.join(KERNEL_CHOICES)}, got '{cfg.train.kernels}'")
     if cfg.train.batch_size < 2:

@@ -24,12 +24,12 @@ def prepare_run_dir(out: Path) -> Path:
     return out
 
 
-def pretrain(cfg: Config, data_root: Path, out: Path, *, data_format: str = "folder", accelerator: str = "auto",
+def pretrain(cfg: Config, data_root: Path, out: Path, *, data_format: str = "auto", accelerator: str = "auto",
              precision: str = "auto", channels_last: bool = False, max_steps: int = -1,
              progress_bar: bool = True) -> dict:
     accelerator, precision = resolve_device(accelerator, precision)
     check_kernels(cfg.train.kernels)
-    datamodule = make_datamodule(data_root, cfg, data_format)
+    datamodule = make_datamodule(data_root, cfg, data_format, channels_last=channels_last)
     run_dir = prepare_run_dir(out)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -72,6 +72,9 @@ def build_trainer(run_dir: Path, cfg: Config, *, accelerator: str, precision: st
         check_val_every_n_epoch=cfg.train.val_every,
         log_every_n_steps=cfg.train.log_every,
         num_sanity_val_steps=0,  # an explicit validation runs before training instead
+        # no_grad, not inference_mode, for validation: FFCV's loader thread writes in place into batch
+        # buffers allocated during validation, which inference tensors forbid (the loader then hangs)
+        inference_mode=False,
         callbacks=[throughput, history, checkpoint, LearningRateMonitor(logging_interval="epoch")],
         logger=loggers,
         enable_progress_bar=progress_bar,

@@ -23,3 +23,46 @@ def sample_root(tmp_path_factory) -> Path:
 def tiny_cfg():
     torch.manual_seed(0)
     return make_config("tiny", ["train.batch_size=8", "data.num_workers=0"])
+
+
+# Each image of the coloured source is a flat colour that encodes its index (red and blue, in steps of 16
+# that survive JPEG re-encoding) and its label (green), so a loader's output can be traced back to the
+# exact source image even after cropping, re-encoding and normalisation.
+COLOURED_CLASSES = ("ant", "bee", "cat")
+
+
+def index_colour(index: int, label: int) -> tuple[int, int, int]:
+    return 8 + 16 * (index % 16), 30 + 80 * label, 8 + 16 * (index // 16)
+
+
+def decode_index(images, mean, std) -> list[int]:
+    """Source index of each (B, 3, H, W) normalised image of the coloured source."""
+    means = images.float().mean(dim=(2, 3)) * torch.tensor(std) + torch.tensor(mean)
+    return [round((r * 255 - 8) / 16) + 16 * round((b * 255 - 8) / 16) for r, _, b in means.tolist()]
+
+
+@pytest.fixture(scope="session")
+def coloured_source(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("coloured")
+    index = 0
+    for split, per_class in (("train", 16), ("val", 4)):
+        for label, name in enumerate(COLOURED_CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for k in range(per_class):
+                size = (40 + 4 * k, 36 + 2 * (k % 5))  # varied sizes and aspect ratios
+                Image.new("RGB", size, index_colour(index, label)).save(root / split / name / f"{index:03d}.JPEG",
+                                                                         quality=95)
+                index += 1
+    return root
+
+
+@pytest.fixture(scope="session")
+def converted(coloured_source, tmp_path_factory) -> dict[str, Path]:
+    from data_prep import to_dali, to_ffcv
+
+    out = tmp_path_factory.mktemp("converted")
+    assert to_ffcv.main([str(coloured_source), str(out / "ffcv"), "--workers", "2"]) == 0
+    assert to_dali.main([str(coloured_source), str(out / "dali"), "--workers", "2", "--shard-size", "20"]) == 0
+    return {"ffcv": out / "ffcv", "dali": out / "dali"}

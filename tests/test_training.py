@@ -24,3 +24,14 @@ def test_tiny_pretraining_on_sample_data_lowers_the_loss(sample_root, tmp_path):
     assert any(k.startswith("model.teacher.") for k in state)
     for name, tensor in restored.state_dict().items():
         assert torch.equal(tensor, state[name]), name
+
+
+def test_pretraining_runs_on_each_fast_format(converted, tmp_path):
+    import pytest
+
+    for backend in ("ffcv", "dali"):
+        cfg = make_config("tiny", ["train.epochs=1", "train.batch_size=8", "data.num_workers=1"])
+        summary = pretrain(cfg, converted[backend], tmp_path / backend, progress_bar=False)
+        assert summary["steps"] == 48 // 8, backend
+        assert len(summary["val_loss_history"]) == 2 and all(v == v for v in summary["val_loss_history"])
+        assert summary["val_loss_last"] != pytest.approx(summary["val_loss_first"], rel=1e-6)

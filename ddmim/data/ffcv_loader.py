@@ -1,0 +1,92 @@
+"""FFCV data (ROOT/train.beton, ROOT/val.beton from data_prep/to_ffcv.py) through ffcv.loader.Loader.
+
+Decoding, cropping and flipping run in FFCV's compiled (numba) pipeline. On CUDA the uint8 batch goes
+to the GPU right after decoding (non-blocking) and is normalised there; on the CPU everything stays on
+the CPU, with normalisation before ToTensor (ffcv 1.0.2 never finishes compiling the opposite order there).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from ddmim.config import Config
+from ddmim.errors import UserError
+
+def open_beton(path: Path) -> int:
+    """Number of samples in a .beton; a clear error for a missing file or another format."""
+    from ffcv.reader import Reader
+
+    if not path.is_file():
+        raise UserError(f"FFCV file {path} does not exist (make it with data_prep/to_ffcv.py)")
+    try:
+        return int(Reader(str(path)).num_samples)
+    except Exception as exc:  # ffcv raises assorted errors for a file that is not a .beton
+        raise UserError(f"{path} is not an FFCV .beton file ({type(exc).__name__}: {exc})") from None
+
+
+def image_pipeline(decoder, cfg: Config, device: torch.device, train: bool) -> list:
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+    mean = np.array(cfg.data.mean) * 255
+    std = np.array(cfg.data.std) * 255
+    flip = [RandomHorizontalFlip(cfg.data.hflip)] if train and cfg.data.hflip > 0 else []
+    if device.type == "cuda":
+        return [decoder, *flip, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+                NormalizeImage(mean, std, np.float32)]
+    return [decoder, *flip, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+
+
+def label_pipeline(device: torch.device) -> list:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+    return [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
+
+
+def make_loader(path: Path, cfg: Config, *, train: bool, device: torch.device, distributed: bool = False,
+                order: str = "random", os_cache: bool = False, drop_last: bool | None = None, batch_size=None):
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    size = (cfg.model.img_size, cfg.model.img_size)
+    if train:
+        decoder = RandomResizedCropRGBImageDecoder(size, scale=tuple(cfg.data.crop_scale),
+                                                   ratio=tuple(cfg.data.crop_ratio))
+        traversal = OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.RANDOM
+    else:
+        decoder = CenterCropRGBImageDecoder(size, ratio=cfg.data.val_crop_ratio)
+        traversal = OrderOption.SEQUENTIAL
+    if distributed and traversal == OrderOption.QUASI_RANDOM:
+        raise UserError("ffcv quasi_random order does not support data-parallel training; use order random")
+    return Loader(str(path), batch_size=batch_size or cfg.train.batch_size,
+                  num_workers=max(1, cfg.data.num_workers), order=traversal, os_cache=os_cache,
+                  drop_last=train if drop_last is None else drop_last, distributed=distributed,
+                  seed=cfg.train.seed, pipelines={"image": image_pipeline(decoder, cfg, device, train),
+                                                  "label": label_pipeline(device)})
+
+
+class FFCVDataModule(pl.LightningDataModule):
+    def __init__(self, root: Path, cfg: Config):
+        super().__init__()
+        self.root, self.cfg = Path(root), cfg
+        self.train_size = open_beton(self.root / "train.beton")
+        open_beton(self.root / "val.beton")
+        if self.train_size < cfg.train.batch_size:
+            raise UserError(f"{self.root / 'train.beton'} holds {self.train_size} images, fewer than one batch")
+
+    def _loader(self, split: str, train: bool):
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        distributed = trainer is not None and trainer.world_size > 1
+        return make_loader(self.root / f"{split}.beton", self.cfg, train=train, device=device,
+                           distributed=distributed, order=self.cfg.data.ffcv_order,
+                           os_cache=self.cfg.data.ffcv_os_cache)
+
+    def train_dataloader(self):
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        return self._loader("val", train=False)

@@ -1,0 +1,121 @@
+"""The FFCV and DALI loaders against the torchvision one: same samples, labels, layout and statistics."""
+from collections import Counter
+from unittest import mock
+
+import pytest
+import torch
+
+from conftest import COLOURED_CLASSES, decode_index
+from ddmim.config import make_config
+from ddmim.data import detect_format, make_datamodule
+from ddmim.data.dali_loader import DaliLoader, build_pipeline
+from ddmim.data.ffcv_loader import make_loader
+from ddmim.data.folder import open_split
+from ddmim.data.transforms import val_transform
+from ddmim.errors import UserError
+
+CPU = torch.device("cpu")
+N_TRAIN = 16 * len(COLOURED_CLASSES)
+
+
+@pytest.fixture
+def cfg():
+    return make_config("tiny", ["train.batch_size=5", "data.num_workers=1"])
+
+
+def ffcv_batches(converted, cfg, split="train", train=False, **kwargs):
+    kwargs.setdefault("drop_last", False)
+    loader = make_loader(converted["ffcv"] / f"{split}.beton", cfg, train=train, device=CPU, **kwargs)
+    return [(x.clone(), y.clone()) for x, y in loader]  # FFCV reuses its batch buffers
+
+
+def dali_batches(converted, cfg, split="train", train=False, **kwargs):
+    pipe = build_pipeline(converted["dali"] / split, cfg, train=train, gpu=False, **kwargs)
+    return list(DaliLoader(pipe, train=train))
+
+
+def folder_batches(source, cfg, split="train"):
+    dataset = open_split(source, split, val_transform(cfg.model.img_size, cfg.data))
+    return list(torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size))
+
+
+def traced(batches, cfg) -> list[tuple[int, int]]:
+    return [(i, int(y)) for x, ys in batches for i, y in zip(decode_index(x, cfg.data.mean, cfg.data.std), ys)]
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_round_trip_every_image_once_with_its_label(backend, converted, cfg):
+    batches = (ffcv_batches if backend == "ffcv" else dali_batches)(converted, cfg)
+    got = traced(batches, cfg)
+    expected = [(i, i // 16) for i in range(N_TRAIN)]  # train images were numbered class by class
+    assert sorted(got) == expected  # nothing lost, nothing duplicated, labels right
+    assert Counter(y for _, y in got) == Counter({0: 16, 1: 16, 2: 16})
+    assert len(batches[-1][1]) == N_TRAIN % cfg.train.batch_size  # the partial last batch is kept
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_training_loader_drops_the_last_partial_batch_and_shuffles(backend, converted, cfg):
+    batches = (ffcv_batches if backend == "ffcv" else dali_batches)(converted, cfg, train=True,
+                                                                    **({"drop_last": True} if backend == "ffcv" else {}))
+    assert len(batches) == N_TRAIN // cfg.train.batch_size
+    assert all(x.shape == (5, 3, 32, 32) for x, _ in batches)
+    labels = [int(y) for _, ys in batches for y in ys]
+    assert labels != sorted(labels)
+
+
+def test_three_loaders_agree_on_layout_and_statistics(coloured_source, converted, cfg):
+    outputs = {"folder": folder_batches(coloured_source, cfg, "val")[0][0],
+               "ffcv": ffcv_batches(converted, cfg, "val")[0][0],
+               "dali": dali_batches(converted, cfg, "val")[0][0]}
+    for name, x in outputs.items():
+        assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32 and x.device == CPU, name
+    reference = outputs["folder"].mean(dim=(0, 2, 3))
+    for name in ("ffcv", "dali"):
+        assert torch.allclose(outputs[name].mean(dim=(0, 2, 3)), reference, atol=0.05), name
+        assert outputs[name].min() >= -2.2 and outputs[name].max() <= 2.7, name
+
+
+def test_dali_shards_split_disjointly_across_ranks(converted, cfg):
+    halves = [{i for i, _ in traced(dali_batches(converted, cfg, shard_id=r, num_shards=2), cfg)} for r in (0, 1)]
+    assert not halves[0] & halves[1]
+    assert halves[0] | halves[1] == set(range(N_TRAIN))
+
+
+def test_ffcv_distributed_ranks_split_disjointly(converted, cfg):
+    halves = []
+    for rank in (0, 1):
+        with mock.patch("torch.distributed.is_available", return_value=True), \
+                mock.patch("torch.distributed.get_world_size", return_value=2), \
+                mock.patch("torch.distributed.get_rank", return_value=rank):
+            halves.append({i for i, _ in traced(ffcv_batches(converted, cfg, distributed=True), cfg)})
+    assert not halves[0] & halves[1]
+    assert halves[0] | halves[1] == set(range(N_TRAIN))
+
+
+def test_format_detection(coloured_source, converted):
+    assert detect_format(coloured_source) == "folder"
+    assert detect_format(converted["ffcv"]) == "ffcv"
+    assert detect_format(converted["dali"]) == "dali"
+
+
+def test_bad_fast_format_paths(tmp_path, cfg, converted):
+    (tmp_path / "train.beton").write_bytes(b"not a beton at all" * 100)
+    with pytest.raises(UserError, match="is not an FFCV .beton"):
+        make_datamodule(tmp_path, cfg, "ffcv")
+    only_train = tmp_path / "only_train"
+    only_train.mkdir()
+    (only_train / "train.beton").symlink_to(converted["ffcv"] / "train.beton")
+    with pytest.raises(UserError, match="val.beton does not exist"):
+        make_datamodule(only_train, cfg, "ffcv")
+    shards = tmp_path / "dali"
+    (shards / "train").mkdir(parents=True)
+    (shards / "train" / "shard-000000.tar").write_bytes(b"garbage" * 200)
+    (shards / "train" / "shard-000000.idx").write_text("v1.2 1\njpg 512 10 a.jpg\n")
+    with pytest.raises(UserError, match="is not a tar archive"):
+        make_datamodule(shards, cfg, "dali")
+    with pytest.raises(UserError, match="train does not exist"):
+        make_datamodule(only_train, cfg, "dali")
+    (shards / "train" / "shard-000000.tar").unlink()
+    (shards / "train" / "shard-000000.idx").unlink()
+    with pytest.raises(UserError, match="holds no .tar shards"):
+        make_datamodule(shards, cfg, "dali")
