@@ -34,7 +34,7 @@ install: $(BIN)/.installed
 install-all: $(BIN)/.installed-all
 
 demo: install
-	$(BIN)/ddmim train --no-progress
+	$(BIN)/ddmim demo
 
 test: install-all
 	$(BIN)/python -m pytest -q tests

@@ -13,23 +13,25 @@ from ddmim.data import FORMATS
 from ddmim.errors import UserError
 from ddmim.trainer import ACCELERATORS, PRECISIONS
 
+SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
+             "workers": "data.num_workers", "seed": "train.seed"}
 
-def _add_train(sub) -> None:
-    p = sub.add_parser(
-        "train", help="pretrain a Swin backbone with DDMIM",
-        description="Pretrain with DDMIM. Without --data, builds (once) the sample data set of handwritten "
-                    "digits and trains the 'tiny' preset on the CPU in a few minutes.")
-    p.add_argument("--data", type=Path, help="data set root: train/<class>/* and val/<class>/* (folder), "
-                   "train.beton and val.beton (ffcv), or train/*.tar and val/*.tar shards (dali); "
-                   "default: the built-in sample data set")
+
+def _add_data(p, required: bool = False) -> None:
+    p.add_argument("--data", type=Path, required=required,
+                   help="data set root: train/<class>/* and val/<class>/* (folder), train.beton and val.beton "
+                        "(ffcv), or train/*.tar and val/*.tar shards (dali)"
+                        + ("" if required else "; default: the built-in sample data set"))
     p.add_argument("--data-format", "--format", dest="format", default="auto", choices=FORMATS,
-                   help="storage format of --data (default auto: told from the files). ffcv and dali "
-                        "apply the same augmentation as folder (crop scale/ratio, flip, normalisation, size)")
-    p.add_argument("--preset", help=f"configuration preset: {', '.join(preset_names())} "
-                   "(default: tiny without --data, seed with it)")
+                   help="storage format of --data (default auto: told from the files); all apply the same "
+                        "augmentation (crop scale/ratio, flip, normalisation, size)")
+
+
+def _add_run(p, kind: str) -> None:
+    """Options shared by the commands that train: overrides, shortcuts, device, output."""
+    p.add_argument("--preset", help=f"{kind} preset: {', '.join(preset_names(kind))}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set optim.lr=1e-3 --set model.depths=[2,2,2,2]; "
-                        "`ddmim config` lists them")
+                   help="override any config value, e.g. --set optim.lr=1e-3 --set model.depths=[2,2,2,2]")
     p.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
     p.add_argument("--batch-size", type=int, help="shortcut for --set train.batch_size=N")
     p.add_argument("--lr", type=float, help="shortcut for --set optim.lr=X")
@@ -39,65 +41,161 @@ def _add_train(sub) -> None:
     p.add_argument("--out", type=Path, help="run folder for config, logs, checkpoints and summary "
                    "(default runs/<preset>-<time>); must not exist or be empty")
     p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="auto: CUDA when available")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16-mixed on CUDA, 32 on the CPU")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16-mixed on CUDA, 32 on the CPU")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format for input batches and the convolutions")
-    p.add_argument("--kernels", choices=KERNEL_CHOICES,
-                   help="fused Triton kernels for the masks and losses (auto: on CUDA) or the PyTorch "
-                        "references; shortcut for --set train.kernels=...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
 
 
-def _add_config(sub) -> None:
-    p = sub.add_parser("config", help="print a preset's full configuration, with overrides applied")
-    p.add_argument("--preset", default="seed", help=f"one of: {', '.join(preset_names())}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-
-
-def _train_overrides(args) -> list[str]:
-    shortcuts = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
-                 "workers": "data.num_workers", "seed": "train.seed", "kernels": "train.kernels"}
-    extra = [f"{key}={getattr(args, name)}" for name, key in shortcuts.items() if getattr(args, name) is not None]
+def _overrides(args) -> list[str]:
+    extra = [f"{key}={getattr(args, name)}" for name, key in SHORTCUTS.items() if getattr(args, name, None) is not None]
+    if getattr(args, "kernels", None):
+        extra.append(f"train.kernels={args.kernels}")
     return args.overrides + extra
+
+
+def _out(args, name: str) -> Path:
+    return args.out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddmim", description="DDMIM pretraining and evaluation for Swin backbones")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain a Swin backbone with DDMIM (or SimMIM: --preset simmim)",
+                       description="Pretrain. Without --data, builds (once) the sample data set of handwritten "
+                                   "digits and trains the 'tiny' preset on the CPU in a few minutes.")
+    _add_data(p)
+    _add_run(p, "pretrain")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES,
+                   help="fused Triton kernels for the masks and losses (auto: on CUDA) or the PyTorch references")
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained backbone (or train from scratch) and report top-1/top-5",
+                       description="Fine-tune on labelled data. Without --ckpt the backbone starts from random "
+                                   "weights (the supervised baseline). Presets: seed (the seed's BN+MLP head, StepLR), "
+                                   "mim (linear head, layer decay, warmup+cosine, mixup/cutmix, label smoothing, "
+                                   "RandAugment). RandAugment runs in the PIL pipeline for folder data; FFCV and DALI "
+                                   "cannot run it in their pipelines, so it is applied to each batch tensor instead "
+                                   "(on the GPU when there is one).")
+    _add_data(p, required=True)
+    p.add_argument("--ckpt", type=Path, help="pretraining checkpoint (from ddmim train); default: random init")
+    p.add_argument("--num-classes", type=int, help="expected number of classes; refused if the data disagrees")
+    _add_run(p, "finetune")
+
+    p = sub.add_parser("eval", help="frozen-feature evaluation: k-NN or linear probe on pooled backbone features")
+    p.add_argument("method", choices=["knn", "linear"])
+    _add_data(p, required=True)
+    p.add_argument("--ckpt", type=Path, help="pretraining checkpoint; default: a random-init backbone")
+    p.add_argument("--preset", default="tiny", help="pretrain preset giving the backbone shape and transform when "
+                   "there is no --ckpt (default tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--k", type=int, default=20, help="k-NN neighbours (default 20)")
+    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (default 0.07)")
+    p.add_argument("--epochs", type=int, default=100, help="linear probe epochs (full batch; default 100)")
+
+    p = sub.add_parser("visualize", help="PNG grid: original, masked input, reconstruction, reconstruction pasted in")
+    p.add_argument("--ckpt", type=Path, required=True, help="pretraining checkpoint")
+    _add_data(p, required=True)
+    p.add_argument("--out", type=Path, default=Path("reconstructions.png"), help="PNG file to write")
+    p.add_argument("--num", type=int, default=8, help="validation images to show (default 8)")
+
+    p = sub.add_parser("export", help="student backbone as safetensors that timm.create_model loads (strict)")
+    p.add_argument("--ckpt", type=Path, required=True, help="pretraining checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="folder for backbone.safetensors and timm.json")
+
+    p = sub.add_parser("demo", help="the README demo: pretrain, picture, k-NN and fine-tuning vs random init, table")
+    p.add_argument("--out", type=Path, help="folder for every run of the demo (default runs/demo-<time>)")
+
+    p = sub.add_parser("config", help="print a preset's full configuration, with overrides applied")
+    p.add_argument("--preset", default="seed")
+    p.add_argument("--kind", choices=["pretrain", "finetune"], default="pretrain")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
 
 
 def cmd_train(args) -> int:
     from data_prep.sample_data import build_sample_dataset, default_sample_root
     from ddmim.pretrain import format_summary, pretrain
 
-    preset = args.preset or ("tiny" if args.data is None else "seed")
-    cfg = make_config(preset, _train_overrides(args))
+    cfg = make_config(args.preset or ("tiny" if args.data is None else "seed"), _overrides(args))
     data = args.data
     if data is None:
         data = build_sample_dataset(default_sample_root())
         print(f"using the built-in sample data set at {data}")
-    out = args.out or Path("runs") / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    summary = pretrain(cfg, data, out, data_format=args.format, accelerator=args.accelerator,
+    summary = pretrain(cfg, data, _out(args, cfg.name), data_format=args.format, accelerator=args.accelerator,
                        precision=args.precision, channels_last=args.channels_last, max_steps=args.max_steps,
                        progress_bar=not args.no_progress)
     print(format_summary(summary))
     return 0
 
 
-def cmd_config(args) -> int:
-    print(yaml.safe_dump(make_config(args.preset, args.overrides).to_dict(), sort_keys=False), end="")
+def cmd_finetune(args) -> int:
+    from ddmim.finetune import finetune
+    from ddmim.finetune_config import make_finetune_config
+
+    cfg = make_finetune_config(args.preset or "seed", _overrides(args))
+    s = finetune(cfg, args.data, _out(args, f"finetune-{cfg.name}"), ckpt=args.ckpt, data_format=args.format,
+                 num_classes=args.num_classes, accelerator=args.accelerator, precision=args.precision,
+                 channels_last=args.channels_last, max_steps=args.max_steps, progress_bar=not args.no_progress)
+    start = f"from {s['pretrained']} ({s['encoder_tensors_loaded']} encoder tensors)" if s["pretrained"] else \
+        "from random init"
+    print(f"fine-tuning done ({start}): top-1 {s['val_top1']:.2f}%, top-5 {s['val_top5']:.2f}% on "
+          f"{s['num_classes']} classes after {s['steps']} steps; run folder {s['run_dir']}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddmim", description="DDMIM pretraining for Swin backbones")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_config(sub)
-    return parser
+def cmd_eval(args) -> int:
+    from ddmim.evaluate import evaluate
+
+    result = evaluate(args.method, args.data, args.ckpt, make_config(args.preset, args.overrides),
+                      data_format=args.format, k=args.k, temperature=args.temperature, epochs=args.epochs)
+    print(f"{args.method} top-1 {result['top1']:.2f}% ({result['backbone']}, {result['train_images']} train / "
+          f"{result['val_images']} val images, {result['feature_dim']}-d features)")
+    return 0
+
+
+def cmd_visualize(args) -> int:
+    from ddmim.visualize import visualize
+
+    result = visualize(args.ckpt, args.data, args.out, num=args.num, data_format=args.format)
+    print(f"wrote {result['grid']}: {result['images']} rows of {', '.join(result['panels'])}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ddmim.export import export_backbone
+
+    result = export_backbone(args.ckpt, args.out)
+    print(f"wrote {result['weights']} ({result['tensors']} tensors); load it with:\n{result['timm']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ddmim.demo import run_demo
+
+    run_demo(_out(args, "demo"))
+    return 0
+
+
+def cmd_config(args) -> int:
+    if args.kind == "finetune":
+        from ddmim.finetune_config import make_finetune_config
+
+        cfg = make_finetune_config(args.preset, args.overrides)
+    else:
+        cfg = make_config(args.preset, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+HANDLERS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "visualize": cmd_visualize,
+            "export": cmd_export, "demo": cmd_demo, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "config": cmd_config}
     try:
-        return handlers[args.command](args)
+        return HANDLERS[args.command](args)
     except UserError as exc:
         print(f"ddmim: error: {exc}", file=sys.stderr)
         return 2

@@ -37,7 +37,8 @@ class ModelConfig:
 class MaskConfig:
     # ratios[0] is the base token-mask ratio; a stage i > 0 is masked iff ratios[i] > 0
     ratios: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5, 0.0])
-    exact_count: bool = False  # mask exactly round(ratio * tokens) per image (SimMIM) instead of independently
+    exact_count: bool = False  # mask exactly round(ratio * units) per image (SimMIM) instead of independently
+    patch: int = 1  # masking unit, in tokens per side (SimMIM: 8 = 32 x 32 pixels at patch size 4)
 
 
 @dataclass
@@ -104,15 +105,23 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("ddmim.presets").iterdir() if p.name.endswith(".yaml"))
+PRESET_PACKAGES = {"pretrain": "ddmim.presets", "finetune": "ddmim.presets.finetune"}
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    if name not in preset_names():
-        raise UserError(f"unknown preset '{name}'; available: {', '.join(preset_names())}")
-    text = resources.files("ddmim.presets").joinpath(f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+def preset_names(kind: str = "pretrain") -> list[str]:
+    folder = resources.files(PRESET_PACKAGES[kind])
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_values(name: str, overrides: list[str] | None = None, kind: str = "pretrain") -> dict[str, Any]:
+    """A preset's values with `section.key=value` overrides merged in (not yet checked)."""
+    if name not in preset_names(kind):
+        raise UserError(f"unknown {kind} preset '{name}'; available: {', '.join(preset_names(kind))}")
+    values = yaml.safe_load(resources.files(PRESET_PACKAGES[kind]).joinpath(f"{name}.yaml").read_text()) or {}
+    values.setdefault("name", name)
+    for text in overrides or []:
+        values = _merge(values, parse_override(text))
+    return values
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -136,7 +145,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise UserError(f"{where} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def build_dataclass(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Builds a (nested) config dataclass from plain values, refusing unknown keys and wrong types."""
     if not isinstance(values, dict):
         raise UserError(f"{where or 'config'} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -148,7 +158,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     for name, value in values.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{where}{name}.")
+            kwargs[name] = build_dataclass(hint, value, f"{where}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, f"{where}{name}")
     return cls(**kwargs)
@@ -179,15 +189,10 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def make_config(preset: str, overrides: list[str] | None = None) -> Config:
-    values = load_preset(preset)
-    values.setdefault("name", preset)
-    for text in overrides or []:
-        values = _merge(values, parse_override(text))
-    return config_from_dict(values)
+    return config_from_dict(preset_values(preset, overrides))
 
 
-def validate(cfg: Config) -> None:
-    m = cfg.model
+def validate_model(m: ModelConfig) -> None:
     n = len(m.depths)
     if n < 1 or len(m.num_heads) != n:
         raise UserError(f"model.depths and model.num_heads need one entry per stage, got {m.depths} and {m.num_heads}")
@@ -200,8 +205,16 @@ def validate(cfg: Config) -> None:
         dim = m.embed_dim * 2 ** i
         if heads <= 0 or dim % heads:
             raise UserError(f"stage {i}: width {dim} (model.embed_dim * 2^{i}) is not divisible by num_heads {heads}")
+
+
+def validate(cfg: Config) -> None:
+    validate_model(cfg.model)
+    n = len(cfg.model.depths)
     if len(cfg.mask.ratios) != n or not all(0.0 <= r < 1.0 for r in cfg.mask.ratios):
         raise UserError(f"mask.ratios needs {n} values in [0, 1), got {cfg.mask.ratios}")
+    if cfg.mask.patch < 1 or (cfg.model.img_size // cfg.model.patch_size) % cfg.mask.patch:
+        raise UserError(f"mask.patch={cfg.mask.patch} must divide the token grid "
+                        f"{cfg.model.img_size // cfg.model.patch_size}")
     if len(cfg.loss.stagefactor) != n:
         raise UserError(f"loss.stagefactor needs {n} values (one per stage), got {cfg.loss.stagefactor}")
     if cfg.loss.recon_normalize not in ("all", "masked"):
@@ -226,6 +239,6 @@ def validate(cfg: Config) -> None:
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuilds a Config saved with `Config.to_dict` (e.g. from a checkpoint's hyper-parameters)."""
-    cfg = _build(Config, values, "")
+    cfg = build_dataclass(Config, values)
     validate(cfg)
     return cfg

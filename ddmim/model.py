@@ -31,6 +31,10 @@ class DDMIM(nn.Module):
         self.proj = ProjectionHead(cfg.model.embed_out, cfg.model.proj_hidden, cfg.model.proj_out)
         self.decoder = PixelDecoder(self.student.num_features, self.student.stride)
 
+    @property
+    def uses_teacher(self) -> bool:
+        return self.cfg.loss.alpha != 0 or any(f != 0 for f in self.cfg.loss.stagefactor)
+
     def train(self, mode: bool = True) -> "DDMIM":
         super().train(mode)
         self.teacher.eval()  # the teacher is a fixed target: no drop-path noise
@@ -39,7 +43,8 @@ class DDMIM(nn.Module):
     def draw_masks(self, batch: int, *, device=None, seed: int = 0, index: int = 0):
         """(base mask, stage masks) of draw `index` of random stream `seed`."""
         return draw_masks(self.cfg.train.kernels, batch, self.student.grid, self.cfg.mask.ratios,
-                          exact_count=self.cfg.mask.exact_count, seed=seed, index=index, device=device)
+                          exact_count=self.cfg.mask.exact_count, seed=seed, index=index, device=device,
+                          patch=self.cfg.mask.patch)
 
     def embedding(self, stage_out: torch.Tensor) -> torch.Tensor:
         return self.proj(self.student.pooled_head(self.student.norm(stage_out)))
@@ -54,6 +59,12 @@ class DDMIM(nn.Module):
             masks = stage_masks(base_mask, self.cfg.mask.ratios)
         tokens = self.student.embed(images)
         student_out = self.student.forward_stages(tokens, masks)
+        last = student_out[-1]
+        pred = self.decoder(self.student.norm(last))
+        recon = recon_loss(kernels, pred, images, base_mask, beta=cfg.recon_beta, normalize=cfg.recon_normalize)
+        if not self.uses_teacher:  # reconstruction only (SimMIM): no teacher pass at all
+            return {"loss": recon, "recon": recon}
+
         with torch.no_grad():
             t = tokens.detach()
             teacher_out = []
@@ -61,13 +72,9 @@ class DDMIM(nn.Module):
                 t = stage(t)
                 teacher_out.append(t)
             z_t = self.embedding(t)  # student's norm/head/proj on the teacher's features: a stop-gradient target
-
-        last = student_out[-1]
-        z_s = self.embedding(last)
         z_all, offset = gather(z_t)
-        contrastive = info_nce(z_s, z_all, tau=cfg.tau, offset=offset, seed_quirk=cfg.infonce_seed_quirk)
-        pred = self.decoder(self.student.norm(last))
-        recon = recon_loss(kernels, pred, images, base_mask, beta=cfg.recon_beta, normalize=cfg.recon_normalize)
+        contrastive = info_nce(self.embedding(last), z_all, tau=cfg.tau, offset=offset,
+                               seed_quirk=cfg.infonce_seed_quirk)
         perceptual = stage_losses(kernels, student_out, teacher_out, beta=cfg.perceptual_beta)
 
         loss = recon + cfg.alpha * contrastive

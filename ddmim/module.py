@@ -6,6 +6,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from ddmim.checkpoints import KIND_KEY
 from ddmim.config import Config, config_from_dict
 from ddmim.model import DDMIM
 
@@ -21,6 +22,9 @@ class DDMIMModule(pl.LightningModule):
         self.model = DDMIM(self.cfg)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[KIND_KEY] = "pretrain"
 
     def _gather(self, z_t: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Negatives from every data-parallel rank; z_t is a stop-gradient target, so no gradient to route."""

@@ -55,9 +55,15 @@ def stage_losses(choice: str, student: list[torch.Tensor], teacher: list[torch.T
 
 
 def draw_masks(choice: str, batch: int, grid: int, ratios: list[float], *, exact_count: bool, seed: int,
-               index: int, device) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Base mask and stage masks of draw number `index` of the stream `seed`: reproducible from two integers."""
+               index: int, device, patch: int = 1) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Base mask and stage masks of draw number `index` of the stream `seed`: reproducible from two integers.
+    With patch > 1 the mask is drawn on the coarser grid of patch x patch-token units, then expanded."""
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if patch > 1:
+        coarse, _ = draw_masks(choice, batch, grid // patch, ratios[:1], exact_count=exact_count, seed=seed,
+                               index=index, device=device)
+        base = coarse.repeat_interleave(patch, dim=1).repeat_interleave(patch, dim=2)
+        return base, stage_masks(base, ratios)
     if use_triton(choice, device):
         from kernels.mask_gen import fused_masks
 

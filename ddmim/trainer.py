@@ -46,16 +46,18 @@ class Run:
     log_dir: Path
 
 
-def build_trainer(run_dir: Path, cfg: Config, *, accelerator: str, precision: str,
-                  max_steps: int = -1, progress_bar: bool = True) -> Run:
+def build_trainer(run_dir: Path, cfg, *, accelerator: str, precision: str,
+                  max_steps: int = -1, progress_bar: bool = True,
+                  monitor: tuple[str, str] = ("val/loss", "min")) -> Run:
+    """`cfg` needs `.train` (epochs, val_every, log_every); `monitor` picks the 'best' checkpoint."""
     throughput = ThroughputReport()
     history = ValLossHistory()
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
-        filename="epoch{epoch:03d}-val{val/loss:.4f}",
+        filename=f"epoch{{epoch:03d}}-{monitor[0].replace('/', '_')}{{{monitor[0]}:.4f}}",
         auto_insert_metric_name=False,
-        monitor="val/loss",
-        mode="min",
+        monitor=monitor[0],
+        mode=monitor[1],
         save_top_k=1,
         save_last=True,
     )

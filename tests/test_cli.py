@@ -36,7 +36,7 @@ def test_folder_without_val_split(capsys, sample_root, tmp_path):
 
 def test_unknown_preset(capsys, sample_root):
     code, err = _run(capsys, "--data", str(sample_root), "--preset", "gigantic")
-    assert code == 2 and "unknown preset 'gigantic'" in err and "tiny" in err
+    assert code == 2 and "unknown pretrain preset 'gigantic'" in err and "tiny" in err
 
 
 def test_image_size_the_backbone_cannot_take(capsys, sample_root):

@@ -36,5 +36,5 @@ def test_invalid_overrides_are_refused(overrides, message):
 
 
 def test_unknown_preset():
-    with pytest.raises(UserError, match="unknown preset 'huge'"):
+    with pytest.raises(UserError, match="unknown pretrain preset 'huge'"):
         make_config("huge")

@@ -1,11 +1,11 @@
 """Data modules, one per storage format, behind `make_datamodule`; the format can be told from the path."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytorch_lightning as pl
 
-from ddmim.config import Config
 from ddmim.errors import UserError
 
 FORMATS = ("auto", "folder", "ffcv", "dali")
@@ -19,7 +19,19 @@ def detect_format(root: Path) -> str:
     return "folder"
 
 
-def make_datamodule(root: Path, cfg: Config, fmt: str = "auto", channels_last: bool = False) -> pl.LightningDataModule:
+def read_class_count(root: Path) -> int:
+    """Classes of a converted data set, from the classes.json its converter wrote."""
+    path = root / "classes.json"
+    try:
+        return len(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        raise UserError(f"{path} is missing or unreadable (the converters in data_prep/ write it)") from None
+
+
+def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = False,
+                    randaugment: str = "") -> pl.LightningDataModule:
+    """`cfg`: a pretraining or fine-tuning config. Every module has `num_classes` and `applies_randaugment`
+    (False: the fast loaders cannot run timm's PIL RandAugment, so it is applied to the batch instead)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data path {root} does not exist or is not a folder")
@@ -28,7 +40,7 @@ def make_datamodule(root: Path, cfg: Config, fmt: str = "auto", channels_last: b
     if fmt == "folder":
         from ddmim.data.folder import FolderDataModule
 
-        return FolderDataModule(root, cfg)
+        return FolderDataModule(root, cfg, randaugment)
     if fmt == "ffcv":
         from ddmim.data.ffcv_loader import FFCVDataModule
 
@@ -38,3 +50,29 @@ def make_datamodule(root: Path, cfg: Config, fmt: str = "auto", channels_last: b
 
         return DALIDataModule(root, cfg, channels_last=channels_last)
     raise UserError(f"unknown data format '{fmt}'; available: {', '.join(FORMATS)}")
+
+
+def eval_batches(root: Path, cfg, split: str, fmt: str = "auto"):
+    """Every image of a split once, with the validation transform (centre crop), in a fixed order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data path {root} does not exist or is not a folder")
+    fmt = detect_format(root) if fmt == "auto" else fmt
+    if fmt == "ffcv":
+        import torch
+
+        from ddmim.data.ffcv_loader import make_loader
+
+        loader = make_loader(root / f"{split}.beton", cfg, train=False, device=torch.device("cpu"), drop_last=False)
+        return ((x.clone(), y.clone()) for x, y in loader)  # FFCV reuses its batch buffers
+    if fmt == "dali":
+        from ddmim.data.dali_loader import DaliLoader, build_pipeline
+
+        return DaliLoader(build_pipeline(root / split, cfg, train=False, gpu=False), train=False)
+    from torch.utils.data import DataLoader
+
+    from ddmim.data.folder import open_split
+    from ddmim.data.transforms import val_transform
+
+    dataset = open_split(root, split, val_transform(cfg.model.img_size, cfg.data))
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers)

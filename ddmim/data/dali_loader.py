@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from ddmim.config import Config
+from ddmim.data import read_class_count
 from ddmim.errors import UserError
 
 READER = "Reader"
@@ -104,11 +105,13 @@ class DaliLoader:
 
 
 class DALIDataModule(pl.LightningDataModule):
+    applies_randaugment = False
     def __init__(self, root: Path, cfg: Config, channels_last: bool = False):
         super().__init__()
         self.root, self.cfg, self.channels_last = Path(root), cfg, channels_last
         list_shards(self.root / "train")
         list_shards(self.root / "val")
+        self.num_classes = read_class_count(self.root)
 
     def _loader(self, split: str, train: bool) -> DaliLoader:
         trainer = self.trainer

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from ddmim.config import Config
+from ddmim.data import read_class_count
 from ddmim.errors import UserError
 
 def open_beton(path: Path) -> int:
@@ -69,11 +70,13 @@ def make_loader(path: Path, cfg: Config, *, train: bool, device: torch.device, d
 
 
 class FFCVDataModule(pl.LightningDataModule):
+    applies_randaugment = False
     def __init__(self, root: Path, cfg: Config):
         super().__init__()
         self.root, self.cfg = Path(root), cfg
         self.train_size = open_beton(self.root / "train.beton")
         open_beton(self.root / "val.beton")
+        self.num_classes = read_class_count(self.root)
         if self.train_size < cfg.train.batch_size:
             raise UserError(f"{self.root / 'train.beton'} holds {self.train_size} images, fewer than one batch")
 

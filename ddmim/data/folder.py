@@ -8,7 +8,6 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from ddmim.config import Config
 from ddmim.data.transforms import train_transform, val_transform
 from ddmim.errors import UserError
 
@@ -24,14 +23,18 @@ def open_split(root: Path, split: str, transform) -> ImageFolder:
 
 
 class FolderDataModule(pl.LightningDataModule):
-    def __init__(self, root: Path, cfg: Config):
+    applies_randaugment = True  # in the PIL pipeline, per image
+
+    def __init__(self, root: Path, cfg, randaugment: str = ""):
+        """`cfg`: a pretraining or fine-tuning config (uses .model.img_size, .data, .train)."""
         super().__init__()
         self.root = Path(root)
         self.cfg = cfg
         if not self.root.is_dir():
             raise UserError(f"data path {self.root} does not exist or is not a folder")
         size = cfg.model.img_size
-        self.train_set = open_split(self.root, "train", train_transform(size, cfg.data))
+        self.train_set = open_split(self.root, "train", train_transform(size, cfg.data, randaugment))
+        self.num_classes = len(self.train_set.classes)
         self.val_set = open_split(self.root, "val", val_transform(size, cfg.data))
         if len(self.train_set) < cfg.train.batch_size:
             raise UserError(f"{self.root}/train holds {len(self.train_set)} images, fewer than one batch "

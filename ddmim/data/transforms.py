@@ -6,11 +6,19 @@ from torchvision import transforms as T
 from ddmim.config import DataConfig
 
 
-def train_transform(size: int, cfg: DataConfig) -> T.Compose:
+def train_transform(size: int, cfg: DataConfig, randaugment: str = "") -> T.Compose:
+    """randaugment: a timm policy string (e.g. rand-m9-mstd0.5-inc1) applied to the PIL crop; "" for none."""
+    extra = []
+    if randaugment:
+        from timm.data.auto_augment import rand_augment_transform
+
+        mean = tuple(round(255 * m) for m in cfg.mean)
+        extra = [rand_augment_transform(randaugment, {"translate_const": int(size * 0.45), "img_mean": mean})]
     return T.Compose([
         T.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
                             interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(cfg.hflip),
+        *extra,
         T.ToTensor(),
         T.Normalize(cfg.mean, cfg.std),
     ])

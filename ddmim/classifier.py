@@ -1,0 +1,43 @@
+"""The fine-tuning network: always a plain timm SwinTransformerV2, so timm's layer-decay grouping,
+feature extraction and export work on it unchanged.
+
+seed head: the pretrained pooled head (768 -> 1024) followed by BatchNorm1d -> Linear -> GELU -> Linear,
+all inside `head.fc`. linear head: `head.fc` is one Linear on the pooled features.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from timm.models.swin_transformer_v2 import SwinTransformerV2
+from torch import nn
+
+from ddmim.backbone import build_swin
+from ddmim.config import ModelConfig
+from ddmim.errors import UserError
+
+
+def build_classifier(model: ModelConfig, num_classes: int, head_kind: str, hidden: int, drop_path: float) -> SwinTransformerV2:
+    cfg = dataclasses.replace(model, drop_path_rate=drop_path)
+    if head_kind == "linear":
+        return build_swin(dataclasses.replace(cfg, embed_out=num_classes))
+    net = build_swin(cfg)
+    embed = net.head.fc
+    net.head.fc = nn.Sequential(embed, nn.BatchNorm1d(cfg.embed_out), nn.Linear(cfg.embed_out, hidden), nn.GELU(),
+                                nn.Linear(hidden, num_classes))
+    return net
+
+
+def load_encoder_weights(net: SwinTransformerV2, state: dict[str, torch.Tensor], head_kind: str) -> int:
+    """Loads every pretrained encoder weight; only the new head may stay untrained. Returns tensors loaded."""
+    if head_kind == "linear":
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    else:
+        state = {(f"head.fc.0.{k[len('head.fc.'):]}" if k.startswith("head.fc.") else k): v for k, v in state.items()}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    new_head = ("head.fc.",) if head_kind == "linear" else ("head.fc.1.", "head.fc.2.", "head.fc.4.")
+    missing = [k for k in missing if not k.startswith(new_head)]
+    if missing or unexpected:
+        raise UserError(f"the checkpoint's encoder does not fit this backbone: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    return len(state)

@@ -1,0 +1,139 @@
+"""`ddmim finetune`: supervised training of a (pretrained or random) Swin V2 classifier, top-1/top-5.
+
+Optimiser, layer-wise lr decay, schedules, mixup/cutmix and label smoothing come from timm.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import yaml
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+from ddmim.checkpoints import KIND_KEY, load_pretraining
+from ddmim.classifier import build_classifier, load_encoder_weights
+from ddmim.data import make_datamodule
+from ddmim.data.batch_augment import BatchRandAugment
+from ddmim.errors import UserError
+from ddmim.finetune_config import FinetuneConfig, finetune_config_from_dict
+from ddmim.pretrain import prepare_run_dir
+from ddmim.trainer import build_trainer, resolve_device
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == labels[:, None]).any(dim=1).float().sum()
+
+
+class FinetuneModule(pl.LightningModule):
+    def __init__(self, config: dict[str, Any], num_classes: int, channels_last: bool = False,
+                 batch_randaugment: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg: FinetuneConfig = finetune_config_from_dict(config)
+        a = self.cfg.augment
+        self.net = build_classifier(self.cfg.model, num_classes, self.cfg.head.kind, self.cfg.head.hidden, a.drop_path)
+        self.channels_last = channels_last
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.mixup = (Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing,
+                            num_classes=num_classes) if a.mixup > 0 or a.cutmix > 0 else None)
+        self.randaugment = (BatchRandAugment(a.randaugment, self.cfg.data.mean, self.cfg.data.std)
+                            if batch_randaugment and a.randaugment else None)
+        self.soft_ce = SoftTargetCrossEntropy()
+        self._val_sums = torch.zeros(3)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[KIND_KEY] = "finetune"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        if self.randaugment is not None:
+            images = self.randaugment(images)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+            loss = self.soft_ce(self(images), targets)
+        else:
+            loss = F.cross_entropy(self(images), labels, label_smoothing=self.cfg.augment.label_smoothing)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, device=self.device)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.log("val/loss", F.cross_entropy(logits, labels), batch_size=len(labels), sync_dist=True)
+        self._val_sums += torch.stack([topk_correct(logits, labels, 1), topk_correct(logits, labels, 5),
+                                       torch.tensor(float(len(labels)), device=logits.device)])
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        self.log_dict({"val/top1": 100 * sums[0] / sums[2], "val/top5": 100 * sums[1] / sums[2]}, prog_bar=True)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        optimizer = create_optimizer_v2(self.net, opt="adamw", lr=o.lr, weight_decay=o.weight_decay,
+                                        betas=tuple(o.betas), layer_decay=o.layer_decay if o.layer_decay < 1 else None)
+        steps = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        scheduler, _ = create_scheduler_v2(optimizer, sched=o.schedule, num_epochs=self.cfg.train.epochs,
+                                           decay_epochs=o.step_size, decay_rate=o.gamma, min_lr=o.min_lr,
+                                           warmup_epochs=o.warmup_epochs, warmup_lr=o.lr * 1e-3,
+                                           step_on_epochs=False, updates_per_epoch=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimiser updates
+
+
+def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, *, ckpt: Path | None = None, data_format: str = "auto",
+             num_classes: int | None = None, accelerator: str = "auto", precision: str = "auto",
+             channels_last: bool = False, max_steps: int = -1, progress_bar: bool = True) -> dict:
+    accelerator, precision = resolve_device(accelerator, precision)
+    state = None
+    if ckpt is not None:
+        pre_cfg, state = load_pretraining(ckpt)
+        cfg.model = pre_cfg.model  # the backbone is the checkpoint's
+    datamodule = make_datamodule(data_root, cfg, data_format, channels_last=channels_last,
+                                 randaugment=cfg.augment.randaugment)
+    classes = datamodule.num_classes
+    if num_classes is not None and num_classes != classes:
+        raise UserError(f"--num-classes {num_classes} disagrees with the data: {data_root} has {classes} classes")
+    run_dir = prepare_run_dir(out)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = FinetuneModule(cfg.to_dict(), classes, channels_last=channels_last,
+                            batch_randaugment=not datamodule.applies_randaugment)
+    loaded = load_encoder_weights(module.net, state, cfg.head.kind) if state is not None else 0
+    run = build_trainer(run_dir, cfg, accelerator=accelerator, precision=precision, max_steps=max_steps,
+                        progress_bar=progress_bar, monitor=("val/top1", "max"))
+    start = time.perf_counter()
+    run.trainer.fit(module, datamodule=datamodule)
+    if not run.val_history.steps or run.val_history.steps[-1] != run.trainer.global_step:
+        run.trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = run.trainer.callback_metrics
+    summary = {
+        "preset": cfg.name, "data": str(data_root), "pretrained": str(ckpt) if ckpt else None,
+        "encoder_tensors_loaded": loaded, "num_classes": classes, "steps": run.trainer.global_step,
+        "wall_s": round(time.perf_counter() - start, 2), "train_images_per_s": round(run.throughput.images_per_s, 2),
+        "val_top1": float(metrics["val/top1"]), "val_top5": float(metrics["val/top5"]),
+        "best_val_top1": float(run.checkpoint.best_model_score) if run.checkpoint.best_model_score is not None else None,
+        "run_dir": str(run_dir), "checkpoint_last": run.checkpoint.last_model_path,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

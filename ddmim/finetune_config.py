@@ -1,0 +1,69 @@
+"""Typed fine-tuning configuration; presets live in ddmim/presets/finetune/."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddmim.config import DataConfig, ModelConfig, TrainConfig, build_dataclass, preset_values, validate_model
+from ddmim.errors import UserError
+
+
+@dataclass
+class HeadConfig:
+    kind: str = "seed"  # seed: BatchNorm + 2-layer MLP on the 1024-d embedding; linear: one layer on pooled features
+    hidden: int = 1024
+
+
+@dataclass
+class FinetuneOptimConfig:
+    lr: float = 5e-3
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    layer_decay: float = 1.0  # lr multiplier per layer from the head down (1.0: none)
+    schedule: str = "step"  # step | cosine
+    step_size: int = 30  # step: epochs between decays
+    gamma: float = 0.1  # step: decay factor
+    warmup_epochs: int = 0
+    min_lr: float = 1e-6  # cosine: final lr
+
+
+@dataclass
+class AugmentConfig:
+    mixup: float = 0.0  # mixup alpha (0: off)
+    cutmix: float = 0.0  # cutmix alpha (0: off)
+    label_smoothing: float = 0.0
+    randaugment: str = ""  # timm policy string, e.g. rand-m9-mstd0.5-inc1 ("" off)
+    drop_path: float = 0.0
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = "seed"
+    model: ModelConfig = field(default_factory=ModelConfig)  # the backbone when no checkpoint gives one
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def finetune_config_from_dict(values: dict[str, Any]) -> FinetuneConfig:
+    cfg = build_dataclass(FinetuneConfig, values)
+    validate_model(cfg.model)
+    if cfg.head.kind not in ("seed", "linear"):
+        raise UserError(f"head.kind must be seed or linear, got '{cfg.head.kind}'")
+    if cfg.optim.schedule not in ("step", "cosine"):
+        raise UserError(f"optim.schedule must be step or cosine, got '{cfg.optim.schedule}'")
+    if not 0 < cfg.optim.layer_decay <= 1:
+        raise UserError(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
+        raise UserError("train.epochs and train.batch_size must be at least 1")
+    return cfg
+
+
+def make_finetune_config(preset: str, overrides: list[str] | None = None) -> FinetuneConfig:
+    return finetune_config_from_dict(preset_values(preset, overrides, kind="finetune"))

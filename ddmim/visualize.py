@@ -1,0 +1,83 @@
+"""Reconstruction pictures and the reconstruction loss against a trivial baseline, for a pretraining checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from ddmim.checkpoints import load_pretraining
+from ddmim.data import eval_batches
+from ddmim.losses import reconstruction_loss
+from ddmim.masking import pixel_mask
+from ddmim.model import DDMIM
+
+PANELS = ("original", "masked input", "reconstruction", "reconstruction in the masked pixels")
+
+
+def load_model(ckpt: Path) -> DDMIM:
+    cfg, _ = load_pretraining(ckpt)
+    model = DDMIM(cfg)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    return model.eval()
+
+
+@torch.no_grad()
+def reconstruct(model: DDMIM, images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    tokens = model.student.embed(images)
+    masks = [base[:, :: 2**i, :: 2**i] if r > 0 else None for i, r in enumerate(model.cfg.mask.ratios)]
+    last = model.student.forward_stages(tokens, masks)[-1]
+    return model.decoder(model.student.norm(last))
+
+
+def mean_visible_colour(images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The trivial baseline: every pixel predicted as its image's mean visible colour."""
+    visible = pixel_mask(base, images.shape[-1] // base.shape[-1])
+    mean = (images * visible).sum(dim=(2, 3), keepdim=True) / visible.sum(dim=(2, 3), keepdim=True).clamp_min(1)
+    return mean.expand_as(images)
+
+
+@torch.no_grad()
+def reconstruction_report(model: DDMIM, batches, seed: int = 0) -> dict:
+    """Masked-pixel reconstruction loss (the model's own objective term) vs the mean-visible-colour baseline."""
+    loss = baseline = 0.0
+    n = 0
+    for index, (images, _) in enumerate(batches):
+        base, _ = model.draw_masks(len(images), seed=seed, index=index)
+        pred = reconstruct(model, images, base)
+        kwargs = dict(beta=model.cfg.loss.recon_beta, normalize=model.cfg.loss.recon_normalize)
+        loss += reconstruction_loss(pred, images, base, **kwargs).item() * len(images)
+        baseline += reconstruction_loss(mean_visible_colour(images, base), images, base, **kwargs).item() * len(images)
+        n += len(images)
+    return {"recon_loss": loss / n, "baseline_loss": baseline / n, "ratio": loss / baseline}
+
+
+@torch.no_grad()
+def write_grid(model: DDMIM, images: torch.Tensor, out: Path, mean, std, seed: int = 0) -> Path:
+    """One row per image: original, masked input (masked pixels grey), reconstruction, reconstruction pasted
+    into the masked pixels of the original; in real colours."""
+    base, _ = model.draw_masks(len(images), seed=seed)
+    pred = reconstruct(model, images, base)
+    visible = pixel_mask(base, images.shape[-1] // base.shape[-1])
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    original, recon = (images * s + m).clamp(0, 1), (pred * s + m).clamp(0, 1)
+    masked = original * visible + 0.5 * (1 - visible)
+    pasted = original * visible + recon * (1 - visible)
+    rows = torch.stack([original, masked, recon, pasted], dim=1).flatten(0, 1)
+    zoom = max(1, 96 // images.shape[-1])  # small images are enlarged (nearest) to stay legible
+    rows = torch.nn.functional.interpolate(rows, scale_factor=zoom, mode="nearest")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(rows, nrow=len(PANELS), padding=2, pad_value=1.0), out)
+    return out
+
+
+def visualize(ckpt: Path, data: Path, out: Path, num: int = 8, data_format: str = "auto") -> dict:
+    model = load_model(ckpt)
+    cfg = model.cfg
+    batches = eval_batches(data, cfg, "val", data_format)
+    every = torch.cat([x for x, _ in batches])
+    images = every[torch.linspace(0, len(every) - 1, min(num, len(every))).long()]  # spread over the classes
+    path = write_grid(model, images, out, cfg.data.mean, cfg.data.std, seed=cfg.train.seed)
+    return {"grid": str(path), "images": len(images), "panels": list(PANELS)}
