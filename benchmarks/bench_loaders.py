@@ -1,6 +1,6 @@
 """Training-loader throughput: torchvision ImageFolder (the baseline) vs FFCV vs DALI, same photographs.
 
-    python benchmarks/bench_loaders.py [--sizes 224 64] [--epochs 3] [--workers 2] [--max-resolution 320]
+    python benchmarks/bench_loaders.py [--sizes 224 64] [--epochs 3] [--workers 2] [--max-resolution 256]
 
 Data: 2,000 JPEG photographs (400-500 px, quality 90) from data_prep/photo_sample.py, converted once with
 data_prep/to_ffcv.py and to_dali.py (at --max-resolution). Every loader does the training augmentation
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--max-resolution", type=int, default=320, help="converters' longest stored side")
+    parser.add_argument("--max-resolution", type=int, default=256,
+                        help="converters' longest stored side (default 256: decoding time grows with stored size)")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the photographs and conversions live")
     args = parser.parse_args(argv)
 

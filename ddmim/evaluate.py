@@ -53,8 +53,15 @@ def evaluate(method: str, data: Path, ckpt: Path | None, cfg, *, data_format: st
              temperature: float = 0.07, epochs: int = 100, device: str = "cpu") -> dict:
     """cfg: a config whose .model shapes the random backbone when there is no checkpoint and whose .data
     gives the evaluation transform."""
-    net, model_cfg = load_backbone(ckpt, cfg.model, seed=cfg.train.seed)
-    cfg.model = model_cfg
+    net, cfg.model = load_backbone(ckpt, cfg.model, seed=cfg.train.seed)
+    result = evaluate_backbone(method, net, cfg, data, data_format=data_format, k=k, temperature=temperature,
+                               epochs=epochs, device=device)
+    return {**result, "backbone": str(ckpt) if ckpt else "random init"}
+
+
+def evaluate_backbone(method: str, net, cfg, data: Path, *, data_format: str = "auto", k: int = 20,
+                      temperature: float = 0.07, epochs: int = 100, device: str = "cpu") -> dict:
+    """k-NN or linear-probe top-1 of a frozen backbone (its weights are only read)."""
     dev = torch.device(device)
     train_f, train_y = extract(net, eval_batches(data, cfg, "train", data_format), dev)
     val_f, val_y = extract(net, eval_batches(data, cfg, "val", data_format), dev)
@@ -63,5 +70,4 @@ def evaluate(method: str, data: Path, ckpt: Path | None, cfg, *, data_format: st
         top1 = 100.0 * (knn_predict(train_f, train_y, val_f, num_classes, k, temperature) == val_y).float().mean().item()
     else:
         top1 = linear_probe(train_f, train_y, val_f, val_y, num_classes, epochs=epochs, seed=cfg.train.seed)
-    return {"method": method, "backbone": str(ckpt) if ckpt else "random init", "top1": top1,
-            "train_images": len(train_y), "val_images": len(val_y), "feature_dim": train_f.shape[1]}
+    return {"method": method, "top1": top1, "train_images": len(train_y), "val_images": len(val_y), "feature_dim": train_f.shape[1]}

@@ -33,6 +33,23 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
     return (top == labels[:, None]).any(dim=1).float().sum()
 
 
+def make_optimizer(net, o) -> torch.optim.Optimizer:
+    """AdamW with timm's parameter groups: no weight decay on norms and biases, and with layer_decay < 1 an lr
+    scale of layer_decay^(depth from the top) per group (one layer per transformer block, patch embedding
+    below them, final norm and head at the top)."""
+    return create_optimizer_v2(net, opt="adamw", lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+                               layer_decay=o.layer_decay if o.layer_decay < 1 else None)
+
+
+def make_scheduler(optimizer, o, epochs: int, steps_per_epoch: int):
+    """timm's step or cosine schedule with linear warmup, advanced per optimiser update; it applies each
+    group's layer-decay lr_scale."""
+    scheduler, _ = create_scheduler_v2(optimizer, sched=o.schedule, num_epochs=epochs, decay_epochs=o.step_size,
+                                       decay_rate=o.gamma, min_lr=o.min_lr, warmup_epochs=o.warmup_epochs,
+                                       warmup_lr=o.lr * 1e-3, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return scheduler
+
+
 class FinetuneModule(pl.LightningModule):
     def __init__(self, config: dict[str, Any], num_classes: int, channels_last: bool = False,
                  batch_randaugment: bool = False):
@@ -87,13 +104,9 @@ class FinetuneModule(pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        optimizer = create_optimizer_v2(self.net, opt="adamw", lr=o.lr, weight_decay=o.weight_decay,
-                                        betas=tuple(o.betas), layer_decay=o.layer_decay if o.layer_decay < 1 else None)
+        optimizer = make_optimizer(self.net, o)
         steps = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
-        scheduler, _ = create_scheduler_v2(optimizer, sched=o.schedule, num_epochs=self.cfg.train.epochs,
-                                           decay_epochs=o.step_size, decay_rate=o.gamma, min_lr=o.min_lr,
-                                           warmup_epochs=o.warmup_epochs, warmup_lr=o.lr * 1e-3,
-                                           step_on_epochs=False, updates_per_epoch=steps)
+        scheduler = make_scheduler(optimizer, o, self.cfg.train.epochs, steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler, metric) -> None:

@@ -66,3 +66,22 @@ def converted(coloured_source, tmp_path_factory) -> dict[str, Path]:
     assert to_ffcv.main([str(coloured_source), str(out / "ffcv"), "--workers", "2"]) == 0
     assert to_dali.main([str(coloured_source), str(out / "dali"), "--workers", "2", "--shard-size", "20"]) == 0
     return {"ffcv": out / "ffcv", "dali": out / "dali"}
+
+
+@pytest.fixture(scope="session")
+def pretrain_ckpt(sample_root, tmp_path_factory) -> Path:
+    from ddmim.pretrain import pretrain
+
+    cfg = make_config("tiny", ["train.epochs=1", "data.num_workers=0"])
+    summary = pretrain(cfg, sample_root, tmp_path_factory.mktemp("pre") / "run", max_steps=4, progress_bar=False)
+    return Path(summary["checkpoint_last"])
+
+
+@pytest.fixture(scope="session")
+def finetune_ckpt(sample_root, tmp_path_factory) -> Path:
+    from ddmim.finetune import finetune
+    from ddmim.finetune_config import make_finetune_config
+
+    cfg = make_finetune_config("tiny", ["train.epochs=1", "data.num_workers=0"])
+    summary = finetune(cfg, sample_root, tmp_path_factory.mktemp("ft") / "run", max_steps=2, progress_bar=False)
+    return Path(summary["checkpoint_last"])
