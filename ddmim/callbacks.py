@@ -1,6 +1,7 @@
 """Callbacks that measure a run: training throughput with data-wait share, and the validation-loss history."""
 from __future__ import annotations
 
+import resource
 import time
 
 import pytorch_lightning as pl
@@ -8,19 +9,22 @@ import torch
 
 
 class ThroughputReport(pl.Callback):
-    """Images/s of training steps and the share of time spent waiting for the loader.
+    """Images/s of training steps (per device and in total) and the share of time spent waiting for data.
 
-    The first `warmup` batches (worker start-up, allocator and kernel warm-up) are not counted.
-    Time between an epoch's start and its first batch counts as data wait.
+    The first `warmup` batches (worker start-up, allocator and kernel warm-up) are not counted. Time between
+    an epoch's start and its first batch counts as data wait. Every `report_every` steps the figures since
+    the previous report are printed (rank 0) and logged, with the peak device (or process) memory.
     """
 
-    def __init__(self, warmup: int = 5):
+    def __init__(self, warmup: int = 5, report_every: int = 0):
         self.warmup = warmup
+        self.report_every = report_every
         self.seen = 0
-        self.images = 0
+        self.images = 0  # on this rank
         self.wait_s = 0.0
         self.step_s = 0.0
         self._mark = 0.0
+        self._window = (0, 0.0, 0.0)  # images, wait, step at the previous report
 
     def _sync(self, trainer: pl.Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -40,16 +44,29 @@ class ThroughputReport(pl.Callback):
         now = time.perf_counter()
         if self.seen >= self.warmup:
             self.step_s += now - self._mark
-            self.images += len(batch[0]) * trainer.world_size
+            self.images += len(batch[0])
         self.seen += 1
         self._mark = now
+        if self.report_every and trainer.global_step % self.report_every == 0 and self.images:
+            self._report(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.images:
-            pl_module.log_dict({"perf/images_per_s": self.images_per_s, "perf/data_wait_share": self.data_wait_share})
+    def _report(self, trainer, pl_module) -> None:
+        images, wait, step = self._window
+        d_images, d_wait, d_step = self.images - images, self.wait_s - wait, self.step_s - step
+        self._window = (self.images, self.wait_s, self.step_s)
+        if d_wait + d_step <= 0:
+            return
+        per_device = d_images / (d_wait + d_step)
+        stats = {"perf/images_per_s_device": per_device, "perf/images_per_s": per_device * trainer.world_size,
+                 "perf/data_wait_share": d_wait / (d_wait + d_step), "perf/peak_memory_gib": peak_memory_gib(trainer)}
+        pl_module.log_dict(stats, rank_zero_only=True)
+        pl_module.print(f"step {trainer.global_step}: {stats['perf/images_per_s']:.1f} images/s "
+                        f"({per_device:.1f} per device), data wait {100 * stats['perf/data_wait_share']:.1f}%, "
+                        f"peak memory {stats['perf/peak_memory_gib']:.2f} GiB")
 
     @property
     def images_per_s(self) -> float:
+        """Per process; multiply by the world size for the total."""
         total = self.wait_s + self.step_s
         return self.images / total if total > 0 else float("nan")
 
@@ -57,6 +74,12 @@ class ThroughputReport(pl.Callback):
     def data_wait_share(self) -> float:
         total = self.wait_s + self.step_s
         return self.wait_s / total if total > 0 else float("nan")
+
+
+def peak_memory_gib(trainer) -> float:
+    if trainer.strategy.root_device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 class ValLossHistory(pl.Callback):

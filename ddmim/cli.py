@@ -11,7 +11,7 @@ import yaml
 from ddmim.config import KERNEL_CHOICES, make_config, preset_names
 from ddmim.data import FORMATS
 from ddmim.errors import UserError
-from ddmim.trainer import ACCELERATORS, PRECISIONS
+from ddmim.trainer import ACCELERATORS, PRECISIONS, STRATEGIES, Launch
 
 SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
              "workers": "data.num_workers", "seed": "train.seed"}
@@ -44,13 +44,28 @@ def _add_run(p, kind: str) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16-mixed on CUDA, 32 on the CPU")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format for input batches and the convolutions")
+    p.add_argument("--devices", type=int, default=1, help="GPUs per node (or CPU processes, gloo) (default 1)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                   help="ddp: data-parallel, Lightning launching one process per device (or under torchrun / "
+                        "SLURM, which start them); ddp_spawn: the same, spawned")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (falls back to eager with a message if it fails)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
+
+
+def _launch(args) -> Launch:
+    return Launch(accelerator=args.accelerator, precision=args.precision, devices=args.devices,
+                  num_nodes=args.num_nodes, strategy=args.strategy, channels_last=args.channels_last,
+                  max_steps=args.max_steps, progress_bar=not args.no_progress)
 
 
 def _overrides(args) -> list[str]:
     extra = [f"{key}={getattr(args, name)}" for name, key in SHORTCUTS.items() if getattr(args, name, None) is not None]
     if getattr(args, "kernels", None):
         extra.append(f"train.kernels={args.kernels}")
+    if getattr(args, "compile", False):
+        extra.append("train.compile=true")
     return args.overrides + extra
 
 
@@ -69,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p, "pretrain")
     p.add_argument("--kernels", choices=KERNEL_CHOICES,
                    help="fused Triton kernels for the masks and losses (auto: on CUDA) or the PyTorch references")
+    p.add_argument("--resume", choices=["auto"],
+                   help="auto: continue the run in --out from its newest checkpoint that loads (model, teacher, "
+                        "optimiser, scheduler, step counters, RNG states); a run of another preset is refused")
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained backbone (or train from scratch) and report top-1/top-5",
                        description="Fine-tune on labelled data. Without --ckpt the backbone starts from random "
@@ -122,9 +140,10 @@ def cmd_train(args) -> int:
     if data is None:
         data = build_sample_dataset(default_sample_root())
         print(f"using the built-in sample data set at {data}")
-    summary = pretrain(cfg, data, _out(args, cfg.name), data_format=args.format, accelerator=args.accelerator,
-                       precision=args.precision, channels_last=args.channels_last, max_steps=args.max_steps,
-                       progress_bar=not args.no_progress)
+    if args.resume and args.out is None:
+        raise UserError("--resume auto needs --out, the run folder to continue")
+    summary = pretrain(cfg, data, _out(args, cfg.name), _launch(args), data_format=args.format,
+                       resume=args.resume == "auto")
     print(format_summary(summary))
     return 0
 
@@ -134,9 +153,8 @@ def cmd_finetune(args) -> int:
     from ddmim.finetune_config import make_finetune_config
 
     cfg = make_finetune_config(args.preset or "seed", _overrides(args))
-    s = finetune(cfg, args.data, _out(args, f"finetune-{cfg.name}"), ckpt=args.ckpt, data_format=args.format,
-                 num_classes=args.num_classes, accelerator=args.accelerator, precision=args.precision,
-                 channels_last=args.channels_last, max_steps=args.max_steps, progress_bar=not args.no_progress)
+    s = finetune(cfg, args.data, _out(args, f"finetune-{cfg.name}"), _launch(args), ckpt=args.ckpt,
+                 data_format=args.format, num_classes=args.num_classes)
     start = f"from {s['pretrained']} ({s['encoder_tensors_loaded']} encoder tensors)" if s["pretrained"] else \
         "from random init"
     print(f"fine-tuning done ({start}): top-1 {s['val_top1']:.2f}%, top-5 {s['val_top5']:.2f}% on "

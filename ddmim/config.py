@@ -63,6 +63,7 @@ class OptimConfig:
     lr: float = 5e-3
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_batch: int = 0  # lr is given for this global batch and scaled linearly to the real one (0: no scaling)
     step_size: int = 20  # StepLR period in epochs
     gamma: float = 0.1
 
@@ -88,6 +89,11 @@ class TrainConfig:
     val_every: int = 1  # epochs between validations
     log_every: int = 50  # steps between logged training losses
     kernels: str = "auto"  # auto | triton | torch: fused Triton kernels or the PyTorch references
+    ckpt_every_steps: int = 0  # also write a checkpoint every N optimiser steps (0: once per epoch)
+    keep_checkpoints: int = 3  # recent checkpoints kept (the best-by-validation one is kept besides)
+    max_bad_steps: int = 20  # consecutive non-finite steps (skipped) before training stops
+    report_every: int = 100  # steps between printed throughput lines (0: none)
+    compile: bool = False  # torch.compile the model's forward (falls back to eager if compilation fails)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from ddmim.evaluate import evaluate
 from ddmim.finetune import finetune
 from ddmim.finetune_config import make_finetune_config
 from ddmim.pretrain import format_summary, prepare_run_dir, pretrain
+from ddmim.trainer import Launch
 from ddmim.visualize import load_model, reconstruction_report, visualize
 
 
@@ -22,7 +23,8 @@ def run_demo(out: Path) -> dict:
     out = prepare_run_dir(Path(out))
     data = build_sample_dataset(default_sample_root())
     print(f"sample data set: {data}")
-    pre = pretrain(make_config("tiny"), data, out / "pretrain", progress_bar=False)
+    quiet = Launch(progress_bar=False)
+    pre = pretrain(make_config("tiny"), data, out / "pretrain", quiet)
     print(format_summary(pre))
     ckpt = Path(pre["checkpoint_last"])
     grid = visualize(ckpt, data, out / "reconstructions.png")
@@ -30,8 +32,8 @@ def run_demo(out: Path) -> dict:
     recon = reconstruction_report(model, eval_batches(data, model.cfg, "val"), seed=model.cfg.train.seed)
     knn = {name: evaluate("knn", data, c, make_config("tiny"))["top1"] for name, c in (("pretrained", ckpt),
                                                                                       ("random init", None))}
-    ft = {name: finetune(make_finetune_config("tiny"), data, out / f"finetune-{name.replace(' ', '-')}", ckpt=c,
-                         progress_bar=False)["val_top1"] for name, c in (("pretrained", ckpt), ("random init", None))}
+    ft = {name: finetune(make_finetune_config("tiny"), data, out / f"finetune-{name.replace(' ', '-')}", quiet,
+                         ckpt=c)["val_top1"] for name, c in (("pretrained", ckpt), ("random init", None))}
     summary = {"pretrain": pre, "reconstruction": recon, "knn_top1": knn, "finetune_top1": ft, "grid": grid["grid"]}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     print()

@@ -25,7 +25,8 @@ from ddmim.data.batch_augment import BatchRandAugment
 from ddmim.errors import UserError
 from ddmim.finetune_config import FinetuneConfig, finetune_config_from_dict
 from ddmim.pretrain import prepare_run_dir
-from ddmim.trainer import build_trainer, resolve_device
+from ddmim.nonfinite import NonFiniteGuard
+from ddmim.trainer import Launch, build_trainer, resolve_launch
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -50,7 +51,7 @@ def make_scheduler(optimizer, o, epochs: int, steps_per_epoch: int):
     return scheduler
 
 
-class FinetuneModule(pl.LightningModule):
+class FinetuneModule(NonFiniteGuard, pl.LightningModule):
     def __init__(self, config: dict[str, Any], num_classes: int, channels_last: bool = False,
                  batch_randaugment: bool = False):
         super().__init__()
@@ -66,6 +67,7 @@ class FinetuneModule(pl.LightningModule):
         self.randaugment = (BatchRandAugment(a.randaugment, self.cfg.data.mean, self.cfg.data.std)
                             if batch_randaugment and a.randaugment else None)
         self.soft_ce = SoftTargetCrossEntropy()
+        self.max_bad_steps = self.cfg.train.max_bad_steps
         self._val_sums = torch.zeros(3)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -113,10 +115,10 @@ class FinetuneModule(pl.LightningModule):
         scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimiser updates
 
 
-def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, *, ckpt: Path | None = None, data_format: str = "auto",
-             num_classes: int | None = None, accelerator: str = "auto", precision: str = "auto",
-             channels_last: bool = False, max_steps: int = -1, progress_bar: bool = True) -> dict:
-    accelerator, precision = resolve_device(accelerator, precision)
+def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, launch: Launch | None = None, *,
+             ckpt: Path | None = None, data_format: str = "auto", num_classes: int | None = None) -> dict:
+    launch = resolve_launch(launch or Launch())
+    channels_last = launch.channels_last
     state = None
     if ckpt is not None:
         pre_cfg, state = load_pretraining(ckpt)
@@ -133,8 +135,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, *, ckpt: Path | No
     module = FinetuneModule(cfg.to_dict(), classes, channels_last=channels_last,
                             batch_randaugment=not datamodule.applies_randaugment)
     loaded = load_encoder_weights(module.net, state, cfg.head.kind) if state is not None else 0
-    run = build_trainer(run_dir, cfg, accelerator=accelerator, precision=precision, max_steps=max_steps,
-                        progress_bar=progress_bar, monitor=("val/top1", "max"))
+    run = build_trainer(run_dir, cfg, launch, monitor=("val/top1", "max"))
     start = time.perf_counter()
     run.trainer.fit(module, datamodule=datamodule)
     if not run.val_history.steps or run.val_history.steps[-1] != run.trainer.global_step:
@@ -145,7 +146,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, *, ckpt: Path | No
         "encoder_tensors_loaded": loaded, "num_classes": classes, "steps": run.trainer.global_step,
         "wall_s": round(time.perf_counter() - start, 2), "train_images_per_s": round(run.throughput.images_per_s, 2),
         "val_top1": float(metrics["val/top1"]), "val_top5": float(metrics["val/top5"]),
-        "best_val_top1": float(run.checkpoint.best_model_score) if run.checkpoint.best_model_score is not None else None,
+        "best_val_top1": float(run.best.best_model_score) if run.best.best_model_score is not None else None,
         "run_dir": str(run_dir), "checkpoint_last": run.checkpoint.last_model_path,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -6,14 +6,22 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from ddmim.checkpoint_io import restore_rng_state, rng_state
 from ddmim.checkpoints import KIND_KEY
+from ddmim.compile import compiled_or_eager
 from ddmim.config import Config, config_from_dict
 from ddmim.model import DDMIM
+from ddmim.nonfinite import NonFiniteGuard
 
 VAL_STREAM = 7919  # validation masks use seed + VAL_STREAM, apart from the training masks
 
 
-class DDMIMModule(pl.LightningModule):
+def scaled_lr(lr: float, lr_batch: int, global_batch: int) -> float:
+    """The linear scaling rule: `lr` is given for a global batch of `lr_batch` images (0: use it as it is)."""
+    return lr * global_batch / lr_batch if lr_batch else lr
+
+
+class DDMIMModule(NonFiniteGuard, pl.LightningModule):
     def __init__(self, config: dict[str, Any], channels_last: bool = False):
         super().__init__()
         self.save_hyperparameters()
@@ -22,9 +30,22 @@ class DDMIMModule(pl.LightningModule):
         self.model = DDMIM(self.cfg)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.max_bad_steps = self.cfg.train.max_bad_steps
+        # a plain function, not a module attribute: the model's weights stay registered once
+        self._compiled = compiled_or_eager(self.model) if self.cfg.train.compile else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[KIND_KEY] = "pretrain"
+        checkpoint["rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng" in checkpoint:
+            restore_rng_state(checkpoint["rng"])
+
+    @property
+    def global_batch(self) -> int:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.cfg.train.batch_size * world
 
     def _gather(self, z_t: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Negatives from every data-parallel rank; z_t is a stop-gradient target, so no gradient to route."""
@@ -49,7 +70,8 @@ class DDMIMModule(pl.LightningModule):
         index = self.global_step * self.trainer.world_size + self.global_rank
         base, masks = self.model.draw_masks(images.shape[0], device=images.device, seed=self.cfg.train.seed,
                                             index=index)
-        losses = self.model(images, base, masks, gather=self._gather)
+        forward = self._compiled or self.model
+        losses = forward(images, base, masks, gather=self._gather)
         self._log_losses("train", losses, images.shape[0], on_step=True)
         return losses["loss"]
 
@@ -71,6 +93,8 @@ class DDMIMModule(pl.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        optimizer = torch.optim.AdamW(params, lr=scaled_lr(o.lr, o.lr_batch, self.global_batch),
+                                      weight_decay=o.weight_decay, betas=tuple(o.betas),
+                                      fused=self.device.type == "cuda")
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -2,58 +2,98 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import yaml
 
+from ddmim.checkpoint_io import newest_checkpoint
 from ddmim.config import Config
 from ddmim.data import make_datamodule
 from ddmim.errors import UserError
 from ddmim.module import DDMIMModule
 from ddmim.ops import check_kernels
-from ddmim.trainer import build_trainer, resolve_device
+from ddmim.trainer import Launch, build_trainer, is_launched_worker, resolve_launch
+
+RUN_DIR_ENV = "DDMIM_RUN_DIR"  # hands rank 0's run folder to the processes Lightning launches for other ranks
+RESUMABLE = ("model", "mask", "loss", "ema")  # what must not change when a run is resumed
 
 
 def prepare_run_dir(out: Path) -> Path:
     """A fresh run folder; an existing non-empty one is never reused, so no earlier checkpoint is overwritten."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output folder {out} already exists and is not empty; choose another --out")
+        raise UserError(f"output folder {out} already exists and is not empty; choose another --out "
+                        "(or --resume auto to continue the run in it)")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def pretrain(cfg: Config, data_root: Path, out: Path, *, data_format: str = "auto", accelerator: str = "auto",
-             precision: str = "auto", channels_last: bool = False, max_steps: int = -1,
-             progress_bar: bool = True) -> dict:
-    accelerator, precision = resolve_device(accelerator, precision)
+def resume_point(out: Path, cfg: Config) -> Path | None:
+    """The checkpoint to continue from (None: the run never wrote one), after checking the run is this one."""
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"--resume auto: {out} is not a ddmim run folder (no config.yaml)")
+    saved = yaml.safe_load(saved_path.read_text())
+    current = cfg.to_dict()
+    for section in RESUMABLE:
+        if saved.get(section) != current[section]:
+            raise UserError(f"--resume auto: {out} was made with preset '{saved.get('name')}' and a different "
+                            f"'{section}' section than this run (preset '{cfg.name}')")
+    return newest_checkpoint(out / "checkpoints")
+
+
+def run_folder(out: Path, cfg: Config, resume: bool) -> tuple[Path, Path | None]:
+    if os.environ.get(RUN_DIR_ENV) and is_launched_worker():
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+        return run_dir, newest_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume:
+        ckpt = resume_point(out, cfg)
+    elif is_launched_worker():
+        out.mkdir(parents=True, exist_ok=True)  # rank 0 of an external launcher (torchrun, SLURM) checks it
+        ckpt = None
+    else:
+        prepare_run_dir(out)
+        ckpt = None
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.environ[RUN_DIR_ENV] = str(out.resolve())
+    return out, ckpt
+
+
+def pretrain(cfg: Config, data_root: Path, out: Path, launch: Launch | None = None, *, data_format: str = "auto",
+             resume: bool = False) -> dict:
+    launch = resolve_launch(launch or Launch())
     check_kernels(cfg.train.kernels)
-    datamodule = make_datamodule(data_root, cfg, data_format, channels_last=channels_last)
-    run_dir = prepare_run_dir(out)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    datamodule = make_datamodule(data_root, cfg, data_format, channels_last=launch.channels_last)
+    run_dir, ckpt = run_folder(Path(out), cfg, resume)
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module = DDMIMModule(cfg.to_dict(), channels_last=channels_last)
-    run = build_trainer(run_dir, cfg, accelerator=accelerator, precision=precision, max_steps=max_steps,
-                        progress_bar=progress_bar)
+    module = DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last)
+    run = build_trainer(run_dir, cfg, launch, find_unused_parameters=not module.model.uses_teacher)
     start = time.perf_counter()
-    run.trainer.validate(module, datamodule=datamodule, verbose=False)  # the untrained model's loss
-    run.trainer.fit(module, datamodule=datamodule)
-    if run.val_history.steps[-1] != run.trainer.global_step:
+    if ckpt is None:
+        run.trainer.validate(module, datamodule=datamodule, verbose=False)  # the untrained model's loss
+    else:
+        print(f"resuming from {ckpt}")
+    run.trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if not run.val_history.steps or run.val_history.steps[-1] != run.trainer.global_step:
         run.trainer.validate(module, datamodule=datamodule, verbose=False)  # the final weights' loss
 
     losses = run.val_history.losses
     summary = {
         "preset": cfg.name,
         "data": str(data_root),
-        "accelerator": accelerator,
-        "precision": precision,
-        "channels_last": channels_last,
+        "accelerator": launch.accelerator,
+        "precision": launch.precision,
+        "world_size": run.trainer.world_size,
+        "channels_last": launch.channels_last,
+        "resumed_from": str(ckpt) if ckpt else None,
         "steps": run.trainer.global_step,
         "epochs": run.trainer.current_epoch,
+        "skipped_steps": module.skipped_steps,
         "wall_s": round(time.perf_counter() - start, 2),
-        "train_images_per_s": round(run.throughput.images_per_s, 2),
+        "train_images_per_s": round(run.throughput.images_per_s * run.trainer.world_size, 2),
         "data_wait_share": round(run.throughput.data_wait_share, 4),
         "val_loss_first": losses[0] if losses else None,
         "val_loss_last": losses[-1] if losses else None,
@@ -61,10 +101,11 @@ def pretrain(cfg: Config, data_root: Path, out: Path, *, data_format: str = "aut
         "run_dir": str(run_dir),
         "logs": str(run.log_dir / "metrics.csv"),
         "tensorboard": str(run_dir / "tensorboard"),
-        "checkpoint_best": run.checkpoint.best_model_path,
+        "checkpoint_best": run.best.best_model_path,
         "checkpoint_last": run.checkpoint.last_model_path,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run.trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -76,8 +117,9 @@ def format_summary(summary: dict) -> str:
         f"({summary['accelerator']}, precision {summary['precision']})",
         f"  throughput      {summary['train_images_per_s']:.1f} images/s "
         f"(data wait {100 * summary['data_wait_share']:.1f}% of step time)",
-        f"  val loss        {first:.4f} before training -> {last:.4f} after{ratio}" if first is not None else
-        "  val loss        not measured",
+        (f"  val loss        {first:.4f} before training -> {last:.4f} after{ratio}" if not summary["resumed_from"]
+         else f"  val loss        {first:.4f} first after resuming -> {last:.4f} after{ratio}")
+        if first is not None else "  val loss        not measured",
         f"  run folder      {summary['run_dir']}",
         f"  metrics (CSV)   {summary['logs']}",
         f"  tensorboard     tensorboard --logdir {summary['tensorboard']}",

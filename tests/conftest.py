@@ -12,6 +12,11 @@ import pytest
 
 from data_prep.sample_data import build_sample_dataset
 from ddmim.config import make_config
+from ddmim.trainer import Launch
+
+
+def QUIET_STEPS(steps: int = -1) -> Launch:  # noqa: N802 - reads as a constant at the call sites
+    return Launch(max_steps=steps, progress_bar=False)
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +78,7 @@ def pretrain_ckpt(sample_root, tmp_path_factory) -> Path:
     from ddmim.pretrain import pretrain
 
     cfg = make_config("tiny", ["train.epochs=1", "data.num_workers=0"])
-    summary = pretrain(cfg, sample_root, tmp_path_factory.mktemp("pre") / "run", max_steps=4, progress_bar=False)
+    summary = pretrain(cfg, sample_root, tmp_path_factory.mktemp("pre") / "run", QUIET_STEPS(4))
     return Path(summary["checkpoint_last"])
 
 
@@ -83,5 +88,5 @@ def finetune_ckpt(sample_root, tmp_path_factory) -> Path:
     from ddmim.finetune_config import make_finetune_config
 
     cfg = make_finetune_config("tiny", ["train.epochs=1", "data.num_workers=0"])
-    summary = finetune(cfg, sample_root, tmp_path_factory.mktemp("ft") / "run", max_steps=2, progress_bar=False)
+    summary = finetune(cfg, sample_root, tmp_path_factory.mktemp("ft") / "run", QUIET_STEPS(2))
     return Path(summary["checkpoint_last"])

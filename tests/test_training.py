@@ -5,11 +5,12 @@ import torch
 from ddmim.config import make_config
 from ddmim.module import DDMIMModule
 from ddmim.pretrain import pretrain
+from ddmim.trainer import Launch
 
 
 def test_tiny_pretraining_on_sample_data_lowers_the_loss(sample_root, tmp_path):
     cfg = make_config("tiny", ["train.epochs=3", "data.num_workers=0"])
-    summary = pretrain(cfg, sample_root, tmp_path / "run", progress_bar=False)
+    summary = pretrain(cfg, sample_root, tmp_path / "run", Launch(progress_bar=False))
     assert summary["steps"] == 3 * (len(list((sample_root / "train").rglob("*.png"))) // cfg.train.batch_size)
     assert len(summary["val_loss_history"]) == 4  # before training and after each epoch
     assert summary["val_loss_last"] < 0.9 * summary["val_loss_first"]
@@ -31,7 +32,7 @@ def test_pretraining_runs_on_each_fast_format(converted, tmp_path):
 
     for backend in ("ffcv", "dali"):
         cfg = make_config("tiny", ["train.epochs=1", "train.batch_size=8", "data.num_workers=1"])
-        summary = pretrain(cfg, converted[backend], tmp_path / backend, progress_bar=False)
+        summary = pretrain(cfg, converted[backend], tmp_path / backend, Launch(progress_bar=False))
         assert summary["steps"] == 48 // 8, backend
         assert len(summary["val_loss_history"]) == 2 and all(v == v for v in summary["val_loss_history"])
         assert summary["val_loss_last"] != pytest.approx(summary["val_loss_first"], rel=1e-6)
