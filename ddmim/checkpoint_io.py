@@ -16,9 +16,18 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 TMP_MARK = ".tmp-"
+STEP_PREFIX = "step"  # recent checkpoints are named step<8 digits>.ckpt
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """Atomic writes; after each, only the `keep` newest `step*.ckpt` files stay. The pruning is by file name
+    rather than by Lightning's top-k bookkeeping, which forgets files a killed run wrote after the checkpoint
+    a resumed run starts from."""
+
+    def __init__(self, keep: int = 0):
+        super().__init__()
+        self.keep = keep
+
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +40,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        if self.keep > 0:
+            for old in sorted(path.parent.glob(f"{STEP_PREFIX}*.ckpt"))[:-self.keep]:
+                old.unlink(missing_ok=True)
 
 
 def loads(path: Path) -> bool:

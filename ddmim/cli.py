@@ -48,7 +48,7 @@ def _add_run(p, kind: str) -> None:
     p.add_argument("--num-nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="ddp: data-parallel, Lightning launching one process per device (or under torchrun / "
-                        "SLURM, which start them); ddp_spawn: the same, spawned")
+                        "SLURM, which start them)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward (falls back to eager with a message if it fails)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import yaml
 
-from ddmim.checkpoint_io import newest_checkpoint
+from ddmim.checkpoint_io import TMP_MARK, newest_checkpoint
 from ddmim.config import Config
 from ddmim.data import make_datamodule
 from ddmim.errors import UserError
@@ -41,6 +41,8 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
         if saved.get(section) != current[section]:
             raise UserError(f"--resume auto: {out} was made with preset '{saved.get('name')}' and a different "
                             f"'{section}' section than this run (preset '{cfg.name}')")
+    for stale in (out / "checkpoints").glob(f"*{TMP_MARK}*"):
+        stale.unlink()  # left by a writer that was killed; no writer runs while a run is being resumed
     return newest_checkpoint(out / "checkpoints")
 
 

@@ -13,7 +13,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
 from ddmim.callbacks import ThroughputReport, ValLossHistory
-from ddmim.checkpoint_io import AtomicCheckpointIO
+from ddmim.checkpoint_io import STEP_PREFIX, AtomicCheckpointIO
 from ddmim.errors import UserError
 
 # The EMA teacher is kept in eval mode on purpose (no drop-path noise in the target).
@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu")
-STRATEGIES = ("auto", "ddp", "ddp_spawn")
+STRATEGIES = ("auto", "ddp")  # ddp_spawn is left out: the spawned ranks' results never reach the summary
 
 
 @dataclass
@@ -90,8 +90,8 @@ def build_trainer(run_dir: Path, cfg, launch: Launch, *, monitor: tuple[str, str
     history = ValLossHistory()
     folder = run_dir / "checkpoints"
     every = {"every_n_train_steps": t.ckpt_every_steps} if getattr(t, "ckpt_every_steps", 0) else {"every_n_epochs": 1}
-    recent = ModelCheckpoint(dirpath=folder, filename="step{step:08d}", auto_insert_metric_name=False, monitor="step",
-                             mode="max", save_top_k=getattr(t, "keep_checkpoints", 3), save_last=True, **every)
+    recent = ModelCheckpoint(dirpath=folder, filename=STEP_PREFIX + "{step:08d}", auto_insert_metric_name=False,
+                             save_top_k=-1, save_last=True, **every)  # pruned by AtomicCheckpointIO
     best = ModelCheckpoint(dirpath=folder, filename=f"best-epoch{{epoch:03d}}-{monitor[0].replace('/', '_')}"
                            f"{{{monitor[0]}:.4f}}", auto_insert_metric_name=False, monitor=monitor[0],
                            mode=monitor[1], save_top_k=1)
@@ -100,9 +100,8 @@ def build_trainer(run_dir: Path, cfg, launch: Launch, *, monitor: tuple[str, str
         TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="", default_hp_metric=False),
     ]
     strategy = launch.strategy
-    if strategy in ("ddp", "ddp_spawn"):
-        strategy = DDPStrategy(start_method="spawn" if strategy == "ddp_spawn" else "popen",
-                               find_unused_parameters=find_unused_parameters)
+    if strategy == "ddp":
+        strategy = DDPStrategy(find_unused_parameters=find_unused_parameters)
     trainer = pl.Trainer(
         accelerator=launch.accelerator,
         devices=launch.devices,
@@ -118,7 +117,7 @@ def build_trainer(run_dir: Path, cfg, launch: Launch, *, monitor: tuple[str, str
         # buffers allocated during validation, which inference tensors forbid (the loader then hangs)
         inference_mode=False,
         callbacks=[throughput, history, recent, best, LearningRateMonitor(logging_interval="epoch")],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(keep=getattr(t, "keep_checkpoints", 3))],
         logger=loggers,
         enable_progress_bar=launch.progress_bar,
         enable_model_summary=False,

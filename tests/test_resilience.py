@@ -1,0 +1,145 @@
+"""Surviving faults: resume after SIGKILL (also during a checkpoint write), non-finite steps, reproducibility."""
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import QUIET_STEPS
+from ddmim.checkpoint_io import TMP_MARK, loads
+from ddmim.cli import main
+from ddmim.config import make_config
+from ddmim.module import DDMIMModule
+from ddmim.nonfinite import NonFiniteTraining
+from ddmim.pretrain import pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+PLANNED = 60
+
+
+def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ddmim", "train", "--data", str(data), "--preset", "tiny", "--out", str(out),
+            "--max-steps", str(PLANNED), "--no-progress", "--set", "train.ckpt_every_steps=4",
+            "--set", "train.keep_checkpoints=2", "--set", "data.num_workers=0", "--set", "train.report_every=0",
+            *extra]
+
+
+def _kill_when(proc: subprocess.Popen, condition, deadline_s: float = 240) -> bool:
+    deadline = time.time() + deadline_s
+    while proc.poll() is None and time.time() < deadline:
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    return False
+
+
+def test_sigkilled_runs_resume_to_the_planned_steps(sample_root, tmp_path):
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    rng = random.Random(0)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    kills = []
+    # 1: while a checkpoint is being written; 2 and 3: at random moments once training is under way
+    conditions = [lambda: any(TMP_MARK in p.name for p in ckpts.glob("*")),
+                  lambda t=time.time() + rng.uniform(0, 3): time.time() > t and ckpts.is_dir(),
+                  lambda: True]
+    for attempt, condition in enumerate(conditions):
+        cmd = _train_cmd(sample_root, out, *(["--resume", "auto"] if attempt else []))
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if attempt == 2:
+            start = time.time()
+            delay = rng.uniform(6, 12)  # some time after start-up, before the end
+            kills.append(_kill_when(proc, lambda: time.time() - start > delay))
+        else:
+            kills.append(_kill_when(proc, condition))
+        for path in ckpts.glob("*.ckpt"):  # nothing under a final name is ever half-written
+            assert loads(path), path
+    assert kills[0], "the first run was never caught writing a checkpoint"
+    done = subprocess.run(_train_cmd(sample_root, out, "--resume", "auto"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stdout
+    final = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == PLANNED
+    assert all(loads(p) for p in ckpts.glob("*.ckpt"))
+    assert not [p for p in ckpts.iterdir() if TMP_MARK in p.name]
+    assert len([p for p in ckpts.glob("step*.ckpt")]) <= 2  # keep_checkpoints
+
+
+def test_resume_refuses_a_run_of_another_preset(sample_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(out), "--max-steps", "1",
+                 "--epochs", "1", "--workers", "0", "--no-progress"]) == 0
+    code = main(["train", "--data", str(sample_root), "--preset", "tiny", "--set", "model.embed_dim=64",
+                 "--out", str(out), "--resume", "auto", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different 'model' section" in err
+    code = main(["train", "--data", str(sample_root), "--resume", "auto"])
+    assert code == 2 and "--resume auto needs --out" in capsys.readouterr().err
+
+
+class _Batches(pl.LightningDataModule):
+    def __init__(self, images):
+        super().__init__()
+        self.images = images
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.images, torch.zeros(len(self.images), dtype=torch.long)), batch_size=4)
+
+
+def _fit(images, max_bad_steps: int, steps: int, tmp_path):
+    cfg = make_config("tiny", [f"train.max_bad_steps={max_bad_steps}", "train.batch_size=4"])
+    module = DDMIMModule(cfg.to_dict())
+    before = {k: v.clone() for k, v in module.model.student.state_dict().items()}
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    return module, before, trainer
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path):
+    images = torch.randn(16, 3, 32, 32)
+    images[4:8, 0, 0, 0] = float("nan")  # the second batch of four
+    module, before, trainer = _fit(images, max_bad_steps=5, steps=4, tmp_path=tmp_path)
+    trainer.fit(module, datamodule=_Batches(images))
+    assert module.skipped_steps == 1
+    assert all(torch.isfinite(v).all() for v in module.model.student.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in module.model.student.state_dict().items())
+
+    nan_only = torch.full((8, 3, 32, 32), float("nan"))
+    module, before, trainer = _fit(nan_only, max_bad_steps=5, steps=2, tmp_path=tmp_path)
+    trainer.fit(module, datamodule=_Batches(nan_only))
+    assert module.skipped_steps == 2
+    assert all(torch.equal(before[k], v) for k, v in module.model.student.state_dict().items())
+
+
+def test_too_many_non_finite_steps_stop_training(tmp_path):
+    nan_only = torch.full((16, 3, 32, 32), float("nan"))
+    module, _, trainer = _fit(nan_only, max_bad_steps=3, steps=10, tmp_path=tmp_path)
+    with pytest.raises(NonFiniteTraining, match="stopped at step 2: 3 consecutive non-finite steps; last good checkpoint"):
+        trainer.fit(module, datamodule=_Batches(nan_only))
+
+
+def _train_losses(run: Path) -> list[float]:
+    rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def test_same_seed_gives_identical_first_twenty_losses(sample_root, tmp_path):
+    cfg = make_config("tiny", ["train.log_every=1", "data.num_workers=0", "train.epochs=1"])
+    for name in ("a", "b"):
+        pretrain(cfg, sample_root, tmp_path / name, QUIET_STEPS(20))
+    first, second = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
+    assert len(first) == 20 and first == second
