@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p, "pretrain")
     p.add_argument("--kernels", choices=KERNEL_CHOICES,
                    help="fused Triton kernels for the masks and losses (auto: on CUDA) or the PyTorch references")
+    p.add_argument("--benchmark", type=int, metavar="STEPS",
+                   help="instead of training: time STEPS steps on a synthetic batch already on the device (the "
+                        "model's ceiling) and STEPS with the real loader, and the loader alone; prints images/s, "
+                        "loader stall share and (on a known GPU) model FLOP utilisation; JSON in benchmarks/results/")
     p.add_argument("--resume", choices=["auto"],
                    help="auto: continue the run in --out from its newest checkpoint that loads (model, teacher, "
                         "optimiser, scheduler, step counters, RNG states); a run of another preset is refused")
@@ -140,6 +144,13 @@ def cmd_train(args) -> int:
     if data is None:
         data = build_sample_dataset(default_sample_root())
         print(f"using the built-in sample data set at {data}")
+    if args.benchmark is not None:
+        from ddmim.benchmark import format_benchmark, run_benchmark
+
+        if args.benchmark < 1:
+            raise UserError("--benchmark needs a positive number of steps")
+        print(format_benchmark(run_benchmark(cfg, data, args.benchmark, _launch(args), data_format=args.format)))
+        return 0
     if args.resume and args.out is None:
         raise UserError("--resume auto needs --out, the run folder to continue")
     summary = pretrain(cfg, data, _out(args, cfg.name), _launch(args), data_format=args.format,

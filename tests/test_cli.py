@@ -80,3 +80,18 @@ def test_triton_kernels_without_cuda(capsys, sample_root, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     code, err = _run(capsys, "--data", str(sample_root), "--preset", "tiny", "--kernels", "triton")
     assert code == 2 and "--kernels triton needs a CUDA device" in err
+
+
+def test_more_devices_than_gpus(monkeypatch):
+    from ddmim.errors import UserError
+    from ddmim.trainer import Launch, resolve_launch
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    with pytest.raises(UserError, match="--devices 2 asks for more GPUs than this machine has \\(1\\)"):
+        resolve_launch(Launch(accelerator="gpu", devices=2))
+
+
+def test_benchmark_needs_positive_steps(capsys, sample_root):
+    code, err = _run(capsys, "--data", str(sample_root), "--preset", "tiny", "--benchmark", "0")
+    assert code == 2 and "--benchmark needs a positive number" in err

@@ -36,3 +36,21 @@ def test_pretraining_runs_on_each_fast_format(converted, tmp_path):
         assert summary["steps"] == 48 // 8, backend
         assert len(summary["val_loss_history"]) == 2 and all(v == v for v in summary["val_loss_history"])
         assert summary["val_loss_last"] != pytest.approx(summary["val_loss_first"], rel=1e-6)
+
+
+def test_benchmark_mode_reports_each_part(sample_root, tmp_path, monkeypatch, capsys):
+    import ddmim.machine
+    from ddmim.cli import main
+
+    monkeypatch.setattr(ddmim.machine, "RESULTS", tmp_path)
+    monkeypatch.setattr("ddmim.benchmark.write_results",
+                        lambda name, payload: ddmim.machine.write_results(name, payload, folder=tmp_path))
+    assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--benchmark", "3", "--workers", "0",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "model only" in out and "end to end" in out and "loader alone" in out
+    saved = json.loads(next(tmp_path.glob("train-benchmark-*.json")).read_text())
+    for key in ("model_only_images_per_s", "end_to_end_images_per_s", "loader_images_per_s", "flops_per_step"):
+        assert saved[key] > 0, key
+    assert 0 <= saved["loader_stall_share"] < 1 and saved["machine"]["cpu_count"] >= 1
+    assert not list(tmp_path.glob("runs")), "a benchmark writes no run folder"
