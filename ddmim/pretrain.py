@@ -47,17 +47,16 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
 
 
 def run_folder(out: Path, cfg: Config, resume: bool) -> tuple[Path, Path | None]:
-    if os.environ.get(RUN_DIR_ENV) and is_launched_worker():
-        run_dir = Path(os.environ[RUN_DIR_ENV])
+    """The run folder and the checkpoint to start from. Only rank 0 checks and writes the folder; ranks that a
+    launcher started use rank 0's folder (handed over in the environment by Lightning's launcher, or the
+    same --out under torchrun and SLURM)."""
+    if is_launched_worker():
+        run_dir = Path(os.environ.get(RUN_DIR_ENV, out))
+        run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir, newest_checkpoint(run_dir / "checkpoints") if resume else None
-    if resume:
-        ckpt = resume_point(out, cfg)
-    elif is_launched_worker():
-        out.mkdir(parents=True, exist_ok=True)  # rank 0 of an external launcher (torchrun, SLURM) checks it
-        ckpt = None
-    else:
+    ckpt = resume_point(out, cfg) if resume else None
+    if not resume:
         prepare_run_dir(out)
-        ckpt = None
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.environ[RUN_DIR_ENV] = str(out.resolve())
     return out, ckpt
