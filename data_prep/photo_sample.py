@@ -9,15 +9,16 @@ content at ImageNet's typical size and compression, never noise.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
-import shutil
 import sys
-import tempfile
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from data_prep.staging import staged_folder
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")
 
@@ -50,21 +51,14 @@ def build_photo_dataset(dst: Path, n_train: int = 2000, n_val: int = 200, seed: 
     dst = Path(dst)
     if (dst / "train").is_dir() and (dst / "val").is_dir():
         return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".tmp-", dir=dst.parent))
-    try:
+    with staged_folder(dst) as tmp:
         jobs = []
         for split, count in (("train", n_train), ("val", n_val)):
             for name in PHOTOS:
                 (tmp / split / name).mkdir(parents=True)
             jobs += [(len(jobs) + i, split, PHOTOS[i % len(PHOTOS)]) for i in range(count)]
-        import multiprocessing as mp
-
         with mp.get_context("spawn").Pool(workers or os.cpu_count()) as pool:
             pool.map(partial(_make_one, dst=tmp, seed=seed), jobs, chunksize=32)
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 

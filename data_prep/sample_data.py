@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from data_prep.staging import staged_folder
 
 SIZE = 32
 VAL_EVERY = 5  # every 5th image of each class goes to val/: a 80/20 split stratified by class
@@ -32,10 +32,7 @@ def build_sample_dataset(dst: Path) -> Path:
     if (dst / "train").is_dir() and (dst / "val").is_dir():
         return dst
     digits = load_digits()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # written beside the destination and renamed at the end, so an interrupted build leaves no half set
-    tmp = Path(tempfile.mkdtemp(prefix=dst.name + ".tmp-", dir=dst.parent))
-    try:
+    with staged_folder(dst) as tmp:
         seen: dict[int, int] = {}
         for index, (image, label) in enumerate(zip(digits.images, digits.target)):
             label = int(label)
@@ -46,9 +43,6 @@ def build_sample_dataset(dst: Path) -> Path:
             folder = tmp / split / str(label)
             folder.mkdir(parents=True, exist_ok=True)
             rgb.save(folder / f"{index:04d}.png")
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 
