@@ -41,7 +41,7 @@ def _add_run(p, kind: str) -> None:
     p.add_argument("--out", type=Path, help="run folder for config, logs, checkpoints and summary "
                    "(default runs/<preset>-<time>); must not exist or be empty")
     p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="auto: CUDA when available")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16-mixed on CUDA, 32 on the CPU")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16-mixed on CUDA (16-mixed on GPUs without bf16), 32 on the CPU")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format for input batches and the convolutions")
     p.add_argument("--devices", type=int, default=1, help="GPUs per node (or CPU processes, gloo) (default 1)")

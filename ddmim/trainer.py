@@ -55,7 +55,7 @@ def resolve_launch(launch: Launch) -> Launch:
         raise UserError(f"--devices {launch.devices} asks for more GPUs than this machine has "
                         f"({torch.cuda.device_count()})")
     if precision == "auto":
-        precision = "bf16-mixed" if accelerator == "gpu" else "32"
+        precision = "32" if accelerator != "gpu" else ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed")
     if precision == "16-mixed" and accelerator != "gpu":
         raise UserError("--precision 16-mixed needs a CUDA device; use 32 or bf16-mixed on the CPU")
     if precision == "bf16-mixed" and accelerator == "gpu" and not torch.cuda.is_bf16_supported():

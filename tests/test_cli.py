@@ -95,3 +95,14 @@ def test_more_devices_than_gpus(monkeypatch):
 def test_benchmark_needs_positive_steps(capsys, sample_root):
     code, err = _run(capsys, "--data", str(sample_root), "--preset", "tiny", "--benchmark", "0")
     assert code == 2 and "--benchmark needs a positive number" in err
+
+
+def test_bf16_on_a_gpu_without_it(monkeypatch):
+    from ddmim.errors import UserError
+    from ddmim.trainer import Launch, resolve_launch
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(UserError, match="this GPU does not support bf16"):
+        resolve_launch(Launch(accelerator="gpu", precision="bf16-mixed"))
