@@ -39,7 +39,8 @@ def prepare(cache: Path, max_resolution: int, workers: int) -> tuple[dict[str, P
     paths = {"folder": photos, "ffcv": cache / f"ffcv-{max_resolution}", "dali": cache / f"dali-{max_resolution}"}
     options = ["--max-resolution", str(max_resolution), "--workers", str(workers), "--splits", "train"]
     converter_rates = {}
-    for name, module, done in (("ffcv", to_ffcv, paths["ffcv"] / "train.beton"), ("dali", to_dali, paths["dali"] / "train")):
+    outputs = (("ffcv", to_ffcv, paths["ffcv"] / "train.beton"), ("dali", to_dali, paths["dali"] / "train"))
+    for name, module, done in outputs:
         if not done.exists():
             start = time.perf_counter()
             module.main([str(photos), str(paths[name]), *options])
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             timed = [epoch(loader, device) for _ in range(args.epochs)]
             rates = [n / s for s, n, _ in timed]
             rows.append({"loader": name, "size": size, "batch": args.batch, "workers": args.workers,
-                         "first_epoch_s": startup_s, "images_per_epoch": timed[0][1], "epoch_s": [s for s, _, _ in timed],
+                         "first_epoch_s": startup_s, "images_per_epoch": timed[0][1],
+                         "epoch_s": [s for s, _, _ in timed],
                          "images_per_s": statistics.median(rates), "batch_shape": shape[0], "dtype": shape[1]})
             del loader
         base = next(r["images_per_s"] for r in rows if r["loader"] == "folder" and r["size"] == size)

@@ -8,7 +8,8 @@ from typing import Callable
 from ddmim.machine import write_results  # noqa: F401 - re-exported for the scripts
 
 
-def median_seconds(fn: Callable[[], None], *, warmup: int, repeats: int, sync: Callable[[], None]) -> tuple[float, list[float]]:
+def median_seconds(fn: Callable[[], None], *, warmup: int, repeats: int,
+                   sync: Callable[[], None]) -> tuple[float, list[float]]:
     """Median wall time of `fn` over `repeats` calls after `warmup` calls; `sync` waits for queued device work."""
     for _ in range(warmup):
         fn()

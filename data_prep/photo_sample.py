@@ -46,7 +46,8 @@ def _make_one(job: tuple[int, str, str], dst: Path, seed: int) -> None:
     crop.save(dst / split / name / f"{index:06d}.JPEG", quality=90)
 
 
-def build_photo_dataset(dst: Path, n_train: int = 2000, n_val: int = 200, seed: int = 0, workers: int | None = None) -> Path:
+def build_photo_dataset(dst: Path, n_train: int = 2000, n_val: int = 200, seed: int = 0,
+                        workers: int | None = None) -> Path:
     """Writes DST/{train,val}/<photo>/*.JPEG once; an existing complete set is reused."""
     dst = Path(dst)
     if (dst / "train").is_dir() and (dst / "val").is_dir():

@@ -21,8 +21,20 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_prep.scan import (ConversionError, Timer, add_common_options, check_common_options, load_rgb, pool_map,
-                            publish, refuse_existing, run_cli, scan, temp_path, write_report)
+from data_prep.scan import (
+    ConversionError,
+    Timer,
+    add_common_options,
+    check_common_options,
+    load_rgb,
+    pool_map,
+    publish,
+    refuse_existing,
+    run_cli,
+    scan,
+    temp_path,
+    write_report,
+)
 
 
 def jpeg_bytes(item: tuple[str, int], max_resolution: int, quality: int) -> bytes:

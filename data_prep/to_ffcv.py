@@ -14,8 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.scan import (ConversionError, Timer, add_common_options, check_common_options, load_rgb, publish,
-                            refuse_existing, run_cli, scan, temp_path, write_report)
+from data_prep.scan import (
+    ConversionError,
+    Timer,
+    add_common_options,
+    check_common_options,
+    load_rgb,
+    publish,
+    refuse_existing,
+    run_cli,
+    scan,
+    temp_path,
+    write_report,
+)
 
 
 class ValidatedImages:

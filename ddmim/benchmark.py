@@ -86,7 +86,8 @@ def run_benchmark(cfg: Config, data_root: Path, steps: int, launch: Launch | Non
         trainer = _trainer(launch, total, folder, ceiling)
         device = trainer.strategy.root_device
         size, batch = cfg.model.img_size, cfg.train.batch_size
-        synthetic = (torch.randn(batch, 3, size, size, device=device), torch.zeros(batch, dtype=torch.long, device=device))
+        synthetic = (torch.randn(batch, 3, size, size, device=device),
+                     torch.zeros(batch, dtype=torch.long, device=device))
         loader_images_per_s = loader_rate(datamodule, trainer, steps)
         trainer.fit(module, train_dataloaders=OnDevice(synthetic, total))
         flops = step_flops(module.to(device), synthetic)

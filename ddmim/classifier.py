@@ -17,7 +17,8 @@ from ddmim.config import ModelConfig
 from ddmim.errors import UserError
 
 
-def build_classifier(model: ModelConfig, num_classes: int, head_kind: str, hidden: int, drop_path: float) -> SwinTransformerV2:
+def build_classifier(model: ModelConfig, num_classes: int, head_kind: str, hidden: int,
+                     drop_path: float) -> SwinTransformerV2:
     cfg = dataclasses.replace(model, drop_path_rate=drop_path)
     if head_kind == "linear":
         return build_swin(dataclasses.replace(cfg, embed_out=num_classes))

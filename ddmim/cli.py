@@ -37,11 +37,13 @@ def _add_run(p, kind: str) -> None:
     p.add_argument("--lr", type=float, help="shortcut for --set optim.lr=X")
     p.add_argument("--workers", type=int, help="loader worker processes; shortcut for --set data.num_workers=N")
     p.add_argument("--seed", type=int, help="shortcut for --set train.seed=N")
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (default: all epochs)")
+    p.add_argument("--max-steps", type=int, default=-1,
+                   help="stop after this many optimiser steps (default: all epochs)")
     p.add_argument("--out", type=Path, help="run folder for config, logs, checkpoints and summary "
                    "(default runs/<preset>-<time>); must not exist or be empty")
     p.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="auto: CUDA when available")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16-mixed on CUDA (16-mixed on GPUs without bf16), 32 on the CPU")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16-mixed on CUDA (16-mixed on GPUs without bf16), 32 on the CPU")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format for input batches and the convolutions")
     p.add_argument("--devices", type=int, default=1, help="GPUs per node (or CPU processes, gloo) (default 1)")
@@ -92,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: continue the run in --out from its newest checkpoint that loads (model, teacher, "
                         "optimiser, scheduler, step counters, RNG states); a run of another preset is refused")
 
-    p = sub.add_parser("finetune", help="fine-tune a pretrained backbone (or train from scratch) and report top-1/top-5",
+    p = sub.add_parser("finetune",
+                       help="fine-tune a pretrained backbone (or train from scratch) and report top-1/top-5",
                        description="Fine-tune on labelled data. Without --ckpt the backbone starts from random "
                                    "weights (the supervised baseline). Presets: seed (the seed's BN+MLP head, StepLR), "
                                    "mim (linear head, layer decay, warmup+cosine, mixup/cutmix, label smoothing, "

@@ -67,7 +67,9 @@ def evaluate_backbone(method: str, net, cfg, data: Path, *, data_format: str = "
     val_f, val_y = extract(net, eval_batches(data, cfg, "val", data_format), dev)
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     if method == "knn":
-        top1 = 100.0 * (knn_predict(train_f, train_y, val_f, num_classes, k, temperature) == val_y).float().mean().item()
+        predicted = knn_predict(train_f, train_y, val_f, num_classes, k, temperature)
+        top1 = 100.0 * (predicted == val_y).float().mean().item()
     else:
         top1 = linear_probe(train_f, train_y, val_f, val_y, num_classes, epochs=epochs, seed=cfg.train.seed)
-    return {"method": method, "top1": top1, "train_images": len(train_y), "val_images": len(val_y), "feature_dim": train_f.shape[1]}
+    return {"method": method, "top1": top1, "train_images": len(train_y), "val_images": len(val_y),
+            "feature_dim": train_f.shape[1]}

@@ -24,8 +24,8 @@ from ddmim.data import make_datamodule
 from ddmim.data.batch_augment import BatchRandAugment
 from ddmim.errors import UserError
 from ddmim.finetune_config import FinetuneConfig, finetune_config_from_dict
-from ddmim.pretrain import prepare_run_dir
 from ddmim.nonfinite import NonFiniteGuard
+from ddmim.pretrain import prepare_run_dir
 from ddmim.trainer import Launch, build_trainer, resolve_launch
 
 

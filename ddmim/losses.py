@@ -37,12 +37,14 @@ def reconstruction_loss(
     raise ValueError(f"normalize must be 'all' or 'masked', got {normalize!r}")
 
 
-def perceptual_losses(student: list[torch.Tensor], teacher: list[torch.Tensor], *, beta: float = 1.0) -> list[torch.Tensor]:
+def perceptual_losses(student: list[torch.Tensor], teacher: list[torch.Tensor], *,
+                      beta: float = 1.0) -> list[torch.Tensor]:
     """One smooth-L1 (mean) term per stage between student and (detached) teacher stage outputs."""
     return [F.smooth_l1_loss(s.float(), t.detach().float(), beta=beta) for s, t in zip(student, teacher)]
 
 
-def info_nce(z_s: torch.Tensor, z_t: torch.Tensor, *, tau: float, offset: int = 0, seed_quirk: bool = False) -> torch.Tensor:
+def info_nce(z_s: torch.Tensor, z_t: torch.Tensor, *, tau: float, offset: int = 0,
+             seed_quirk: bool = False) -> torch.Tensor:
     """InfoNCE of student embeddings (B, D) against teacher embeddings (N, D), N >= B.
 
     Logits are cosine similarities / tau; the positive of student row i is teacher row offset + i

@@ -15,7 +15,6 @@ from ddmim.losses import perceptual_losses, reconstruction_loss
 from ddmim.masking import base_token_mask, stage_masks
 
 
-
 def check_kernels(choice: str) -> None:
     """Refuses at start-up a choice this machine cannot run."""
     if choice == "triton":

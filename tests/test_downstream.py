@@ -7,14 +7,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddmim.backbones import headless, load_backbone, pooled_features
 from ddmim.backbone import build_swin
+from ddmim.backbones import headless, load_backbone, pooled_features
 from ddmim.checkpoints import load_pretraining
 from ddmim.classifier import build_classifier, load_encoder_weights
 from ddmim.cli import main
 from ddmim.config import make_config
 from ddmim.evaluate import evaluate_backbone, knn_predict
-from ddmim.export import export_backbone, timm_kwargs, TIMM_NAME
+from ddmim.export import TIMM_NAME, export_backbone, timm_kwargs
 from ddmim.finetune import make_optimizer, make_scheduler
 from ddmim.finetune_config import make_finetune_config
 from ddmim.visualize import PANELS, visualize

@@ -61,7 +61,9 @@ def test_reference_exact_count():
 
 
 def test_same_seed_same_mask_and_different_offsets_or_seeds_differ():
-    draw = lambda seed, offset: fused_masks(4, 16, [0.5, 0.5], seed=seed, offset=offset, device=DEVICE)[0]
+    def draw(seed, offset):
+        return fused_masks(4, 16, [0.5, 0.5], seed=seed, offset=offset, device=DEVICE)[0]
+
     assert torch.equal(draw(7, 0), draw(7, 0))
     assert not torch.equal(draw(7, 0), draw(7, 4 * 16 * 16))
     assert not torch.equal(draw(7, 0), draw(8, 0))

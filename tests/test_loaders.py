@@ -55,8 +55,10 @@ def test_round_trip_every_image_once_with_its_label(backend, converted, cfg):
 
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
 def test_training_loader_drops_the_last_partial_batch_and_shuffles(backend, converted, cfg):
-    batches = (ffcv_batches if backend == "ffcv" else dali_batches)(converted, cfg, train=True,
-                                                                    **({"drop_last": True} if backend == "ffcv" else {}))
+    if backend == "ffcv":
+        batches = ffcv_batches(converted, cfg, train=True, drop_last=True)
+    else:
+        batches = dali_batches(converted, cfg, train=True)
     assert len(batches) == N_TRAIN // cfg.train.batch_size
     assert all(x.shape == (5, 3, 32, 32) for x, _ in batches)
     labels = [int(y) for _, ys in batches for y in ys]

@@ -128,7 +128,8 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
 def test_too_many_non_finite_steps_stop_training(tmp_path):
     nan_only = torch.full((16, 3, 32, 32), float("nan"))
     module, _, trainer = _fit(nan_only, max_bad_steps=3, steps=10, tmp_path=tmp_path)
-    with pytest.raises(NonFiniteTraining, match="stopped at step 2: 3 consecutive non-finite steps; last good checkpoint"):
+    message = "stopped at step 2: 3 consecutive non-finite steps; last good checkpoint"
+    with pytest.raises(NonFiniteTraining, match=message):
         trainer.fit(module, datamodule=_Batches(nan_only))
 
 

@@ -16,6 +16,7 @@ from ddmim.config import Config
 from ddmim.data import read_class_count
 from ddmim.errors import UserError
 
+
 def open_beton(path: Path) -> int:
     """Number of samples in a .beton; a clear error for a missing file or another format."""
     from ffcv.reader import Reader
