@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 from tqdm import tqdm
@@ -176,6 +177,29 @@ def write_report(dst: Path, classes: list[str], scans: list[SplitScan], written_
     per_split = ", ".join(f"{s.name} {len(s.samples)}" for s in scans)
     print(f"{backend}: wrote {written} images ({per_split}), skipped {len(skipped)} (see {dst / 'skipped.tsv'}), "
           f"{written_bytes / 2**20:.1f} MiB, {written / max(seconds, 1e-9):.0f} images/s")
+
+
+def convert(args: argparse.Namespace, backend: str, final_for: Callable[[str], Path],
+            write: Callable[[Path, list], int]) -> None:
+    """The converters' common run: refuse finished outputs, scan and validate, then per split write to a
+    temporary name (`write` returns the bytes written) and rename it into place; finally the report."""
+    refuse_existing([final_for(s) for s in args.splits], args.overwrite)
+    args.dst.mkdir(parents=True, exist_ok=True)
+    with Timer() as timer:
+        classes, scans = scan(args.src, args.splits, args.subset, args.workers)
+        written = 0
+        for split in scans:
+            final = final_for(split.name)
+            tmp = temp_path(final)
+            try:
+                written += write(tmp, split.samples)
+                publish(tmp, final)
+            finally:
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
+    write_report(args.dst, classes, scans, written, timer.seconds, backend)
 
 
 def run_cli(main_fn, argv=None) -> int:

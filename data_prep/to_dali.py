@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import shutil
 import struct
 import sys
 import tarfile
@@ -23,17 +22,12 @@ from PIL import Image
 
 from data_prep.scan import (
     ConversionError,
-    Timer,
     add_common_options,
     check_common_options,
+    convert,
     load_rgb,
     pool_map,
-    publish,
-    refuse_existing,
     run_cli,
-    scan,
-    temp_path,
-    write_report,
 )
 
 
@@ -91,20 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shard_size < 1 or args.shard_max_mb < 1:
         raise ConversionError("--shard-size and --shard-max-mb must be at least 1")
 
-    refuse_existing([args.dst / s for s in args.splits], args.overwrite)
-    args.dst.mkdir(parents=True, exist_ok=True)
-    with Timer() as timer:
-        classes, scans = scan(args.src, args.splits, args.subset, args.workers)
-        written = 0
-        for split in scans:
-            final = args.dst / split.name
-            tmp = temp_path(final)
-            try:
-                written += write_shards(tmp, split.samples, args)
-                publish(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    write_report(args.dst, classes, scans, written, timer.seconds, "dali")
+    convert(args, "dali", lambda split: args.dst / split, lambda tmp, samples: write_shards(tmp, samples, args))
     return 0
 
 

@@ -16,16 +16,11 @@ import numpy as np
 
 from data_prep.scan import (
     ConversionError,
-    Timer,
     add_common_options,
     check_common_options,
+    convert,
     load_rgb,
-    publish,
-    refuse_existing,
     run_cli,
-    scan,
-    temp_path,
-    write_report,
 )
 
 
@@ -74,21 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_mode == "smart" and args.smart_threshold is None:
         args.smart_threshold = args.max_resolution * args.max_resolution * 3 // 2
 
-    refuse_existing([args.dst / f"{s}.beton" for s in args.splits], args.overwrite)
-    args.dst.mkdir(parents=True, exist_ok=True)
-    with Timer() as timer:
-        classes, scans = scan(args.src, args.splits, args.subset, args.workers)
-        written = 0
-        for split in scans:
-            final = args.dst / f"{split.name}.beton"
-            tmp = temp_path(final)
-            try:
-                write_beton(tmp, split.samples, args)
-                written += tmp.stat().st_size
-                publish(tmp, final)
-            finally:
-                tmp.unlink(missing_ok=True)
-    write_report(args.dst, classes, scans, written, timer.seconds, "ffcv")
+    def write(tmp: Path, samples) -> int:
+        write_beton(tmp, samples, args)
+        return tmp.stat().st_size
+
+    convert(args, "ffcv", lambda split: args.dst / f"{split}.beton", write)
     return 0
 
 
