@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ddmim.callbacks import ThroughputReport
 from ddmim.config import Config
 from ddmim.data import make_datamodule
+from ddmim.flops import step_flops
 from ddmim.machine import peak_flops, write_results
 from ddmim.module import DDMIMModule
 from ddmim.trainer import Launch, resolve_launch
@@ -44,16 +44,6 @@ def _trainer(launch: Launch, steps: int, folder: Path, throughput: ThroughputRep
                       limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[throughput], default_root_dir=folder,
                       inference_mode=False)
-
-
-def step_flops(module: DDMIMModule, batch) -> float:
-    """FLOPs of one forward + backward, counted by PyTorch's FLOP counter."""
-    images = batch[0]
-    base, masks = module.model.draw_masks(len(images), device=images.device)
-    with FlopCounterMode(display=False) as counter:
-        module.model(images, base, masks)["loss"].backward()
-    module.model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
 
 
 def loader_rate(datamodule, trainer: pl.Trainer, steps: int) -> float:
@@ -90,7 +80,7 @@ def run_benchmark(cfg: Config, data_root: Path, steps: int, launch: Launch | Non
                      torch.zeros(batch, dtype=torch.long, device=device))
         loader_images_per_s = loader_rate(datamodule, trainer, steps)
         trainer.fit(module, train_dataloaders=OnDevice(synthetic, total))
-        flops = step_flops(module.to(device), synthetic)
+        flops = step_flops(module.model.to(device), synthetic[0])
         module = DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last)
         _trainer(launch, total, folder, real).fit(module, datamodule=datamodule)
     peak = peak_flops()

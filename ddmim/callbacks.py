@@ -7,6 +7,8 @@ import time
 import pytorch_lightning as pl
 import torch
 
+from ddmim.machine import peak_flops
+
 
 class ThroughputReport(pl.Callback):
     """Images/s of training steps (per device and in total) and the share of time spent waiting for data.
@@ -25,6 +27,7 @@ class ThroughputReport(pl.Callback):
         self.step_s = 0.0
         self._mark = 0.0
         self._window = (0, 0.0, 0.0)  # images, wait, step at the previous report
+        self.flops_per_image: float | None = None
 
     def _sync(self, trainer: pl.Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -50,6 +53,11 @@ class ThroughputReport(pl.Callback):
         if self.report_every and trainer.global_step % self.report_every == 0 and self.images:
             self._report(trainer, pl_module)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # counted once, so every report can give achieved FLOP/s and, on a known GPU, model FLOP utilisation
+        count = getattr(pl_module, "flops_per_image", None)
+        self.flops_per_image = count() if self.report_every and count is not None else None
+
     def _report(self, trainer, pl_module) -> None:
         images, wait, step = self._window
         d_images, d_wait, d_step = self.images - images, self.wait_s - wait, self.step_s - step
@@ -59,10 +67,18 @@ class ThroughputReport(pl.Callback):
         per_device = d_images / (d_wait + d_step)
         stats = {"perf/images_per_s_device": per_device, "perf/images_per_s": per_device * trainer.world_size,
                  "perf/data_wait_share": d_wait / (d_wait + d_step), "perf/peak_memory_gib": peak_memory_gib(trainer)}
+        line = (f"step {trainer.global_step}: {stats['perf/images_per_s']:.1f} images/s ({per_device:.1f} per device), "
+                f"data wait {100 * stats['perf/data_wait_share']:.1f}%, peak memory "
+                f"{stats['perf/peak_memory_gib']:.2f} GiB")
+        if self.flops_per_image:
+            stats["perf/tflops_device"] = self.flops_per_image * per_device / 1e12
+            line += f", {stats['perf/tflops_device']:.3f} TFLOP/s per device"
+            peak = peak_flops() if trainer.strategy.root_device.type == "cuda" else None
+            if peak:
+                stats["perf/mfu"] = stats["perf/tflops_device"] * 1e12 / peak
+                line += f" (MFU {100 * stats['perf/mfu']:.1f}%)"
         pl_module.log_dict(stats, rank_zero_only=True)
-        pl_module.print(f"step {trainer.global_step}: {stats['perf/images_per_s']:.1f} images/s "
-                        f"({per_device:.1f} per device), data wait {100 * stats['perf/data_wait_share']:.1f}%, "
-                        f"peak memory {stats['perf/peak_memory_gib']:.2f} GiB")
+        pl_module.print(line)
 
     @property
     def images_per_s(self) -> float:

@@ -42,6 +42,12 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         if "rng" in checkpoint:
             restore_rng_state(checkpoint["rng"])
 
+    def flops_per_image(self) -> float:
+        """FLOPs of one training image (forward and backward), for the throughput reports."""
+        from ddmim.flops import flops_per_image
+
+        return flops_per_image(self.model, self.device)
+
     @property
     def global_batch(self) -> int:
         world = self.trainer.world_size if self._trainer is not None else 1

@@ -54,3 +54,17 @@ def test_benchmark_mode_reports_each_part(sample_root, tmp_path, monkeypatch, ca
         assert saved[key] > 0, key
     assert 0 <= saved["loader_stall_share"] < 1 and saved["machine"]["cpu_count"] >= 1
     assert not list(tmp_path.glob("runs")), "a benchmark writes no run folder"
+
+
+def test_throughput_reports_give_images_memory_and_flops(sample_root, tmp_path, capsys):
+    import csv
+
+    cfg = make_config("tiny", ["train.report_every=5", "train.log_every=1", "data.num_workers=0", "train.epochs=1"])
+    pretrain(cfg, sample_root, tmp_path / "run", Launch(max_steps=20, progress_bar=False))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 10", "step 15", "step 20"]  # 5 warm-up steps first
+    assert all("images/s" in line and "data wait" in line and "peak memory" in line and "TFLOP/s" in line
+               for line in lines)
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")) if r.get("perf/tflops_device")]
+    assert all(float(r["perf/tflops_device"]) > 0 and float(r["perf/images_per_s"]) > 0 for r in rows)
+    assert len({r["perf/tflops_device"] for r in rows}) == 3  # one measurement per report
