@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from ddmim.checkpoints import read_checkpoint
+from ddmim.errors import UserError
+
 TMP_MARK = ".tmp-"
 STEP_PREFIX = "step"  # recent checkpoints are named step<8 digits>.ckpt
 
@@ -47,9 +50,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def loads(path: Path) -> bool:
     try:
-        torch.load(path, map_location="cpu", weights_only=False)
+        read_checkpoint(path)
         return True
-    except Exception:  # a checkpoint that does not load is not one to resume from
+    except UserError:  # a checkpoint that does not load is not one to resume from
         return False
 
 

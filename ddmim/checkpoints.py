@@ -28,15 +28,20 @@ def checkpoint_kind(ckpt: dict[str, Any]) -> str | None:
     return ckpt.get(KIND_KEY) if isinstance(ckpt, dict) else None
 
 
-def load_pretraining(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The pretraining config and the student encoder's weights (timm SwinTransformerV2 keys)."""
+def read_pretraining(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The pretraining config and the whole state dict of a checkpoint written by `ddmim train`."""
     ckpt = read_checkpoint(path)
     kind = checkpoint_kind(ckpt)
     if kind != "pretrain":
         found = f"a {kind} checkpoint" if kind else "not a ddmim checkpoint"
         raise UserError(f"checkpoint {path} is {found}; a pretraining checkpoint (from ddmim train) is needed")
-    cfg = config_from_dict(ckpt["hyper_parameters"]["config"])
-    state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
+    return config_from_dict(ckpt["hyper_parameters"]["config"]), ckpt["state_dict"]
+
+
+def load_pretraining(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The pretraining config and the student encoder's weights (timm SwinTransformerV2 keys)."""
+    cfg, full = read_pretraining(path)
+    state = {k[len(STUDENT_PREFIX):]: v for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
     if not state:
         raise UserError(f"checkpoint {path} holds no student encoder weights")
     return cfg, state

@@ -6,19 +6,18 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from ddmim.checkpoints import load_pretraining
+from ddmim.checkpoints import read_pretraining
 from ddmim.data import eval_batches
 from ddmim.losses import reconstruction_loss
-from ddmim.masking import pixel_mask
+from ddmim.masking import pixel_mask, stage_masks
 from ddmim.model import DDMIM
 
 PANELS = ("original", "masked input", "reconstruction", "reconstruction in the masked pixels")
 
 
 def load_model(ckpt: Path) -> DDMIM:
-    cfg, _ = load_pretraining(ckpt)
+    cfg, state = read_pretraining(ckpt)  # one read of the file for config and weights
     model = DDMIM(cfg)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
     return model.eval()
 
@@ -26,7 +25,7 @@ def load_model(ckpt: Path) -> DDMIM:
 @torch.no_grad()
 def reconstruct(model: DDMIM, images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     tokens = model.student.embed(images)
-    masks = [base[:, :: 2**i, :: 2**i] if r > 0 else None for i, r in enumerate(model.cfg.mask.ratios)]
+    masks = stage_masks(base, model.cfg.mask.ratios)
     last = model.student.forward_stages(tokens, masks)[-1]
     return model.decoder(model.student.norm(last))
 
