@@ -4,41 +4,61 @@
 
 DST/<split>/shard-NNNNNN.tar holds, per image, `KEY.jpg` (an RGB JPEG) and `KEY.cls` (the label as one
 little-endian int32: DALI's webdataset reader types it directly, where a text label would arrive as ASCII
-bytes). Beside each shard, shard-NNNNNN.idx is its index in DALI's wds2idx format. JPEGs that are already
-RGB and within --max-resolution are stored byte for byte; everything else is converted and re-encoded.
-A split is built in a temporary folder and renamed into place when complete.
+bytes). Beside each shard, shard-NNNNNN.idx is its index in DALI's wds2idx format.
+
+The train samples are shuffled once (seeded by --seed) before they are cut into shards: DALI's reader
+shuffles only within a buffer of a few thousand samples, so shards written class after class would give
+batches of one or two classes. Val keeps the source order (class by class), which evaluation reads as is.
+Each image is decoded once, in a worker process: a file that does not decode is skipped and listed in
+DST/skipped.tsv; an RGB JPEG within --max-resolution is stored byte for byte.
+
+A split is built in DST/.<split>.partial/, shard by shard, and renamed into place when complete. A killed
+conversion resumes from its last complete shard when run again with the same options.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
+import os
+import random
+import shutil
 import struct
 import sys
 import tarfile
 from functools import partial
 from pathlib import Path
 
-from PIL import Image
-
-from data_prep.scan import (
+from data_prep.conversion import (
     ConversionError,
+    SplitResult,
     add_common_options,
     check_common_options,
+    clear_stale,
     convert,
-    load_rgb,
-    pool_map,
+    make_pool,
+    owner_alive,
+    owner_tag,
+    pool_imap,
+    publish,
     run_cli,
+    write_text_atomic,
 )
+from data_prep.images import BadImage, jpeg_bytes
+
+MANIFEST = "conversion.json"  # in DST/<split>/: how the shards were written (the loaders read "shuffled")
+PLAN = "plan.json"
+OWNER = "owner"
 
 
-def jpeg_bytes(item: tuple[str, int], max_resolution: int, quality: int) -> bytes:
-    path, _ = item
-    with Image.open(path) as img:
-        if img.format == "JPEG" and img.mode == "RGB" and max(img.size) <= max_resolution:
-            return Path(path).read_bytes()
-    buffer = io.BytesIO()
-    load_rgb(path, max_resolution).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+def encode(item: tuple[str, int], max_resolution: int, quality: int) -> tuple[bytes | None, str | None]:
+    try:
+        return jpeg_bytes(item[0], max_resolution, quality), None
+    except BadImage as exc:
+        return None, str(exc)
+    except OSError as exc:  # unreadable file (permissions, vanished): skipped like an undecodable one
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -47,45 +67,102 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(folder: Path, samples, args) -> int:
-    """Writes the shards and their indexes into `folder`; returns the bytes written."""
+def write_shard(path: Path, first_key: int, samples, encoded) -> tuple[int, list[tuple[str, str]]]:
+    """One shard and its index, each complete or absent; returns (samples written, skipped)."""
     from wds2idx import IndexCreator  # shipped with DALI: its own index format, written by its own tool
 
-    folder.mkdir(parents=True)
-    encode = partial(jpeg_bytes, max_resolution=args.max_resolution, quality=args.jpeg_quality)
-    shard, tar, shard_bytes, total = -1, None, 0, 0
-    paths = []
-    for index, ((_, label), data) in enumerate(zip(samples, pool_map(encode, samples, args.workers, "encoding"))):
-        if tar is None or index % args.shard_size == 0 or shard_bytes > args.shard_max_mb * 2**20:
-            if tar is not None:
-                tar.close()
-            shard += 1
-            paths.append(folder / f"shard-{shard:06d}.tar")
-            tar, shard_bytes = tarfile.open(paths[-1], "w", format=tarfile.USTAR_FORMAT), 0
-        key = f"{index:09d}"
-        _add(tar, f"{key}.jpg", data)
-        _add(tar, f"{key}.cls", struct.pack("<i", label))
-        shard_bytes += len(data) + 1024
-    tar.close()
-    for path in paths:
-        with IndexCreator(str(path), str(path.with_suffix(".idx")), verbose=False) as creator:
+    index = path.with_suffix(".idx")
+    tmp, index_tmp = path.with_name(f".{path.name}.tmp"), index.with_name(f".{index.name}.tmp")
+    written, skipped = 0, []
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for offset, ((source, label), (data, reason)) in enumerate(zip(samples, encoded)):
+                if data is None:
+                    skipped.append((source, reason))
+                    continue
+                key = f"{first_key + offset:09d}"  # the position in the shuffled plan: unique, stable on resume
+                _add(tar, f"{key}.jpg", data)
+                _add(tar, f"{key}.cls", struct.pack("<i", label))
+                written += 1
+        with IndexCreator(str(tmp), str(index_tmp), verbose=False) as creator:
             creator.create_index()
-        total += path.stat().st_size
-    return total
+        os.replace(index_tmp, index)
+        os.replace(tmp, path)  # the tar last: a shard counts as done once its tar exists
+    finally:
+        tmp.unlink(missing_ok=True)
+        index_tmp.unlink(missing_ok=True)
+    return written, skipped
+
+
+def open_partial(final: Path, plan: dict, overwrite: bool) -> Path:
+    """The split's work folder: a killed run's one is resumed when its plan is this one."""
+    partial_dir = final.with_name(f".{final.name}.partial")
+    clear_stale(final)  # temporaries of the older, pid-named layout
+    if partial_dir.is_dir():
+        owner = (partial_dir / OWNER).read_text().strip() if (partial_dir / OWNER).is_file() else ""
+        if owner and owner_alive(owner):
+            raise ConversionError(f"another conversion (process {owner}) is writing {partial_dir}")
+        old = json.loads((partial_dir / PLAN).read_text()) if (partial_dir / PLAN).is_file() else None
+        if old != plan:
+            if not overwrite:
+                raise ConversionError(f"{partial_dir} holds a killed conversion made with other options or sources; "
+                                      "rerun it with the same options to resume, or pass --overwrite to start over")
+            shutil.rmtree(partial_dir)
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    (partial_dir / OWNER).write_text(owner_tag())
+    write_text_atomic(partial_dir / PLAN, json.dumps(plan))
+    return partial_dir
+
+
+def write_split(split: str, files: list, final: Path, args, pool) -> SplitResult:
+    order = list(files)
+    if split == "train":
+        random.Random(args.seed).shuffle(order)
+    shards = [order[i:i + args.shard_size] for i in range(0, len(order), args.shard_size)]
+    plan = {"files": hashlib.sha256(json.dumps(order).encode()).hexdigest(), "shard_size": args.shard_size,
+            "max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality, "seed": args.seed}
+    work = open_partial(final, plan, args.overwrite)
+    done = [i for i in range(len(shards)) if (work / f"shard-{i:06d}.tar").is_file()]
+    if done:
+        print(f"{split}: resuming a killed conversion, {len(done)} of {len(shards)} shards already written",
+              file=sys.stderr)
+    encoder = partial(encode, max_resolution=args.max_resolution, quality=args.jpeg_quality)
+    result = SplitResult(split)
+    for number, samples in enumerate(shards):
+        path = work / f"shard-{number:06d}.tar"
+        report = work / f"shard-{number:06d}.json"
+        if number not in done:
+            encoded = pool_imap(encoder, samples, args.workers, f"{split} shard {number + 1}/{len(shards)}", pool)
+            written, skipped = write_shard(path, number * args.shard_size, samples, encoded)
+            write_text_atomic(report, json.dumps({"written": written, "skipped": skipped}))
+        counts = json.loads(report.read_text())
+        result.written += counts["written"]
+        result.skipped += [tuple(s) for s in counts["skipped"]]
+        result.bytes += path.stat().st_size
+    for leftover in [work / OWNER, work / PLAN, *work.glob("shard-*.json")]:
+        leftover.unlink()
+    manifest = {"shuffled": split == "train", "seed": args.seed, "samples": result.written,
+                "max_resolution": args.max_resolution}
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    publish(work, final)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_options(parser)
-    parser.add_argument("--shard-size", type=int, default=5000, help="images per shard at most (default 5000)")
-    parser.add_argument("--shard-max-mb", type=int, default=512, help="start a new shard past this size in MiB "
-                        "(default 512)")
+    parser.add_argument("--shard-size", type=int, default=5000, help="images per shard (default 5000)")
     args = parser.parse_args(argv)
     check_common_options(args)
-    if args.shard_size < 1 or args.shard_max_mb < 1:
-        raise ConversionError("--shard-size and --shard-max-mb must be at least 1")
-
-    convert(args, "dali", lambda split: args.dst / split, lambda tmp, samples: write_shards(tmp, samples, args))
+    if args.shard_size < 1:
+        raise ConversionError("--shard-size must be at least 1")
+    pool = make_pool(args.workers)
+    try:
+        convert(args, "dali", lambda split: args.dst / split,
+                lambda split, files, final: write_split(split, files, final, args, pool))
+    finally:
+        if pool is not None:
+            pool.terminate()
     return 0
 
 

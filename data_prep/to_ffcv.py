@@ -1,45 +1,129 @@
 """Converts an ImageNet-layout folder into one FFCV .beton per split, plus classes.json and skipped.tsv.
 
-    python data_prep/to_ffcv.py SRC DST [--max-resolution 512] [--jpeg-quality 90] [--write-mode smart] ...
+    python data_prep/to_ffcv.py SRC DST [--max-resolution 512] [--jpeg-quality 90] [--write-mode jpg] ...
 
-DST/train.beton and DST/val.beton hold `image` (RGBImageField) and `label` (IntField). Each is written
-under a temporary name and renamed when complete, so an interrupted run leaves nothing that looks
-finished; an existing output is replaced only with --overwrite, and only once its successor is complete.
+DST/train.beton and DST/val.beton hold `image` (RGBImageField) and `label` (IntField). Each image is decoded
+once, inside FFCV's writer processes: a file that does not decode cannot be left out there (FFCV numbers the
+samples before writing them), so it is stored as an 8 x 8 black placeholder with label -1, listed in
+DST/skipped.tsv, and ddmim's loader never reads it.
+
+Each .beton is written under a temporary name and renamed when complete, so an interrupted run leaves
+nothing that looks finished; an existing output is replaced only with --overwrite, and only once its
+successor is complete. FFCV's format cannot be appended to, so a killed conversion starts its split over
+(the next run removes the killed one's temporary file).
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
+import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.scan import (
+from data_prep.conversion import (
     ConversionError,
+    SplitResult,
     add_common_options,
     check_common_options,
+    clear_stale,
     convert,
-    load_rgb,
+    publish,
     run_cli,
+    temp_path,
 )
+from data_prep.images import BadImage, decode
+
+PLACEHOLDER_LABEL = -1
+PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)
 
 
-class ValidatedImages:
-    """The indexed data set FFCV's writer reads: (RGB uint8 array, label) of each validated image."""
+class DecodedImages:
+    """The indexed data set FFCV's writer processes read: (RGB uint8 array, label) per file, decoded once.
 
-    def __init__(self, samples: list[tuple[str, int]], max_resolution: int):
-        self.samples = samples
-        self.max_resolution = max_resolution
+    Each writer process sends its error output to a log of its own (read back if the process dies, so the
+    converter can end with one line) and lists the files it could not decode in a report of its own."""
+
+    def __init__(self, samples: list[tuple[str, int]], max_resolution: int, logs: Path):
+        self.samples, self.max_resolution, self.logs = samples, max_resolution, logs
+        self._pid = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _enter_process(self) -> None:
+        self._pid = os.getpid()
+        log = os.open(self.logs / f"stderr-{self._pid}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(log, 2)
+        os.close(log)
+
     def __getitem__(self, index: int):
+        if self._pid != os.getpid():
+            self._enter_process()
         path, label = self.samples[index]
-        return np.asarray(load_rgb(path, self.max_resolution)), label
+        try:
+            return np.asarray(decode(path, self.max_resolution)[0]), label
+        except (BadImage, OSError) as exc:
+            with open(self.logs / f"skipped-{self._pid}.tsv", "a") as report:
+                report.write(f"{index}\t{path}\t{exc}\n")
+            return PLACEHOLDER, PLACEHOLDER_LABEL
 
 
-def write_beton(path: Path, samples, args) -> None:
+def _death_reason(logs: Path, process: mp.Process) -> str:
+    """The last line a dead writer process wrote, or what can be told without it (its log may not fit on a
+    full disk)."""
+    log = logs / f"stderr-{process.pid}.log"
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    if lines:
+        return lines[-1].strip()
+    full = shutil.disk_usage(logs).free < 2**20
+    return (f"an FFCV writer process died (exit code {process.exitcode})"
+            + (": No space left on device" if full else ""))
+
+
+def run_writer(writer, dataset: DecodedImages, chunksize: int = 64) -> None:
+    """FFCV's writer, watched: its main loop waits forever for a worker that died (a full disk, say), so a
+    thread watches the workers and interrupts the writer when one dies; the conversion then ends with that
+    worker's last error line. (The writer runs in the main thread: numba forbids forking from another.)"""
+    failure: list[str] = []
+    done = threading.Event()
+
+    def watch():
+        workers: dict[int, mp.Process] = {}
+        while not done.wait(0.2):
+            try:
+                workers.update({p.pid: p for p in mp.active_children()})
+            except RuntimeError:  # a worker started during the listing: look again next time
+                continue
+            dead = [p for p in workers.values() if p.exitcode not in (None, 0)]
+            if dead:
+                failure.append(_death_reason(dataset.logs, dead[0]))
+                for p in workers.values():
+                    p.terminate()
+                os.kill(os.getpid(), signal.SIGINT)  # a real signal: it also ends a blocking queue read
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        writer.from_indexed_dataset(dataset, chunksize=chunksize)
+    except KeyboardInterrupt:
+        if not failure:
+            raise
+        shared = getattr(writer, "metadata_sm", None)
+        if shared is not None:
+            shared.unlink()
+        raise OSError(failure[0]) from None
+    finally:
+        done.set()
+        watcher.join()
+
+
+def write_beton(path: Path, samples, args) -> SplitResult:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -49,8 +133,31 @@ def write_beton(path: Path, samples, args) -> None:
                                smart_threshold=args.smart_threshold),
         "label": IntField(),
     }
-    DatasetWriter(str(path), fields, num_workers=args.workers).from_indexed_dataset(
-        ValidatedImages(samples, args.max_resolution), chunksize=64)
+    logs = path.with_name(path.name + ".logs")  # beside the temporary .beton, removed with it by a later run
+    logs.mkdir()
+    try:
+        run_writer(DatasetWriter(str(path), fields, num_workers=args.workers),
+                   DecodedImages(samples, args.max_resolution, logs))
+        skipped = sorted(line.rstrip("\n").split("\t") for report in logs.glob("skipped-*.tsv")
+                         for line in report.open())
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
+    skipped.sort(key=lambda row: int(row[0]))
+    return SplitResult("", written=len(samples) - len(skipped), skipped=[(p, r) for _, p, r in skipped],
+                       bytes=path.stat().st_size)
+
+
+def write_split(split: str, files: list, final: Path, args) -> SplitResult:
+    clear_stale(final)
+    tmp = temp_path(final)
+    try:
+        result = write_beton(tmp, files, args)
+        publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp.with_name(tmp.name + ".logs"), ignore_errors=True)
+    result.name = split
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_mode == "smart" and args.smart_threshold is None:
         args.smart_threshold = args.max_resolution * args.max_resolution * 3 // 2
 
-    def write(tmp: Path, samples) -> int:
-        write_beton(tmp, samples, args)
-        return tmp.stat().st_size
-
-    convert(args, "ffcv", lambda split: args.dst / f"{split}.beton", write)
+    convert(args, "ffcv", lambda split: args.dst / f"{split}.beton",
+            lambda split, files, final: write_split(split, files, final, args))
     return 0
 
 

@@ -1,7 +1,9 @@
 """data_prep/to_ffcv.py and data_prep/to_dali.py: odd and broken files, atomic outputs, bad input."""
 import io
 import os
+import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import pytest
 from PIL import Image
 
 from data_prep import to_dali, to_ffcv
-from data_prep.scan import run_cli
+from data_prep.conversion import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +109,7 @@ def test_bad_sources(module, tmp_path, capsys):
 
 @pytest.mark.parametrize("script, tmp_glob, final", [
     ("to_ffcv.py", ".train.beton.tmp-*", "train.beton"),
-    ("to_dali.py", ".train.tmp-*", "train"),
+    ("to_dali.py", ".train.partial", "train"),
 ])
 def test_interrupted_conversion_leaves_nothing_a_loader_accepts(script, tmp_glob, final, tmp_path):
     from ddmim.data.dali_loader import list_shards
@@ -130,3 +132,131 @@ def test_interrupted_conversion_leaves_nothing_a_loader_accepts(script, tmp_glob
     assert not (dst / final).exists()
     with pytest.raises(UserError):
         open_beton(dst / final) if final.endswith(".beton") else list_shards(dst / final)
+
+
+def _noise_source(root: Path, count: int, size: int = 96) -> Path:
+    (root / "train" / "photo").mkdir(parents=True)
+    for i in range(count):
+        Image.effect_noise((size, size), 40 + i % 50).convert("RGB").save(root / "train" / "photo" / f"{i}.JPEG")
+    return root
+
+
+@pytest.mark.parametrize("script, final", [("to_ffcv.py", "train.beton"), ("to_dali.py", "train")])
+def test_a_full_disk_ends_in_one_line_and_leaves_no_output(script, final, tmp_path):
+    import resource
+
+    src = _noise_source(tmp_path / "src", 60, size=200)
+    dst = tmp_path / "dst"
+
+    def small_files():  # writes past 256 KiB fail as on a full disk (EFBIG instead of ENOSPC)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    one_shard = ["--shard-size", "1000"] if script == "to_dali.py" else []
+    proc = subprocess.run([sys.executable, str(REPO / "data_prep" / script), str(src), str(dst), "--workers", "2",
+                           "--splits", "train", *one_shard],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: writing into") and "Traceback" not in proc.stderr
+    assert not (dst / final).exists()
+    assert not [p for p in dst.iterdir() if ".tmp-" in p.name]  # the DALI work folder may stay, to resume
+
+
+def test_stale_temporaries_are_removed_and_live_ones_refused(messy_source, tmp_path, capsys):
+    dead = tmp_path / f".train.beton.tmp-{socket.gethostname()}:999999999"
+    dead.write_bytes(b"x" * 100)
+    old_style = tmp_path / ".train.beton.tmp-999999998"  # the older pid-only name
+    old_style.write_bytes(b"x")
+    assert to_ffcv.main([str(messy_source), str(tmp_path), "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert not dead.exists() and not old_style.exists() and f"removed {dead}" in err
+    live = tmp_path / f".train.beton.tmp-{socket.gethostname()}:{os.getpid()}"
+    live.write_bytes(b"x")
+    assert run_cli(to_ffcv.main, [str(messy_source), str(tmp_path), "--workers", "1", "--overwrite"]) == 2
+    assert f"another conversion (process {os.getpid()})" in capsys.readouterr().err and live.exists()
+
+
+def test_a_killed_dali_conversion_resumes_from_its_last_shard(tmp_path):
+    src = _noise_source(tmp_path / "src", 120)
+    cmd = [sys.executable, str(REPO / "data_prep" / "to_dali.py"), str(src), str(tmp_path / "dst"), "--workers", "1",
+           "--splits", "train", "--shard-size", "20"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = tmp_path / "dst" / ".train.partial"
+    deadline = time.time() + 240
+    while not (work / "shard-000001.tar").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (work / "shard-000001.tar").exists(), "the converter was not caught between shards"
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming a killed conversion" in resumed.stderr
+    fresh = subprocess.run([*cmd[:3], str(tmp_path / "fresh"), *cmd[4:]], cwd=REPO, capture_output=True, timeout=300)
+    assert fresh.returncode == 0
+    for shard in sorted((tmp_path / "fresh" / "train").iterdir()):  # byte for byte what one run writes
+        assert (tmp_path / "dst" / "train" / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    assert not work.exists()
+
+
+def test_labels_always_follow_the_train_classes(tmp_path, capsys):
+    src = tmp_path / "src"
+    for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("bee", "cat"))):  # val lacks "ant"
+        for name in classes:
+            (src / split / name).mkdir(parents=True)
+            Image.new("RGB", (20, 20), (9, 9, 9)).save(src / split / name / "a.JPEG")
+    assert to_dali.main([str(src), str(tmp_path / "both"), "--workers", "1"]) == 0
+    assert to_dali.main([str(src), str(tmp_path / "val_only"), "--workers", "1", "--splits", "val"]) == 0
+    for dst in ("both", "val_only"):
+        labels = sorted(label for _, label in shard_samples(tmp_path / dst / "val"))
+        assert labels == [1, 2], dst  # bee and cat keep train's numbers
+    # a later conversion of val alone, without the source's train folder, reads classes.json
+    shutil.move(str(src / "train"), str(tmp_path / "train_elsewhere"))
+    assert to_dali.main([str(src), str(tmp_path / "both"), "--workers", "1", "--splits", "val", "--overwrite"]) == 0
+    assert sorted(label for _, label in shard_samples(tmp_path / "both" / "val")) == [1, 2]
+    assert run_cli(to_dali.main, [str(src), str(tmp_path / "none"), "--workers", "1", "--splits", "val"]) == 2
+    assert "labels come from the train split's classes" in capsys.readouterr().err
+    (src / "val" / "dog").mkdir()
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(src / "val" / "dog" / "a.JPEG")
+    assert run_cli(to_dali.main, [str(src), str(tmp_path / "both"), "--workers", "1", "--splits", "val",
+                                  "--overwrite"]) == 2
+    assert "class folders that the train split lacks: dog" in capsys.readouterr().err
+
+
+def test_folder_loader_labels_val_by_the_train_classes(tmp_path):
+    from ddmim.data.folder import open_split
+
+    for split, classes in (("train", ("ant", "bee", "cat")), ("val", ("bee", "cat"))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (20, 20), (9, 9, 9)).save(tmp_path / split / name / "a.JPEG")
+    assert [label for _, label in open_split(tmp_path, "val", None).samples] == [1, 2]
+
+
+def test_nested_folders_and_symlink_loops_are_reported_and_never_followed(tmp_path, capsys):
+    from ddmim.data.folder import open_split
+
+    src = tmp_path / "src"
+    cls = src / "train" / "ant"
+    (cls / "nested").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (20, 20), (9, 9, 9)).save(cls / f"{i}.JPEG")
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(cls / "nested" / "deep.JPEG")
+    (cls / "loop").symlink_to(src / "train")  # a loop back up the tree
+    (cls / "linked.JPEG").symlink_to(cls / "0.JPEG")  # a link to a file is read as that file
+    assert len(open_split(src, "train", None)) == 4
+    assert "entries not read" in capsys.readouterr().err
+    for module, out in ((to_dali, "dali"), (to_ffcv, "ffcv")):
+        assert module.main([str(src), str(tmp_path / out), "--workers", "1", "--splits", "train"]) == 0
+        assert "wrote 4 images" in capsys.readouterr().out
+        reasons = read_skipped(tmp_path / out)
+        assert set(reasons) == {"nested", "loop"} and all("not read" in r for r in reasons.values())
+
+
+@pytest.mark.parametrize("module", [to_ffcv, to_dali])
+def test_an_output_path_that_is_a_file(module, messy_source, tmp_path, capsys):
+    (tmp_path / "file").write_text("precious")
+    assert run_cli(module.main, [str(messy_source), str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: output {tmp_path / 'file'} exists and is not a folder"
+    assert (tmp_path / "file").read_text() == "precious"

@@ -1,0 +1,220 @@
+"""What both converters share: options, the source listing, temporary outputs, the closing report.
+
+Outputs are built under a hidden temporary name beside their final name and renamed into place when
+complete, so nothing a loader accepts is ever half-written. A temporary output whose process is gone (a
+killed run) is removed by the next run, which says so; one whose process still runs makes the next run
+refuse. Errors a user can cause (bad paths or options, a full disk) end in one line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from ddmim.data.layout import CLASSES_FILE, list_split, read_classes_file, train_classes
+from ddmim.errors import UserError
+
+SPLITS = ("train", "val")
+TMP_MARK = ".tmp-"
+
+
+class ConversionError(Exception):
+    """A problem with the user's input or destination: printed as one line, exit code 2."""
+
+
+@dataclass
+class SplitResult:
+    name: str
+    written: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    bytes: int = 0
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", type=Path, help="source folder with train/<class>/* and/or val/<class>/*")
+    parser.add_argument("dst", type=Path, help="output folder")
+    parser.add_argument("--max-resolution", type=int, default=512,
+                        help="longest side of a stored image, in pixels; larger images are downscaled (default 512)")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    parser.add_argument("--subset", type=int, help="convert only this many images per split (a seeded random "
+                        "choice, for quick runs)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --subset and of the DALI sample order")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS,
+                        help="splits to convert (default train val); labels always follow the train split's classes")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier finished run")
+
+
+def check_common_options(args: argparse.Namespace) -> None:
+    if not args.src.is_dir():
+        raise ConversionError(f"source {args.src} does not exist or is not a folder")
+    if args.dst.exists() and not args.dst.is_dir():
+        raise ConversionError(f"output {args.dst} exists and is not a folder")
+    if args.max_resolution < 16:
+        raise ConversionError(f"--max-resolution must be at least 16, got {args.max_resolution}")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise ConversionError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
+    if args.workers < 1:
+        raise ConversionError(f"--workers must be at least 1, got {args.workers}")
+    if args.subset is not None and args.subset < 1:
+        raise ConversionError(f"--subset must be at least 1, got {args.subset}")
+
+
+def source_listing(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[list, list]]]:
+    """The classes and, per split present, ((path, label) files, (path, reason) not read)."""
+    try:
+        classes = train_classes(args.src, read_classes_file(args.dst))
+        splits = {}
+        for split in args.splits:
+            if not (args.src / split).is_dir():
+                print(f"no {split}/ folder in {args.src}: skipping that split", file=sys.stderr)
+                continue
+            listing = list_split(args.src, split, classes)
+            files = listing.files
+            if args.subset is not None and args.subset < len(files):
+                files = sorted(random.Random(args.seed).sample(files, args.subset), key=lambda item: item[0])
+            if not files:
+                raise ConversionError(f"{args.src / split} holds no files in its class folders")
+            splits[split] = (files, listing.ignored)
+    except UserError as exc:
+        raise ConversionError(str(exc)) from None
+    if not splits:
+        raise ConversionError(f"source {args.src} has none of the split folders {', '.join(args.splits)}")
+    return classes, splits
+
+
+def owner_tag() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(tag: str) -> bool | None:
+    """True or False for a process of this host; None when another host wrote it (cannot be checked)."""
+    host, _, rest = tag.rpartition(":")
+    if host and host != socket.gethostname():
+        return None
+    digits = rest[:len(rest) - len(rest.lstrip("0123456789"))]
+    if not digits:
+        return None
+    try:
+        os.kill(int(digits), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_path(final: Path) -> Path:
+    """Where an output is built before it is renamed into place: a name no loader accepts."""
+    return final.with_name(f".{final.name}{TMP_MARK}{socket.gethostname()}:{os.getpid()}")
+
+
+def clear_stale(final: Path, keep: Path | None = None) -> None:
+    """Removes temporary outputs for `final` left by killed runs (and says so); refuses while one is live."""
+    for tmp in final.parent.glob(f".{final.name}{TMP_MARK}*"):
+        if tmp == keep:
+            continue
+        alive = owner_alive(tmp.name.split(TMP_MARK, 1)[1])
+        if alive is None:
+            raise ConversionError(f"{tmp} was left by a conversion on another host (or of unknown origin); "
+                                  "delete it if that run is over")
+        if alive:
+            raise ConversionError(f"another conversion (process {tmp.name.split(':')[-1]}) is writing {tmp}")
+        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+        print(f"removed {tmp}, left by a conversion that was killed", file=sys.stderr)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Moves a finished output into place; the old output (if --overwrite) is removed only now."""
+    if final.is_dir() and not final.is_symlink():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = temp_path(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def pool_imap(fn, items, workers: int, desc: str, pool=None):
+    """Ordered map over worker processes (or in-process for one worker) with a progress bar."""
+    bar = dict(total=len(items), desc=desc, unit="img", file=sys.stderr, mininterval=1.0)
+    if pool is None:
+        yield from tqdm(map(fn, items), **bar)
+        return
+    yield from tqdm(pool.imap(fn, items, chunksize=16), **bar)
+
+
+def make_pool(workers: int):
+    return mp.get_context("spawn").Pool(workers) if workers > 1 else None
+
+
+def write_report(dst: Path, classes: list[str], results: list[SplitResult], seconds: float, backend: str) -> None:
+    """classes.json (folder name -> label), skipped.tsv (rows of splits not converted now are kept), summary line."""
+    if read_classes_file(dst) is None:
+        write_text_atomic(dst / CLASSES_FILE, json.dumps({name: label for label, name in enumerate(classes)}, indent=2))
+    report = dst / "skipped.tsv"
+    done = {r.name for r in results}
+    kept = []
+    if report.is_file():
+        kept = [line for line in report.read_text().splitlines()[1:] if line.split("\t", 1)[0] not in done]
+    rows = kept + [f"{r.name}\t{path}\t{reason}" for r in results for path, reason in r.skipped]
+    write_text_atomic(report, "split\tpath\treason\n" + "".join(f"{row}\n" for row in rows))
+    written = sum(r.written for r in results)
+    skipped = sum(len(r.skipped) for r in results)
+    per_split = ", ".join(f"{r.name} {r.written}" for r in results)
+    print(f"{backend}: wrote {written} images ({per_split}), skipped {skipped} (see {report}), "
+          f"{sum(r.bytes for r in results) / 2**20:.1f} MiB, {written / max(seconds, 1e-9):.0f} images/s")
+
+
+def convert(args: argparse.Namespace, backend: str, final_for: Callable[[str], Path],
+            write: Callable[[str, list, Path], SplitResult]) -> None:
+    """The converters' common run: refuse finished outputs, list the source, then per split let `write` build
+    the split (from its files, into the final path's temporary sibling) and publish it; finally the report."""
+    existing = [final_for(s) for s in args.splits if final_for(s).exists()]
+    if existing and not args.overwrite:
+        raise ConversionError(f"{existing[0]} already exists; pass --overwrite to replace it")
+    start = time.perf_counter()
+    classes, splits = source_listing(args)
+    try:
+        args.dst.mkdir(parents=True, exist_ok=True)
+        results = []
+        for split, (files, ignored) in splits.items():
+            result = write(split, files, final_for(split))
+            result.skipped = ignored + result.skipped
+            results.append(result)
+        write_report(args.dst, classes, results, time.perf_counter() - start, backend)
+    except OSError as exc:  # a full disk, a read-only destination: one line, and no partial output published
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ConversionError(f"writing into {args.dst} failed: {exc.strerror or exc}{where}") from None
+
+
+def close_progress_bars() -> None:
+    """Clears the bars of interrupted loops (ours and FFCV's), so an error starts a line of its own."""
+    for bar in list(tqdm._instances):
+        bar.leave = False
+        bar.close()
+
+
+def run_cli(main_fn, argv=None) -> int:
+    try:
+        return main_fn(argv)
+    except ConversionError as exc:
+        close_progress_bars()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are untouched, unfinished ones were not published", file=sys.stderr)
+        return 130

@@ -1,0 +1,55 @@
+"""One source image, decoded once: the decode that validates it is the decode the writers store.
+
+A file that cannot be decoded in full (empty, truncated, not an image) raises `BadImage` with the reason;
+any decodable one comes out as 3-channel RGB with its longest side at most `max_resolution`.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+from PIL import Image
+
+
+class BadImage(Exception):
+    """The reason a file is skipped, as one line."""
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\t", " ").replace("\n", " ")
+
+
+def bounded_size(width: int, height: int, max_resolution: int) -> tuple[int, int]:
+    scale = min(1.0, max_resolution / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def decode(path: str, max_resolution: int) -> tuple[Image.Image, bool]:
+    """(RGB image bounded to max_resolution, whether the file's own bytes are that image as an RGB JPEG)."""
+    if os.path.getsize(path) == 0:
+        raise BadImage("empty file")
+    try:
+        with Image.open(path) as img:
+            size = bounded_size(*img.size, max_resolution)
+            as_is = img.format == "JPEG" and img.mode == "RGB" and size == img.size
+            if not as_is and size != img.size and img.format == "JPEG":
+                # libjpeg decodes directly at 1/2, 1/4 or 1/8 scale when that still covers the target
+                img.draft("RGB", size)
+            img.load()  # the full decode: truncation shows here
+            rgb = img.convert("RGB")
+    except Exception as exc:  # PIL raises many types for bad files; each one is a reason to skip
+        raise BadImage(_reason(exc)) from None
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.BILINEAR, reducing_gap=2.0)
+    return rgb, as_is
+
+
+def jpeg_bytes(path: str, max_resolution: int, quality: int) -> bytes:
+    """The file's own bytes when it already is an RGB JPEG within bounds, else the re-encoded image."""
+    rgb, as_is = decode(path, max_resolution)
+    if as_is:
+        with open(path, "rb") as f:
+            return f.read()
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
