@@ -25,7 +25,7 @@ from benchmarks.common import write_results
 from data_prep import to_dali, to_ffcv
 from data_prep.photo_sample import build_photo_dataset
 from ddmim.config import make_config
-from ddmim.data.dali_loader import DaliLoader, build_pipeline
+from ddmim.data.dali_loader import open_loader
 from ddmim.data.ffcv_loader import make_loader
 from ddmim.data.folder import open_split
 from ddmim.data.transforms import train_transform
@@ -56,8 +56,7 @@ def make(name: str, paths: dict[str, Path], cfg, device: torch.device, workers: 
                                            pin_memory=device.type == "cuda")
     if name == "ffcv":
         return make_loader(paths["ffcv"] / "train.beton", cfg, train=True, device=device)
-    pipe = build_pipeline(paths["dali"] / "train", cfg, train=True, gpu=device.type == "cuda", threads=workers)
-    return DaliLoader(pipe, train=True)
+    return open_loader(paths["dali"] / "train", cfg, train=True, gpu=device.type == "cuda", threads=workers)
 
 
 def epoch(loader, device: torch.device) -> tuple[float, int, tuple]:

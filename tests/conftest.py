@@ -34,6 +34,7 @@ def tiny_cfg():
 # that survive JPEG re-encoding) and its label (green), so a loader's output can be traced back to the
 # exact source image even after cropping, re-encoding and normalisation.
 COLOURED_CLASSES = ("ant", "bee", "cat")
+N_COLOURED_TRAIN = 16 * len(COLOURED_CLASSES)
 
 
 def index_colour(index: int, label: int) -> tuple[int, int, int]:

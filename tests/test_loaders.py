@@ -8,7 +8,7 @@ import torch
 from conftest import COLOURED_CLASSES, decode_index
 from ddmim.config import make_config
 from ddmim.data import detect_format, make_datamodule
-from ddmim.data.dali_loader import DaliLoader, build_pipeline
+from ddmim.data.dali_loader import open_loader
 from ddmim.data.ffcv_loader import make_loader
 from ddmim.data.folder import open_split
 from ddmim.data.transforms import val_transform
@@ -30,8 +30,7 @@ def ffcv_batches(converted, cfg, split="train", train=False, **kwargs):
 
 
 def dali_batches(converted, cfg, split="train", train=False, **kwargs):
-    pipe = build_pipeline(converted["dali"] / split, cfg, train=train, gpu=False, **kwargs)
-    return list(DaliLoader(pipe, train=train))
+    return list(open_loader(converted["dali"] / split, cfg, train=train, gpu=False, **kwargs))
 
 
 def folder_batches(source, cfg, split="train"):

@@ -66,9 +66,9 @@ def eval_batches(root: Path, cfg, split: str, fmt: str = "auto"):
         loader = make_loader(root / f"{split}.beton", cfg, train=False, device=torch.device("cpu"), drop_last=False)
         return ((x.clone(), y.clone()) for x, y in loader)  # FFCV reuses its batch buffers
     if fmt == "dali":
-        from ddmim.data.dali_loader import DaliLoader, build_pipeline
+        from ddmim.data.dali_loader import open_loader
 
-        return DaliLoader(build_pipeline(root / split, cfg, train=False, gpu=False), train=False)
+        return open_loader(root / split, cfg, train=False, gpu=False)
     from torch.utils.data import DataLoader
 
     from ddmim.data.folder import open_split

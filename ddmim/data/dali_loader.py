@@ -2,11 +2,20 @@
 
 On CUDA JPEGs are decoded on the GPU (`mixed`); on the CPU by DALI's CPU decoder. Training decodes only
 the random crop window (`fn.decoders.image_random_crop`), then resizes, flips and normalises in one
-`fn.crop_mirror_normalize`. Shards are split across data-parallel ranks by `shard_id`/`num_shards`;
-`pad_last_batch` keeps every epoch's samples inside the epoch.
+`fn.crop_mirror_normalize`.
+
+Batches mix classes because the converter shuffles the samples before cutting shards; the reader's
+shuffle buffer then only has to vary the order between epochs. Under data-parallel training DALI gives
+each rank its own part of the samples (`shard_id`/`num_shards`) and moves every rank on to the next part
+after each epoch (`stick_to_shard=False`); `pad_last_batch` keeps every rank at the same batch count.
+
+A JPEG that does not decode fails the whole DALI batch. The loader then finds every such sample of the
+split (`dali_repair`), leaves them out through filtered copies of the indexes, and goes on with the epoch.
 """
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -14,9 +23,11 @@ import torch
 
 from ddmim.config import Config
 from ddmim.data import read_class_count
+from ddmim.data.bad_samples import SkippedSamples
 from ddmim.errors import UserError
 
 READER = "Reader"
+MANIFEST = "conversion.json"  # written by data_prep/to_dali.py
 
 
 def list_shards(folder: Path) -> tuple[list[str], list[str]]:
@@ -39,43 +50,64 @@ def list_shards(folder: Path) -> tuple[list[str], list[str]]:
     return [str(t) for t in tars], [str(i) for i in indexes]
 
 
+def sample_count(indexes: list[str]) -> int:
+    return sum(int(Path(i).read_text().split("\n", 1)[0].split()[1]) for i in indexes)
+
+
+def check_shuffled(folder: Path) -> None:
+    """Shards of the converter before it shuffled are in class order: say what that does to batches."""
+    manifest = folder / MANIFEST
+    shuffled = manifest.is_file() and json.loads(manifest.read_text()).get("shuffled")
+    if not shuffled:
+        print(f"ddmim: warning: {folder} was written in class order (by an older data_prep/to_dali.py); each "
+              "batch will hold few classes. Convert it again.", file=sys.stderr)
+
+
+def shuffle_buffer(batch_size: int, samples_per_rank: int) -> int:
+    """Samples the reader draws batches from: several batches, bounded by this rank's part of the data."""
+    return max(1, min(samples_per_rank, max(4096, 8 * batch_size)))
+
+
 def build_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, shard_id: int = 0, num_shards: int = 1,
-                   batch_size: int | None = None, channels_last: bool = False, threads: int | None = None):
+                   batch_size: int | None = None, channels_last: bool = False, threads: int | None = None,
+                   shards: tuple[list[str], list[str]] | None = None):
+    """`shards`: (tars, indexes) to read instead of the folder's own (after samples were left out)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    tars, indexes = list_shards(folder)
+    tars, indexes = shards or list_shards(folder)
     size = cfg.model.img_size
+    batch_size = batch_size or cfg.train.batch_size
     mean = [m * 255 for m in cfg.data.mean]
     std = [s * 255 for s in cfg.data.std]
     decode_device = "mixed" if gpu else "cpu"
     layout = "HWC" if channels_last else "CHW"
+    interp = types.INTERP_CUBIC if cfg.data.interpolation == "bicubic" else types.INTERP_LINEAR
 
     @pipeline_def
     def pipeline():
         jpegs, labels = fn.readers.webdataset(
             paths=tars, index_paths=indexes, ext=["jpg", "cls"], dtypes=[types.UINT8, types.INT32],
-            shard_id=shard_id, num_shards=num_shards, random_shuffle=train, initial_fill=1024,
+            shard_id=shard_id, num_shards=num_shards, random_shuffle=train, stick_to_shard=False,
+            initial_fill=shuffle_buffer(batch_size, sample_count(indexes) // num_shards),
             pad_last_batch=True, name=READER, seed=cfg.train.seed)
         if train:
             images = fn.decoders.image_random_crop(
                 jpegs, device=decode_device, output_type=types.RGB, random_area=list(cfg.data.crop_scale),
                 random_aspect_ratio=list(cfg.data.crop_ratio), num_attempts=10)
-            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC,
-                               antialias=False)
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp, antialias=False)
             mirror = fn.random.coin_flip(probability=cfg.data.hflip) if cfg.data.hflip > 0 else 0
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=mean,
                                               std=std, mirror=mirror)
         else:
             images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=round(size / cfg.data.val_crop_ratio),
-                               interp_type=types.INTERP_CUBIC)
+            images = fn.resize(images, resize_shorter=round(size / cfg.data.val_crop_ratio), interp_type=interp)
             images = fn.crop_mirror_normalize(images, crop=(size, size), dtype=types.FLOAT, output_layout=layout,
                                               mean=mean, std=std)
         if gpu:
             labels = labels.gpu()
         return images, labels
 
-    pipe = pipeline(batch_size=batch_size or cfg.train.batch_size, num_threads=threads or max(1, cfg.data.num_workers),
+    pipe = pipeline(batch_size=batch_size, num_threads=threads or max(1, cfg.data.num_workers),
                     device_id=torch.cuda.current_device() if gpu else None, seed=cfg.train.seed + shard_id,
                     prefetch_queue_depth=2)
     pipe.build()
@@ -83,43 +115,97 @@ def build_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, shard_i
 
 
 class DaliLoader:
-    """A DALI pipeline as a re-iterable of (images, labels) batches with a length, for Lightning."""
+    """A DALI pipeline as a re-iterable of (images, labels) batches with a length, for Lightning.
 
-    def __init__(self, pipe, *, train: bool, channels_last: bool = False):
+    `make_pipe(shards)` builds the pipeline, over the given (tars, filtered indexes) or, with None, the
+    folder's own shards. When a batch fails to decode, the split is searched for the samples that cannot be
+    decoded; they are recorded in `skipped`, the pipeline is rebuilt without them, and the epoch goes on."""
+
+    def __init__(self, make_pipe, *, train: bool, channels_last: bool, folder: Path, skipped: SkippedSamples):
+        self.make_pipe, self.train, self.channels_last = make_pipe, train, channels_last
+        self.folder, self.skipped, self.shards = folder, skipped, None
+        self.iterator = self._iterator()
+
+    def _iterator(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
-        self.iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
-                                            last_batch_policy=policy, auto_reset=True)
-        self.channels_last = channels_last
+        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
+        return DALIGenericIterator([self.make_pipe(self.shards)], ["images", "labels"], reader_name=READER,
+                                   last_batch_policy=policy, auto_reset=True, prepare_first_batch=False)
 
     def __len__(self) -> int:
         return len(self.iterator)
 
+    def _repair(self, error: RuntimeError) -> None:
+        from ddmim.data.dali_repair import filtered_shards, undecodable_samples
+
+        own = list_shards(self.folder)
+        tars, indexes = self.shards or own
+        bad = undecodable_samples(tars, indexes, own[1])
+        if not bad:
+            raise UserError(f"DALI failed on {self.folder} and no sample there fails to decode: "
+                            f"{str(error).strip().splitlines()[-1]}") from None
+        for ordinal, where, reason in bad:
+            self.skipped.record(ordinal, where, reason)
+        self.shards = filtered_shards(tars, indexes, {where for _, where, _ in bad})
+        if not self.shards[0]:
+            raise UserError(f"no sample of {self.folder} can be decoded")
+        self.iterator = self._iterator()
+
     def __iter__(self):
-        for out in self.iterator:
-            images, labels = out[0]["images"], out[0]["labels"].reshape(-1).long()
-            if self.channels_last:  # HWC batches viewed as NCHW tensors in channels-last memory
-                images = images.permute(0, 3, 1, 2)
-            yield images, labels
+        remaining = len(self.iterator)
+        while remaining > 0:
+            try:
+                for out in self.iterator:
+                    images, labels = out[0]["images"], out[0]["labels"].reshape(-1).long()
+                    if self.channels_last:  # HWC batches viewed as NCHW tensors in channels-last memory
+                        images = images.permute(0, 3, 1, 2)
+                    remaining -= 1
+                    yield images, labels
+                    if remaining == 0 and self.shards is not None:
+                        # a repaired epoch ends on the count it started with: the next one starts afresh
+                        self.iterator = self._iterator()
+                        return
+                return
+            except RuntimeError as error:  # DALI's decoders fail the whole batch, naming no sample
+                self._repair(error)
+
+
+def open_loader(folder: Path, cfg: Config, *, train: bool, gpu: bool, channels_last: bool = False,
+                skipped: SkippedSamples | None = None, **pipeline_options) -> DaliLoader:
+    """The loader of one split folder; `pipeline_options` go to `build_pipeline` (shard_id, batch_size, ...)."""
+    if skipped is None:
+        skipped = SkippedSamples(sample_count(list_shards(folder)[1]))
+
+    def make_pipe(shards):
+        return build_pipeline(folder, cfg, train=train, gpu=gpu, channels_last=channels_last, shards=shards,
+                              **pipeline_options)
+
+    return DaliLoader(make_pipe, train=train, channels_last=channels_last, folder=folder, skipped=skipped)
 
 
 class DALIDataModule(pl.LightningDataModule):
     applies_randaugment = False
+
     def __init__(self, root: Path, cfg: Config, channels_last: bool = False):
         super().__init__()
         self.root, self.cfg, self.channels_last = Path(root), cfg, channels_last
-        list_shards(self.root / "train")
-        list_shards(self.root / "val")
+        self.skipped = {}
+        for split in ("train", "val"):
+            _, indexes = list_shards(self.root / split)
+            self.skipped[split] = SkippedSamples(sample_count(indexes))
+        check_shuffled(self.root / "train")
         self.num_classes = read_class_count(self.root)
+
+    def skipped_samples(self) -> int:
+        return sum(s.count for s in self.skipped.values())
 
     def _loader(self, split: str, train: bool) -> DaliLoader:
         trainer = self.trainer
         gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        pipe = build_pipeline(self.root / split, self.cfg, train=train, gpu=gpu, shard_id=rank, num_shards=world,
-                              channels_last=self.channels_last)
-        return DaliLoader(pipe, train=train, channels_last=self.channels_last)
+        return open_loader(self.root / split, self.cfg, train=train, gpu=gpu, channels_last=self.channels_last,
+                           skipped=self.skipped[split], shard_id=rank, num_shards=world)
 
     def train_dataloader(self) -> DaliLoader:
         return self._loader("train", train=True)

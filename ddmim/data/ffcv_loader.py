@@ -3,6 +3,8 @@
 Decoding, cropping and flipping run in FFCV's compiled (numba) pipeline. On CUDA the uint8 batch goes
 to the GPU right after decoding (non-blocking) and is normalised there; on the CPU everything stays on
 the CPU, with normalisation before ToTensor (ffcv 1.0.2 never finishes compiling the opposite order there).
+The decoders check every JPEG (`ffcv_decoders`); a sample that does not decode is skipped by the policy of
+`ddmim.data.bad_samples`, and the placeholders a converter wrote for undecodable files (label -1) are never read.
 """
 from __future__ import annotations
 
@@ -14,19 +16,51 @@ import torch
 
 from ddmim.config import Config
 from ddmim.data import read_class_count
+from ddmim.data.bad_samples import SkippedSamples, fill_from_others
 from ddmim.errors import UserError
 
+PLACEHOLDER_LABEL = -1  # what data_prep/to_ffcv.py stores for a file that did not decode
 
-def open_beton(path: Path) -> int:
-    """Number of samples in a .beton; a clear error for a missing file or another format."""
+
+def readable_indices(path: Path) -> np.ndarray:
+    """Indices of the real samples of a .beton (placeholders left out); a clear error for a missing file or
+    another format."""
     from ffcv.reader import Reader
 
     if not path.is_file():
         raise UserError(f"FFCV file {path} does not exist (make it with data_prep/to_ffcv.py)")
     try:
-        return int(Reader(str(path)).num_samples)
+        reader = Reader(str(path))
+        labels = reader.metadata[f"f{reader.field_names.index('label')}"]
     except Exception as exc:  # ffcv raises assorted errors for a file that is not a .beton
         raise UserError(f"{path} is not an FFCV .beton file ({type(exc).__name__}: {exc})") from None
+    return np.flatnonzero(labels != PLACEHOLDER_LABEL)
+
+
+def open_beton(path: Path) -> int:
+    """Number of real samples in a .beton."""
+    return len(readable_indices(path))
+
+
+class CheckedBatches:
+    """An FFCV loader whose batches lose the samples that failed to decode (see `ffcv_decoders`)."""
+
+    def __init__(self, loader, path: Path, cfg: Config, skipped: SkippedSamples):
+        self.loader, self.path, self.cfg, self.skipped = loader, path, cfg, skipped
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        from ddmim.data.ffcv_decoders import find_failures
+
+        for images, labels in self.loader:
+            failed = find_failures(images, self.cfg.data.mean, self.cfg.data.std)
+            for index in failed.values():
+                self.skipped.record(index, f"{self.path} sample {index}", "its JPEG data does not decode")
+            if failed and not fill_from_others(images, labels, list(failed)):
+                continue
+            yield images, labels
 
 
 def image_pipeline(decoder, cfg: Config, device: torch.device, train: bool) -> list:
@@ -49,34 +83,39 @@ def label_pipeline(device: torch.device) -> list:
 
 
 def make_loader(path: Path, cfg: Config, *, train: bool, device: torch.device, distributed: bool = False,
-                order: str = "random", os_cache: bool = False, drop_last: bool | None = None, batch_size=None):
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+                order: str = "random", os_cache: bool = False, drop_last: bool | None = None, batch_size=None,
+                skipped: SkippedSamples | None = None) -> CheckedBatches:
     from ffcv.loader import Loader, OrderOption
+
+    from ddmim.data.ffcv_decoders import CheckedCenterCrop, CheckedRandomResizedCrop
 
     size = (cfg.model.img_size, cfg.model.img_size)
     if train:
-        decoder = RandomResizedCropRGBImageDecoder(size, scale=tuple(cfg.data.crop_scale),
-                                                   ratio=tuple(cfg.data.crop_ratio))
+        decoder = CheckedRandomResizedCrop(size, scale=tuple(cfg.data.crop_scale), ratio=tuple(cfg.data.crop_ratio))
         traversal = OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.RANDOM
     else:
-        decoder = CenterCropRGBImageDecoder(size, ratio=cfg.data.val_crop_ratio)
+        decoder = CheckedCenterCrop(size, ratio=cfg.data.val_crop_ratio)
         traversal = OrderOption.SEQUENTIAL
     if distributed and traversal == OrderOption.QUASI_RANDOM:
         raise UserError("ffcv quasi_random order does not support data-parallel training; use order random")
-    return Loader(str(path), batch_size=batch_size or cfg.train.batch_size,
-                  num_workers=max(1, cfg.data.num_workers), order=traversal, os_cache=os_cache,
-                  drop_last=train if drop_last is None else drop_last, distributed=distributed,
-                  seed=cfg.train.seed, pipelines={"image": image_pipeline(decoder, cfg, device, train),
-                                                  "label": label_pipeline(device)})
+    indices = readable_indices(path)
+    loader = Loader(str(path), batch_size=batch_size or cfg.train.batch_size,
+                    num_workers=max(1, cfg.data.num_workers), order=traversal, os_cache=os_cache,
+                    drop_last=train if drop_last is None else drop_last, distributed=distributed,
+                    indices=indices, seed=cfg.train.seed,
+                    pipelines={"image": image_pipeline(decoder, cfg, device, train), "label": label_pipeline(device)})
+    return CheckedBatches(loader, path, cfg, skipped or SkippedSamples(int(indices.max(initial=0)) + 1))
 
 
 class FFCVDataModule(pl.LightningDataModule):
     applies_randaugment = False
+
     def __init__(self, root: Path, cfg: Config):
         super().__init__()
         self.root, self.cfg = Path(root), cfg
-        self.train_size = open_beton(self.root / "train.beton")
-        open_beton(self.root / "val.beton")
+        indices = {split: readable_indices(self.root / f"{split}.beton") for split in ("train", "val")}
+        self.train_size = len(indices["train"])
+        self.skipped = {split: SkippedSamples(int(i.max(initial=0)) + 1) for split, i in indices.items()}
         self.num_classes = read_class_count(self.root)
         if self.train_size < cfg.train.batch_size:
             raise UserError(f"{self.root / 'train.beton'} holds {self.train_size} images, fewer than one batch")
@@ -87,7 +126,10 @@ class FFCVDataModule(pl.LightningDataModule):
         distributed = trainer is not None and trainer.world_size > 1
         return make_loader(self.root / f"{split}.beton", self.cfg, train=train, device=device,
                            distributed=distributed, order=self.cfg.data.ffcv_order,
-                           os_cache=self.cfg.data.ffcv_os_cache)
+                           os_cache=self.cfg.data.ffcv_os_cache, skipped=self.skipped[split])
+
+    def skipped_samples(self) -> int:
+        return sum(s.count for s in self.skipped.values())
 
     def train_dataloader(self):
         return self._loader("train", train=True)

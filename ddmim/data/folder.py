@@ -1,24 +1,71 @@
-"""ImageFolder-layout data (ROOT/train/<class>/*, ROOT/val/<class>/*) read with torchvision."""
+"""ImageFolder-layout data (ROOT/train/<class>/*, ROOT/val/<class>/*) read with torchvision.
+
+Which files count follows `ddmim.data.layout` (files directly in a class folder; labels from train's
+classes, also for val). A file that does not decode is skipped by the policy of `ddmim.data.bad_samples`.
+"""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ddmim.data.bad_samples import SkippedSamples
+from ddmim.data.layout import list_split, train_classes
 from ddmim.data.transforms import train_transform, val_transform
 from ddmim.errors import UserError
 
+MAX_ATTEMPTS = 64  # consecutive undecodable files one item may step over before the data is declared broken
 
-def open_split(root: Path, split: str, transform) -> ImageFolder:
+
+class ClassFolder(ImageFolder):
+    """torchvision's ImageFolder with the project's layout rule, given label order, and skipping of files
+    that do not decode (the next file of the split takes the item's place)."""
+
+    def __init__(self, root: Path, split: str, classes: list[str], transform):
+        self._classes, self._split = classes, split
+        super().__init__(str(Path(root) / split), transform=transform)
+        self.skipped = SkippedSamples(len(self.samples))
+
+    def find_classes(self, directory):
+        return self._classes, {name: i for i, name in enumerate(self._classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        try:
+            listing = list_split(Path(directory).parent, self._split, self._classes, tuple(IMG_EXTENSIONS))
+        except UserError as exc:
+            raise ValueError(str(exc)) from None  # ImageFolder's constructor passes it on; open_split reports it
+        if listing.ignored:
+            print(f"ddmim: {directory}: {len(listing.ignored)} entries not read, e.g. {listing.ignored[0][0]} "
+                  f"({listing.ignored[0][1]})", file=sys.stderr)
+        if not listing.files:
+            raise FileNotFoundError(f"no image files in the class folders of {directory}")
+        return listing.files
+
+    def __getitem__(self, index: int):
+        for attempt in range(MAX_ATTEMPTS):
+            i = (index + attempt) % len(self.samples)
+            path, label = self.samples[i]
+            try:
+                image = self.loader(path)  # opens and converts to RGB: the full decode
+            except Exception as exc:  # PIL raises many types for a damaged file; each means: skip it
+                self.skipped.record(i, path, f"{type(exc).__name__}: {exc}")
+                continue
+            return self.transform(image), label
+        raise UserError(f"{MAX_ATTEMPTS} files in a row from {self.samples[index][0]} on cannot be decoded")
+
+
+def open_split(root: Path, split: str, transform, classes: list[str] | None = None) -> ClassFolder:
     folder = root / split
     if not folder.is_dir():
         raise UserError(f"data path {root} has no '{split}/' folder (expected {root}/{split}/<class>/<image>)")
     try:
-        return ImageFolder(str(folder), transform=transform)
-    except (FileNotFoundError, OSError) as exc:
+        return ClassFolder(root, split, classes or train_classes(root), transform)
+    except (FileNotFoundError, OSError, ValueError) as exc:
         raise UserError(f"no images found in {folder}: {exc}") from None
 
 
@@ -35,12 +82,15 @@ class FolderDataModule(pl.LightningDataModule):
         size = cfg.model.img_size
         self.train_set = open_split(self.root, "train", train_transform(size, cfg.data, randaugment))
         self.num_classes = len(self.train_set.classes)
-        self.val_set = open_split(self.root, "val", val_transform(size, cfg.data))
+        self.val_set = open_split(self.root, "val", val_transform(size, cfg.data), self.train_set.classes)
         if len(self.train_set) < cfg.train.batch_size:
             raise UserError(f"{self.root}/train holds {len(self.train_set)} images, fewer than one batch "
                             f"of {cfg.train.batch_size} (set train.batch_size lower)")
 
-    def _loader(self, dataset: ImageFolder, train: bool) -> DataLoader:
+    def skipped_samples(self) -> int:
+        return self.train_set.skipped.count + self.val_set.skipped.count
+
+    def _loader(self, dataset: ClassFolder, train: bool) -> DataLoader:
         workers = self.cfg.data.num_workers
         return DataLoader(dataset, batch_size=self.cfg.train.batch_size, shuffle=train, drop_last=train,
                           num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)

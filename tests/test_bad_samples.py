@@ -1,0 +1,122 @@
+"""One sample that does not decode never ends a run, in any format: it is skipped, named once and counted,
+and only past data.max_bad_samples does the run stop, with one line."""
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import N_COLOURED_TRAIN, decode_index
+from ddmim.cli import main
+from ddmim.config import make_config
+
+CORRUPT_INDEX = 5  # the source image (and .beton sample) that gets damaged
+
+
+def damage_in_place(path: Path, offset: int, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = damage(f.read(size))
+        f.seek(offset)
+        f.write(data)
+
+
+def damage(data: bytes) -> bytes:
+    """JPEG bytes overwritten from the start-of-scan marker on: the headers parse, the decode fails."""
+    scan = data.find(b"\xff\xda")
+    return data[:scan] + b"\x55" * (len(data) - scan - 2) + data[-2:]
+
+
+def corrupt_folder(coloured_source: Path, tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "folder"
+    shutil.copytree(coloured_source, root)
+    victim = next((root / "train" / "ant").glob(f"{CORRUPT_INDEX:03d}.JPEG"))
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated
+    return root, victim
+
+
+def corrupt_beton(converted: dict, tmp_path: Path) -> Path:
+    from ffcv.reader import Reader
+
+    root = tmp_path / "ffcv"
+    shutil.copytree(converted["ffcv"], root)
+    table = Reader(str(root / "train.beton")).alloc_table
+    (offset, size), = [(int(r["ptr"]), int(r["size"])) for r in table if r["sample_id"] == CORRUPT_INDEX]
+    damage_in_place(root / "train.beton", offset, size)
+    return root
+
+
+def corrupt_shard(converted: dict, tmp_path: Path) -> tuple[Path, str]:
+    from ddmim.data.dali_repair import index_entries
+
+    root = tmp_path / "dali"
+    shutil.copytree(converted["dali"], root)
+    index = sorted((root / "train").glob("*.idx"))[1]
+    key, offset, size = index_entries(str(index))[3]
+    tar = index.with_suffix(".tar")
+    damage_in_place(tar, offset, size)
+    return root, f"{tar}:{key}"
+
+
+def epoch_indices(batches, cfg) -> list[int]:
+    return [i for x, _ in batches for i in decode_index(x, cfg.data.mean, cfg.data.std)]
+
+
+@pytest.fixture
+def cfg():
+    return make_config("tiny", ["train.batch_size=5", "data.num_workers=1"])
+
+
+def test_folder_loader_skips_a_truncated_jpeg(coloured_source, tmp_path, cfg, capfd):
+    from torch.utils.data import DataLoader
+
+    from ddmim.data.folder import open_split
+    from ddmim.data.transforms import val_transform
+
+    root, victim = corrupt_folder(coloured_source, tmp_path)
+    dataset = open_split(root, "train", val_transform(cfg.model.img_size, cfg.data))
+    for _ in range(2):  # named once, however often it is drawn
+        seen = epoch_indices(DataLoader(dataset, batch_size=5, num_workers=2), cfg)
+        assert len(seen) == N_COLOURED_TRAIN and CORRUPT_INDEX not in seen
+    assert dataset.skipped.count == 1
+    assert capfd.readouterr().err.count(str(victim)) == 1
+
+
+def test_ffcv_loader_skips_a_damaged_sample(converted, tmp_path, cfg, capfd):
+    from ddmim.data.ffcv_loader import make_loader
+
+    root = corrupt_beton(converted, tmp_path)
+    loader = make_loader(root / "train.beton", cfg, train=False, device=torch.device("cpu"), drop_last=False)
+    for _ in range(2):
+        seen = epoch_indices([(x.clone(), y.clone()) for x, y in loader], cfg)
+        assert len(seen) == N_COLOURED_TRAIN and CORRUPT_INDEX not in seen
+    assert loader.skipped.count == 1
+    assert capfd.readouterr().err.count(f"train.beton sample {CORRUPT_INDEX} ") == 1
+
+
+def test_dali_loader_skips_a_damaged_sample(converted, tmp_path, cfg, capfd):
+    from ddmim.data.dali_loader import open_loader
+
+    root, where = corrupt_shard(converted, tmp_path)
+    loader = open_loader(root / "train", cfg, train=False, gpu=False)
+    first = epoch_indices(list(loader), cfg)
+    second = epoch_indices(list(loader), cfg)
+    assert loader.skipped.count == 1 and capfd.readouterr().err.count(where) == 1
+    assert len(set(second)) == N_COLOURED_TRAIN - 1 and sorted(second) == sorted(set(second))
+    assert set(first) <= set(second) | {-1}
+
+
+@pytest.mark.parametrize("fmt", ["folder", "ffcv", "dali"])
+def test_training_goes_on_past_a_bad_sample_and_stops_past_the_limit(fmt, coloured_source, converted, tmp_path,
+                                                                     capsys):
+    root = {"folder": lambda: corrupt_folder(coloured_source, tmp_path)[0],
+            "ffcv": lambda: corrupt_beton(converted, tmp_path),
+            "dali": lambda: corrupt_shard(converted, tmp_path)[0]}[fmt]()
+    base = ["train", "--data", str(root), "--preset", "tiny", "--batch-size", "8", "--workers", "1", "--epochs", "1",
+            "--no-progress", "--set", "train.log_every=1"]
+    assert main([*base, "--out", str(tmp_path / "run")]) == 0
+    rows = (tmp_path / "run" / "logs" / "metrics.csv").read_text()
+    assert "data/skipped_samples" in rows
+    assert main([*base, "--out", str(tmp_path / "strict"), "--set", "data.max_bad_samples=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ddmim: error: stopped: 1 samples could not be decoded, more than data.max_bad_samples")
