@@ -1,4 +1,5 @@
-"""Callbacks that measure a run: training throughput with data-wait share, and the validation-loss history."""
+"""Callbacks that measure and record a run: training throughput with data-wait share, the training-step rows
+of the logs, and the validation-loss history."""
 from __future__ import annotations
 
 import resource
@@ -8,6 +9,28 @@ import pytorch_lightning as pl
 import torch
 
 from ddmim.machine import peak_flops
+
+
+def write_row(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """One row of the loggers now, at the step Lightning itself would use. Callbacks run before Lightning's
+    checkpoint callbacks, so a row written here is on disk before a checkpoint of the same step: a run killed
+    just after that checkpoint and resumed from it loses no row."""
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    for logger in trainer.loggers:
+        logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=step)
+        logger.save()
+
+
+class StepRows(pl.Callback):
+    """Writes the module's `step_metrics` (set by its training_step) every `every` steps (Lightning's rule)."""
+
+    def __init__(self, every: int):
+        self.every = max(1, every)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = getattr(pl_module, "step_metrics", None)
+        if metrics and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % self.every == 0:
+            write_row(trainer, {name: float(value) for name, value in metrics.items()})
 
 
 class ThroughputReport(pl.Callback):
@@ -77,7 +100,7 @@ class ThroughputReport(pl.Callback):
             if peak:
                 stats["perf/mfu"] = stats["perf/tflops_device"] * 1e12 / peak
                 line += f" (MFU {100 * stats['perf/mfu']:.1f}%)"
-        pl_module.log_dict(stats, rank_zero_only=True)
+        write_row(trainer, stats)
         pl_module.print(line)
 
     @property

@@ -41,6 +41,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+            raise UserError(f"writing checkpoint {path} failed ({str(exc).splitlines()[0]}); the checkpoints "
+                            "already on disk are intact") from None
         finally:
             tmp.unlink(missing_ok=True)
         if self.keep > 0:
@@ -48,7 +51,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 old.unlink(missing_ok=True)
 
 
-def loads(path: Path) -> bool:
+def is_loadable(path: Path) -> bool:
     try:
         read_checkpoint(path)
         return True
@@ -56,13 +59,32 @@ def loads(path: Path) -> bool:
         return False
 
 
-def newest_checkpoint(folder: Path) -> Path | None:
-    """The most recently written checkpoint in `folder` that loads (temporary files are never candidates)."""
-    candidates = [p for p in Path(folder).glob("*.ckpt") if TMP_MARK not in p.name]
-    for path in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
-        if loads(path):
-            return path
-    return None
+def resume_checkpoint(folder: Path, *, announce: bool = True) -> Path | None:
+    """The newest checkpoint in `folder` that loads; None for a folder without any checkpoint.
+
+    A folder whose checkpoints all fail to load is refused, naming them: starting over there would silently
+    drop the run. Unreadable checkpoints newer than the one chosen are renamed to *.unreadable (kept, but out
+    of the way of the pruning of recent checkpoints, which goes by name). `announce`: say what was done
+    (rank 0); other ranks only look."""
+    folder = Path(folder)
+    candidates = sorted((p for p in folder.glob("*.ckpt") if TMP_MARK not in p.name),
+                        key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    if not candidates:
+        if announce:
+            print(f"no checkpoint found in {folder}, starting from step 0")
+        return None
+    unreadable = []
+    for path in candidates:
+        if not is_loadable(path):
+            unreadable.append(path)
+            continue
+        if unreadable and announce:
+            for bad in unreadable:
+                bad.rename(bad.with_name(bad.name + ".unreadable"))
+            print(f"set aside unreadable checkpoints (renamed *.unreadable): {', '.join(p.name for p in unreadable)}")
+        return path
+    raise UserError(f"--resume auto: none of the checkpoints in {folder} can be read "
+                    f"({', '.join(p.name for p in unreadable)}); move them away to start the run over")
 
 
 def rng_state() -> dict:

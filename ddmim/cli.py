@@ -179,6 +179,9 @@ def cmd_finetune(args) -> int:
 def cmd_eval(args) -> int:
     from ddmim.evaluate import evaluate
 
+    if args.k < 1 or args.epochs < 1 or not args.temperature > 0:
+        raise UserError(f"--k and --epochs must be at least 1 and --temperature positive, got {args.k}, "
+                        f"{args.epochs} and {args.temperature}")
     result = evaluate(args.method, args.data, args.ckpt, make_config(args.preset, args.overrides),
                       data_format=args.format, k=args.k, temperature=args.temperature, epochs=args.epochs)
     print(f"{args.method} top-1 {result['top1']:.2f}% ({result['backbone']}, {result['train_images']} train / "

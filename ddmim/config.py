@@ -6,6 +6,7 @@ caught when the configuration is built, long before a model is constructed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -79,6 +80,8 @@ class DataConfig:
     num_workers: int = 8  # loader worker processes (torchvision, FFCV) or threads (DALI)
     ffcv_order: str = "random"  # random | quasi_random (lower memory, single process only)
     ffcv_os_cache: bool = False  # let the OS page cache hold the .beton (when it fits in memory)
+    interpolation: str = "bilinear"  # bilinear | bicubic: the crop resize of the folder and DALI loaders
+    max_bad_samples: int = 1000  # samples that fail to decode (each skipped and named) before a run stops
 
 
 @dataclass
@@ -137,13 +140,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where} must be a list, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads `1e-4` (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UserError(f"{where} must be a finite number, got {value}")
+        return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint in (str, bool) and isinstance(value, hint):
@@ -198,7 +203,19 @@ def make_config(preset: str, overrides: list[str] | None = None) -> Config:
     return config_from_dict(preset_values(preset, overrides))
 
 
+def at_least(where: str, value, low) -> None:
+    if value < low:
+        raise UserError(f"{where} must be at least {low}, got {value}")
+
+
 def validate_model(m: ModelConfig) -> None:
+    for name in ("img_size", "patch_size", "embed_dim", "window_size", "embed_out"):
+        at_least(f"model.{name}", getattr(m, name), 1)
+    if m.mlp_ratio <= 0 or not 0 <= m.drop_path_rate < 1:
+        raise UserError(f"model.mlp_ratio must be positive and model.drop_path_rate in [0, 1), got {m.mlp_ratio} "
+                        f"and {m.drop_path_rate}")
+    if any(d < 1 for d in m.depths):
+        raise UserError(f"model.depths must all be at least 1, got {m.depths}")
     n = len(m.depths)
     if n < 1 or len(m.num_heads) != n:
         raise UserError(f"model.depths and model.num_heads need one entry per stage, got {m.depths} and {m.num_heads}")
@@ -213,8 +230,34 @@ def validate_model(m: ModelConfig) -> None:
             raise UserError(f"stage {i}: width {dim} (model.embed_dim * 2^{i}) is not divisible by num_heads {heads}")
 
 
+def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
+    """The checks the pretraining and fine-tuning configs share."""
+    at_least("data.num_workers", data.num_workers, 0)
+    at_least("data.max_bad_samples", data.max_bad_samples, 0)
+    if data.interpolation not in ("bilinear", "bicubic"):
+        raise UserError(f"data.interpolation must be bilinear or bicubic, got '{data.interpolation}'")
+    if data.ffcv_order not in ("random", "quasi_random"):
+        raise UserError(f"data.ffcv_order must be random or quasi_random, got '{data.ffcv_order}'")
+    if len(data.crop_scale) != 2 or not 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1:
+        raise UserError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {data.crop_scale}")
+    if len(data.crop_ratio) != 2 or not 0 < data.crop_ratio[0] <= data.crop_ratio[1]:
+        raise UserError(f"data.crop_ratio must satisfy 0 < min <= max, got {data.crop_ratio}")
+    if not 0 <= data.hflip <= 1 or not 0 < data.val_crop_ratio <= 1:
+        raise UserError(f"data.hflip must be in [0, 1] and data.val_crop_ratio in (0, 1], got {data.hflip} and "
+                        f"{data.val_crop_ratio}")
+    if len(data.mean) != 3 or len(data.std) != 3 or any(s <= 0 for s in data.std):
+        raise UserError("data.mean and data.std need 3 values each, with every std positive")
+    for name in ("epochs", "val_every", "log_every", "max_bad_steps"):
+        at_least(f"train.{name}", getattr(train, name), 1)
+    for name in ("ckpt_every_steps", "keep_checkpoints", "report_every"):
+        at_least(f"train.{name}", getattr(train, name), 0)
+    if train.kernels not in KERNEL_CHOICES:
+        raise UserError(f"train.kernels must be one of {', '.join(KERNEL_CHOICES)}, got '{train.kernels}'")
+
+
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
+    validate_data_and_train(cfg.data, cfg.train)
     n = len(cfg.model.depths)
     if len(cfg.mask.ratios) != n or not all(0.0 <= r < 1.0 for r in cfg.mask.ratios):
         raise UserError(f"mask.ratios needs {n} values in [0, 1), got {cfg.mask.ratios}")
@@ -229,18 +272,16 @@ def validate(cfg: Config) -> None:
         raise UserError(f"loss.tau must be positive, got {cfg.loss.tau}")
     if not 0.0 <= cfg.ema.decay <= 1.0 or cfg.ema.every < 1:
         raise UserError(f"ema.decay must be in [0, 1] and ema.every >= 1, got {cfg.ema.decay}, {cfg.ema.every}")
-    if cfg.data.ffcv_order not in ("random", "quasi_random"):
-        raise UserError(f"data.ffcv_order must be random or quasi_random, got '{cfg.data.ffcv_order}'")
-    if cfg.train.kernels not in KERNEL_CHOICES:
-        raise UserError(f"train.kernels must be one of {', '.join(KERNEL_CHOICES)}, got '{cfg.train.kernels}'")
     if cfg.train.batch_size < 2:
         raise UserError("train.batch_size must be at least 2 (the contrastive loss needs negatives)")
-    if cfg.train.epochs < 1:
-        raise UserError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
-    if cfg.optim.lr <= 0:
-        raise UserError(f"optim.lr must be positive, got {cfg.optim.lr}")
-    if len(cfg.data.crop_scale) != 2 or not 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1:
-        raise UserError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {cfg.data.crop_scale}")
+    o = cfg.optim
+    if o.lr <= 0 or o.weight_decay < 0 or o.gamma <= 0:
+        raise UserError(f"optim.lr and optim.gamma must be positive and optim.weight_decay not negative, got "
+                        f"{o.lr}, {o.gamma} and {o.weight_decay}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise UserError(f"optim.betas needs two values in [0, 1), got {o.betas}")
+    at_least("optim.step_size", o.step_size, 1)
+    at_least("optim.lr_batch", o.lr_batch, 0)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -28,18 +28,25 @@ def timm_call(model: ModelConfig, weights: Path) -> str:
 
 
 def export_backbone(ckpt: Path, out: Path) -> dict:
-    cfg, state = load_pretraining(ckpt)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; export writes a folder")
     weights = out / "backbone.safetensors"
     if weights.exists():
         raise UserError(f"{weights} already exists; choose another --out")
+    cfg, state = load_pretraining(ckpt)
     net = build_swin(headless(cfg.model))
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
     net.load_state_dict(backbone, strict=True)  # proves the file will load the same way into timm
-    out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".backbone.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata={"source": str(ckpt)})
-    tmp.replace(weights)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata={"source": str(ckpt)})
+        tmp.replace(weights)
+        (out / "timm.json").write_text(json.dumps({"model_name": TIMM_NAME, "kwargs": timm_kwargs(cfg.model)},
+                                                  indent=2))
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write the export into {out}: {exc.strerror or exc}") from None
     call = timm_call(cfg.model, weights)
-    (out / "timm.json").write_text(json.dumps({"model_name": TIMM_NAME, "kwargs": timm_kwargs(cfg.model)}, indent=2))
     return {"weights": str(weights), "tensors": len(backbone), "timm": call}

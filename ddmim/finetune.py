@@ -87,7 +87,8 @@ class FinetuneModule(NonFiniteGuard, pl.LightningModule):
             loss = self.soft_ce(self(images), targets)
         else:
             loss = F.cross_entropy(self(images), labels, label_smoothing=self.cfg.augment.label_smoothing)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels), logger=False)
+        self.step_metrics = {"train/loss": loss.detach()}  # written by the StepRows callback
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -126,6 +127,8 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, launch: Launch | N
     datamodule = make_datamodule(data_root, cfg, data_format, channels_last=channels_last,
                                  randaugment=cfg.augment.randaugment)
     classes = datamodule.num_classes
+    if classes < 2:
+        raise UserError(f"{data_root} has {classes} class; fine-tuning a classifier needs at least 2")
     if num_classes is not None and num_classes != classes:
         raise UserError(f"--num-classes {num_classes} disagrees with the data: {data_root} has {classes} classes")
     run_dir = prepare_run_dir(out)

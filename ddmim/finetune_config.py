@@ -5,7 +5,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ddmim.config import DataConfig, ModelConfig, TrainConfig, build_dataclass, preset_values, validate_model
+from ddmim.config import (
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    build_dataclass,
+    preset_values,
+    validate_data_and_train,
+    validate_model,
+)
 from ddmim.errors import UserError
 
 
@@ -54,14 +62,19 @@ class FinetuneConfig:
 def finetune_config_from_dict(values: dict[str, Any]) -> FinetuneConfig:
     cfg = build_dataclass(FinetuneConfig, values)
     validate_model(cfg.model)
+    validate_data_and_train(cfg.data, cfg.train)
     if cfg.head.kind not in ("seed", "linear"):
         raise UserError(f"head.kind must be seed or linear, got '{cfg.head.kind}'")
     if cfg.optim.schedule not in ("step", "cosine"):
         raise UserError(f"optim.schedule must be step or cosine, got '{cfg.optim.schedule}'")
     if not 0 < cfg.optim.layer_decay <= 1:
         raise UserError(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
-        raise UserError("train.epochs and train.batch_size must be at least 1")
+    if cfg.train.batch_size < 1 or cfg.optim.lr <= 0 or cfg.optim.weight_decay < 0:
+        raise UserError("train.batch_size must be at least 1, optim.lr positive and optim.weight_decay not negative")
+    a = cfg.augment
+    if min(a.mixup, a.cutmix, a.drop_path) < 0 or not 0 <= a.label_smoothing < 1 or a.drop_path >= 1:
+        raise UserError("augment.mixup and augment.cutmix must not be negative, augment.label_smoothing and "
+                        "augment.drop_path must be in [0, 1)")
     return cfg
 
 

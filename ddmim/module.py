@@ -67,9 +67,13 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         return images
 
     def _log_losses(self, prefix: str, losses: dict[str, torch.Tensor], batch_size: int, on_step: bool) -> None:
+        if on_step:  # the loggers get these rows from the StepRows callback; Lightning shows the progress bar
+            self.step_metrics = {f"{prefix}/{name}": value.detach() for name, value in losses.items()}
+            self.log(f"{prefix}/loss", losses["loss"].detach(), batch_size=batch_size, prog_bar=True, logger=False)
+            return
         for name, value in losses.items():
-            self.log(f"{prefix}/{name}", value.detach(), batch_size=batch_size, on_step=on_step, on_epoch=not on_step,
-                     prog_bar=name == "loss", sync_dist=not on_step)
+            self.log(f"{prefix}/{name}", value.detach(), batch_size=batch_size, on_epoch=True, prog_bar=name == "loss",
+                     sync_dist=True)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = self._images(batch)

@@ -39,4 +39,6 @@ class NonFiniteGuard:
                 last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
                 raise NonFiniteTraining(f"training stopped at step {self.global_step}: {self.bad_in_a_row} "
                                         f"consecutive non-finite steps; last good checkpoint: {last}")
-        self.log("train/skipped_steps", float(self.skipped_steps))
+        metrics = getattr(self, "step_metrics", None)  # this step's row (written by the StepRows callback)
+        if metrics is not None:
+            metrics["train/skipped_steps"] = float(self.skipped_steps)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import yaml
 
-from ddmim.checkpoint_io import TMP_MARK, newest_checkpoint
+from ddmim.checkpoint_io import TMP_MARK, resume_checkpoint
 from ddmim.config import Config
 from ddmim.data import make_datamodule
 from ddmim.errors import UserError
@@ -18,16 +19,29 @@ from ddmim.ops import check_kernels
 from ddmim.trainer import Launch, build_trainer, is_launched_worker, resolve_launch
 
 RUN_DIR_ENV = "DDMIM_RUN_DIR"  # hands rank 0's run folder to the processes Lightning launches for other ranks
+RESUME_ENV = "DDMIM_RESUME_FROM"  # and the checkpoint rank 0 chose
 RESUMABLE = ("model", "mask", "loss", "ema")  # what must not change when a run is resumed
 
 
 def prepare_run_dir(out: Path) -> Path:
     """A fresh run folder; an existing non-empty one is never reused, so no earlier checkpoint is overwritten."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} already exists and is not empty; choose another --out "
                         "(or --resume auto to continue the run in it)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the run folder {out}: {exc.strerror}") from None
     return out
+
+
+def remove_failed_start(out: Path) -> None:
+    """A run that failed before its first step leaves nothing behind that would block the next start."""
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        return
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def resume_point(out: Path, cfg: Config) -> Path | None:
@@ -43,7 +57,7 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
                             f"'{section}' section than this run (preset '{cfg.name}')")
     for stale in (out / "checkpoints").glob(f"*{TMP_MARK}*"):
         stale.unlink()  # left by a writer that was killed; no writer runs while a run is being resumed
-    return newest_checkpoint(out / "checkpoints")
+    return resume_checkpoint(out / "checkpoints")
 
 
 def run_folder(out: Path, cfg: Config, resume: bool) -> tuple[Path, Path | None]:
@@ -53,12 +67,16 @@ def run_folder(out: Path, cfg: Config, resume: bool) -> tuple[Path, Path | None]
     if is_launched_worker():
         run_dir = Path(os.environ.get(RUN_DIR_ENV, out))
         run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir, newest_checkpoint(run_dir / "checkpoints") if resume else None
+        if not resume:
+            return run_dir, None
+        chosen = os.environ.get(RESUME_ENV)
+        return run_dir, (Path(chosen) if chosen else resume_checkpoint(run_dir / "checkpoints", announce=False))
     ckpt = resume_point(out, cfg) if resume else None
     if not resume:
         prepare_run_dir(out)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.environ[RUN_DIR_ENV] = str(out.resolve())
+    os.environ[RESUME_ENV] = str(ckpt.resolve()) if ckpt else ""
     return out, ckpt
 
 
@@ -71,13 +89,19 @@ def pretrain(cfg: Config, data_root: Path, out: Path, launch: Launch | None = No
 
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last)
-    run = build_trainer(run_dir, cfg, launch, find_unused_parameters=not module.model.uses_teacher)
+    run = build_trainer(run_dir, cfg, launch, find_unused_parameters=not module.model.uses_teacher,
+                        resume=resume)
     start = time.perf_counter()
-    if ckpt is None:
-        run.trainer.validate(module, datamodule=datamodule, verbose=False)  # the untrained model's loss
-    else:
-        print(f"resuming from {ckpt}")
-    run.trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    try:
+        if ckpt is None:
+            run.trainer.validate(module, datamodule=datamodule, verbose=False)  # the untrained model's loss
+        else:
+            print(f"resuming from {ckpt}")
+        run.trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except BaseException:
+        if not resume and run.trainer.global_step == 0 and not is_launched_worker():
+            remove_failed_start(run_dir)
+        raise
     if not run.val_history.steps or run.val_history.steps[-1] != run.trainer.global_step:
         run.trainer.validate(module, datamodule=datamodule, verbose=False)  # the final weights' loss
 

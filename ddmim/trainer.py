@@ -9,12 +9,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
-from ddmim.callbacks import ThroughputReport, ValLossHistory
+from ddmim.callbacks import StepRows, ThroughputReport, ValLossHistory
 from ddmim.checkpoint_io import STEP_PREFIX, AtomicCheckpointIO
+from ddmim.data.bad_samples import BadSampleGuard
 from ddmim.errors import UserError
+from ddmim.history import HistoryCSVLogger, HistoryTensorBoardLogger
 
 # The EMA teacher is kept in eval mode on purpose (no drop-path noise in the target).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -82,9 +83,10 @@ class Run:
 
 
 def build_trainer(run_dir: Path, cfg, launch: Launch, *, monitor: tuple[str, str] = ("val/loss", "min"),
-                  find_unused_parameters: bool = False) -> Run:
-    """`cfg` needs `.train` (epochs, val_every, log_every, ckpt_every_steps, keep_checkpoints, report_every);
-    `monitor` picks the best checkpoint, kept beside the `keep_checkpoints` most recent ones."""
+                  find_unused_parameters: bool = False, resume: bool = False) -> Run:
+    """`cfg` needs `.train` (epochs, val_every, log_every, ckpt_every_steps, keep_checkpoints, report_every) and
+    `.data.max_bad_samples`; `monitor` picks the best checkpoint, kept beside the `keep_checkpoints` most recent
+    ones; `resume` continues the run folder's logs instead of starting them."""
     t = cfg.train
     throughput = ThroughputReport(report_every=getattr(t, "report_every", 0))
     history = ValLossHistory()
@@ -96,8 +98,9 @@ def build_trainer(run_dir: Path, cfg, launch: Launch, *, monitor: tuple[str, str
                            f"{{{monitor[0]}:.4f}}", auto_insert_metric_name=False, monitor=monitor[0],
                            mode=monitor[1], save_top_k=1)
     loggers = [
-        CSVLogger(save_dir=run_dir, name="logs", version=""),
-        TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="", default_hp_metric=False),
+        HistoryCSVLogger(save_dir=run_dir, name="logs", version="", resume=resume),
+        HistoryTensorBoardLogger(save_dir=run_dir, name="tensorboard", version="", default_hp_metric=False,
+                                 resume=resume),
     ]
     strategy = launch.strategy
     if strategy == "ddp":
@@ -116,7 +119,8 @@ def build_trainer(run_dir: Path, cfg, launch: Launch, *, monitor: tuple[str, str
         # no_grad, not inference_mode, for validation: FFCV's loader thread writes in place into batch
         # buffers allocated during validation, which inference tensors forbid (the loader then hangs)
         inference_mode=False,
-        callbacks=[throughput, history, recent, best, LearningRateMonitor(logging_interval="epoch")],
+        callbacks=[StepRows(t.log_every), throughput, BadSampleGuard(cfg.data.max_bad_samples), history, recent,
+                   best, LearningRateMonitor(logging_interval="epoch")],
         plugins=[AtomicCheckpointIO(keep=getattr(t, "keep_checkpoints", 3))],
         logger=loggers,
         enable_progress_bar=launch.progress_bar,

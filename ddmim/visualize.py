@@ -8,6 +8,7 @@ from torchvision.utils import make_grid, save_image
 
 from ddmim.checkpoints import read_pretraining
 from ddmim.data import eval_batches
+from ddmim.errors import UserError
 from ddmim.losses import reconstruction_loss
 from ddmim.masking import pixel_mask, stage_masks
 from ddmim.model import DDMIM
@@ -67,12 +68,19 @@ def write_grid(model: DDMIM, images: torch.Tensor, out: Path, mean, std, seed: i
     zoom = max(1, 96 // images.shape[-1])  # small images are enlarged (nearest) to stay legible
     rows = torch.nn.functional.interpolate(rows, scale_factor=zoom, mode="nearest")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(rows, nrow=len(PANELS), padding=2, pad_value=1.0), out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_image(make_grid(rows, nrow=len(PANELS), padding=2, pad_value=1.0), out)
+    except (OSError, ValueError) as exc:  # PIL raises ValueError for a name it cannot tell the format of
+        raise UserError(f"cannot write the picture {out}: {getattr(exc, 'strerror', None) or exc}") from None
     return out
 
 
 def visualize(ckpt: Path, data: Path, out: Path, num: int = 8, data_format: str = "auto") -> dict:
+    if num < 1:
+        raise UserError(f"--num must be at least 1, got {num}")
+    if Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder; give the PNG file to write")
     model = load_model(ckpt)
     cfg = model.cfg
     batches = eval_batches(data, cfg, "val", data_format)

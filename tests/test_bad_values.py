@@ -1,0 +1,99 @@
+"""Every bad value a user can give ends in one `ddmim: error:` line and exit code 2, and writes nothing."""
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddmim.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("ddmim: error:") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("option, expected", [
+    (["--set", "model.window_size=0"], "model.window_size must be at least 1"),
+    (["--set", "model.embed_dim=0"], "model.embed_dim must be at least 1"),
+    (["--workers", "-3"], "data.num_workers must be at least 0"),
+    (["--set", "train.ckpt_every_steps=-5"], "train.ckpt_every_steps must be at least 0"),
+    (["--set", "optim.lr=.nan"], "optim.lr must be a finite number"),
+    (["--set", "optim.lr=.inf"], "optim.lr must be a finite number"),
+    (["--set", "data.interpolation=nearest"], "data.interpolation must be bilinear or bicubic"),
+])
+def test_bad_training_values(option, expected, capsys, sample_root, tmp_path):
+    err = one_line_error(capsys, ["train", "--data", str(sample_root), "--preset", "tiny", "--out",
+                                  str(tmp_path / "run"), *option])
+    assert expected in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method, option", [("knn", ["--k", "-5"]), ("knn", ["--k", "0"]),
+                                            ("linear", ["--epochs", "-1"]), ("knn", ["--temperature", "0"])])
+def test_bad_evaluation_values(method, option, capsys, sample_root):
+    assert "must be at least 1" in one_line_error(capsys, ["eval", method, "--data", str(sample_root), *option])
+
+
+def test_bad_export_destinations(capsys, pretrain_ckpt, tmp_path):
+    err = one_line_error(capsys, ["export", "--ckpt", str(pretrain_ckpt), "--out", "/proc/x"])
+    assert "cannot write the export into /proc/x" in err
+    (tmp_path / "file").write_text("precious")
+    err = one_line_error(capsys, ["export", "--ckpt", str(pretrain_ckpt), "--out", str(tmp_path / "file")])
+    assert "is an existing file" in err and (tmp_path / "file").read_text() == "precious"
+
+
+def test_bad_picture_options(capsys, pretrain_ckpt, sample_root):
+    base = ["visualize", "--ckpt", str(pretrain_ckpt), "--data", str(sample_root)]
+    assert "cannot write the picture /proc/x.png" in one_line_error(capsys, [*base, "--out", "/proc/x.png"])
+    assert "--num must be at least 1" in one_line_error(capsys, [*base, "--num", "0"])
+
+
+def test_fine_tuning_on_a_single_class_is_refused(capsys, sample_root, tmp_path):
+    for split in ("train", "val"):
+        shutil.copytree(sample_root / split / "3", tmp_path / "one" / split / "3")
+    err = one_line_error(capsys, ["finetune", "--data", str(tmp_path / "one"), "--preset", "tiny", "--out",
+                                  str(tmp_path / "run"), "--no-progress"])
+    assert "needs at least 2" in err and not (tmp_path / "run").exists()
+
+
+def test_a_failed_start_leaves_no_folder_that_blocks_the_next(capsys, sample_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(sample_root, data)
+    broken = next((data / "val" / "0").iterdir())
+    broken.write_bytes(broken.read_bytes()[:40])  # fails in the first validation, before any step
+    base = ["train", "--data", str(data), "--preset", "tiny", "--workers", "0", "--no-progress", "--out",
+            str(tmp_path / "run"), "--max-steps", "1"]
+    assert main([*base, "--set", "data.max_bad_samples=0"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()  # the sample, named, then why the run stopped
+    assert str(broken) in said[0] and said[-1].startswith("ddmim: error: stopped: 1 samples")
+    assert not (tmp_path / "run").exists()
+    assert main(base) == 0
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_earlier_ones(sample_root, tmp_path):
+    import resource
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ddmim", "train", "--data", str(sample_root), "--preset", "tiny", "--out", str(out),
+           "--workers", "0", "--no-progress", "--set", "train.ckpt_every_steps=2"]
+    assert subprocess.run([*cmd, "--max-steps", "2"], cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").glob("*.ckpt")}
+
+    def small_files():  # a file write past 1 MiB fails as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    proc = subprocess.run([*cmd, "--max-steps", "4", "--resume", "auto"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ddmim: error: writing checkpoint") and "already on disk are intact" in last
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").glob("*.ckpt")} == before
