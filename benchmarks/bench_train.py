@@ -1,6 +1,10 @@
 """Images/s of one full DDMIM training step: student and teacher forward, backward, AdamW step, EMA update.
 
     python benchmarks/bench_train.py [--presets seed tiny] [--repeats 5] [--channels-last]
+    python benchmarks/bench_train.py --presets seed seed:model.drop_path_rate=0,ema.teacher_mode=eval
+
+A preset may carry overrides after a colon (comma-separated KEY=VALUE), so that variants of one preset
+are timed in the same run.
 
 Synthetic batches already on the device, so this is the model's ceiling without data loading. The EMA
 update runs every step here (the seed runs it every 32), so the figure is slightly pessimistic.
@@ -20,10 +24,17 @@ from ddmim.model import DDMIM
 DEFAULT_BATCH = {"seed": 8}
 
 
-def bench_preset(preset: str, batch: int, device: torch.device, precision: str, channels_last: bool,
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """'seed:a.b=1,c.d=2' -> ('seed', ['a.b=1', 'c.d=2'])."""
+    preset, _, overrides = spec.partition(":")
+    return preset, [o for o in overrides.split(",") if o]
+
+
+def bench_preset(spec: str, batch: int, device: torch.device, precision: str, channels_last: bool,
                  warmup: int, repeats: int) -> dict:
     torch.manual_seed(0)
-    cfg = make_config(preset)
+    preset, overrides = parse_spec(spec)
+    cfg = make_config(preset, overrides)
     model = DDMIM(cfg).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
@@ -43,7 +54,7 @@ def bench_preset(preset: str, batch: int, device: torch.device, precision: str, 
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     median, times = median_seconds(step, warmup=warmup, repeats=repeats, sync=sync)
-    return {"preset": preset, "img_size": size, "batch": batch, "precision": precision,
+    return {"preset": spec, "img_size": size, "batch": batch, "precision": precision,
             "channels_last": channels_last, "step_s_median": median, "step_s_all": times,
             "images_per_s": batch / median,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
@@ -65,13 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision if args.precision != "auto" else ("bf16-mixed" if device.type == "cuda" else "32")
     rows = []
     for preset in args.presets:
-        batch = args.batch or DEFAULT_BATCH.get(preset) or make_config(preset).train.batch_size
+        name, overrides = parse_spec(preset)
+        batch = args.batch or DEFAULT_BATCH.get(name) or make_config(name, overrides).train.batch_size
         rows.append(bench_preset(preset, batch, device, precision, args.channels_last, args.warmup, args.repeats))
 
-    print(f"{'preset':<8}{'img':>5}{'batch':>7}{'precision':>12}{'step ms':>11}{'images/s':>11}")
+    width = max(8, *(len(r["preset"]) + 2 for r in rows))
+    print(f"{'preset':<{width}}{'img':>5}{'batch':>7}{'precision':>12}{'step ms':>11}{'images/s':>11}{'x first':>9}")
     for r in rows:
-        print(f"{r['preset']:<8}{r['img_size']:>5}{r['batch']:>7}{r['precision']:>12}"
-              f"{1000 * r['step_s_median']:>11.1f}{r['images_per_s']:>11.1f}")
+        print(f"{r['preset']:<{width}}{r['img_size']:>5}{r['batch']:>7}{r['precision']:>12}"
+              f"{1000 * r['step_s_median']:>11.1f}{r['images_per_s']:>11.1f}"
+              f"{r['images_per_s'] / rows[0]['images_per_s']:>9.2f}")
     path = write_results("train", {"device": str(device), "warmup": args.warmup, "repeats": args.repeats,
                                    "rows": rows})
     print(f"wrote {path}")

@@ -28,10 +28,12 @@ class ModelConfig:
     num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
     window_size: int = 7
     mlp_ratio: float = 4.0
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = 0.1  # the original's (Microsoft Swin V2's default)
     embed_out: int = 1024  # the seed's `num_classes`: size of the linear head after pooling
     proj_hidden: int = 512
     proj_out: int = 512
+    perceptual_tap: str = "after_next_merge"  # or stage_output; see ddmim/backbone.py
+    mask_token: bool = False  # a learned token replaces masked tokens entering stage 0 (SimMIM) instead of zeros
 
 
 @dataclass
@@ -57,6 +59,9 @@ class LossConfig:
 class EmaConfig:
     decay: float = 0.999
     every: int = 32
+    count: str = "epoch_batches"  # epoch_batches: every-th batch of each epoch (the original) | optimizer_steps
+    first_copy: bool = True  # the first update copies the student (the original)
+    teacher_mode: str = "train"  # train: follows the trainer, drop path included (the original) | eval: fixed
 
 
 @dataclass
@@ -64,7 +69,7 @@ class OptimConfig:
     lr: float = 5e-3
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_batch: int = 0  # lr is given for this global batch and scaled linearly to the real one (0: no scaling)
+    lr_batch: int = 52  # lr is given for this global batch and scaled linearly to the real one (0: no scaling)
     step_size: int = 20  # StepLR period in epochs
     gamma: float = 0.1
 
@@ -72,11 +77,11 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
     hflip: float = 0.5
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    val_crop_ratio: float = 224 / 256  # Resize(size / ratio) then CenterCrop(size)
+    val_crop_ratio: float = 0.875  # Resize(size / ratio) then CenterCrop(size)
     num_workers: int = 8  # loader worker processes (torchvision, FFCV) or threads (DALI)
     ffcv_order: str = "random"  # random | quasi_random (lower memory, single process only)
     ffcv_os_cache: bool = False  # let the OS page cache hold the .beton (when it fits in memory)
@@ -272,6 +277,12 @@ def validate(cfg: Config) -> None:
         raise UserError(f"loss.tau must be positive, got {cfg.loss.tau}")
     if not 0.0 <= cfg.ema.decay <= 1.0 or cfg.ema.every < 1:
         raise UserError(f"ema.decay must be in [0, 1] and ema.every >= 1, got {cfg.ema.decay}, {cfg.ema.every}")
+    choices = {"ema.count": (cfg.ema.count, ("epoch_batches", "optimizer_steps")),
+               "ema.teacher_mode": (cfg.ema.teacher_mode, ("train", "eval")),
+               "model.perceptual_tap": (cfg.model.perceptual_tap, ("after_next_merge", "stage_output"))}
+    for where, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"{where} must be one of {', '.join(allowed)}, got '{value}'")
     if cfg.train.batch_size < 2:
         raise UserError("train.batch_size must be at least 2 (the contrastive loss needs negatives)")
     o = cfg.optim

@@ -24,6 +24,7 @@ from ddmim.data import make_datamodule
 from ddmim.data.batch_augment import BatchRandAugment
 from ddmim.errors import UserError
 from ddmim.finetune_config import FinetuneConfig, finetune_config_from_dict
+from ddmim.module import scaled_lr
 from ddmim.nonfinite import NonFiniteGuard
 from ddmim.pretrain import prepare_run_dir
 from ddmim.trainer import Launch, build_trainer, resolve_launch
@@ -34,20 +35,20 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
     return (top == labels[:, None]).any(dim=1).float().sum()
 
 
-def make_optimizer(net, o) -> torch.optim.Optimizer:
+def make_optimizer(net, o, lr: float) -> torch.optim.Optimizer:
     """AdamW with timm's parameter groups: no weight decay on norms and biases, and with layer_decay < 1 an lr
     scale of layer_decay^(depth from the top) per group (one layer per transformer block, patch embedding
     below them, final norm and head at the top)."""
-    return create_optimizer_v2(net, opt="adamw", lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+    return create_optimizer_v2(net, opt="adamw", lr=lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
                                layer_decay=o.layer_decay if o.layer_decay < 1 else None)
 
 
-def make_scheduler(optimizer, o, epochs: int, steps_per_epoch: int):
+def make_scheduler(optimizer, o, lr: float, epochs: int, steps_per_epoch: int):
     """timm's step or cosine schedule with linear warmup, advanced per optimiser update; it applies each
     group's layer-decay lr_scale."""
     scheduler, _ = create_scheduler_v2(optimizer, sched=o.schedule, num_epochs=epochs, decay_epochs=o.step_size,
                                        decay_rate=o.gamma, min_lr=o.min_lr, warmup_epochs=o.warmup_epochs,
-                                       warmup_lr=o.lr * 1e-3, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+                                       warmup_lr=lr * 1e-3, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     return scheduler
 
 
@@ -107,9 +108,10 @@ class FinetuneModule(NonFiniteGuard, pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        optimizer = make_optimizer(self.net, o)
+        lr = scaled_lr(o.lr, o.lr_batch, self.cfg.train.batch_size * self.trainer.world_size)
+        optimizer = make_optimizer(self.net, o, lr)
         steps = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
-        scheduler = make_scheduler(optimizer, o, self.cfg.train.epochs, steps)
+        scheduler = make_scheduler(optimizer, o, lr, self.cfg.train.epochs, steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler, metric) -> None:

@@ -26,6 +26,7 @@ class HeadConfig:
 @dataclass
 class FinetuneOptimConfig:
     lr: float = 5e-3
+    lr_batch: int = 52  # lr is given for this global batch and scaled linearly to the real one (0: no scaling)
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     layer_decay: float = 1.0  # lr multiplier per layer from the head down (1.0: none)

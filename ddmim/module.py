@@ -31,16 +31,19 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.max_bad_steps = self.cfg.train.max_bad_steps
+        self.ema_updates = 0
         # a plain function, not a module attribute: the model's weights stay registered once
         self._compiled = compiled_or_eager(self.model) if self.cfg.train.compile else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[KIND_KEY] = "pretrain"
         checkpoint["rng"] = rng_state()
+        checkpoint["ema_updates"] = self.ema_updates
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng" in checkpoint:
             restore_rng_state(checkpoint["rng"])
+        self.ema_updates = checkpoint.get("ema_updates", 1)
 
     def flops_per_image(self) -> float:
         """FLOPs of one training image (forward and backward), for the throughput reports."""
@@ -86,9 +89,14 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         return losses["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # global_step counts optimiser steps and has already advanced past this batch's step
-        if self.global_step % self.cfg.ema.every == 0:
-            self.model.update_teacher()
+        ema = self.cfg.ema
+        # the original counts the batches of each epoch (updating after batch 0, 32, ...); the alternative
+        # counts optimiser steps over the run (global_step has already advanced past this batch's step)
+        counter = batch_idx if ema.count == "epoch_batches" else self.global_step
+        if counter % ema.every == 0:
+            copy = ema.first_copy and self.ema_updates == 0
+            self.model.update_teacher(decay=0.0 if copy else None)
+            self.ema_updates += 1
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images = self._images(batch)

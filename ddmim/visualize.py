@@ -25,10 +25,8 @@ def load_model(ckpt: Path) -> DDMIM:
 
 @torch.no_grad()
 def reconstruct(model: DDMIM, images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    tokens = model.student.embed(images)
     masks = stage_masks(base, model.cfg.mask.ratios)
-    last = model.student.forward_stages(tokens, masks)[-1]
-    return model.decoder(model.student.norm(last))
+    return model.forward_decoder(model.forward_encoder(images, masks)[-1])
 
 
 def mean_visible_colour(images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -63,9 +63,9 @@ def test_finetune_loads_every_encoder_weight_and_drops_the_rest(pretrain_ckpt, h
 def test_layer_decay_gives_each_depth_its_learning_rate():
     cfg = make_finetune_config("mim", TINY_SHAPE)
     net = build_classifier(cfg.model, 10, "linear", 0, 0.0)
-    optimizer = make_optimizer(net, cfg.optim)
+    optimizer = make_optimizer(net, cfg.optim, cfg.optim.lr)
     cfg.optim.warmup_epochs = 0
-    make_scheduler(optimizer, cfg.optim, epochs=10, steps_per_epoch=5).step_update(0)
+    make_scheduler(optimizer, cfg.optim, cfg.optim.lr, epochs=10, steps_per_epoch=5).step_update(0)
     lr_of = {n: g["lr"] for g in optimizer.param_groups for n, p in net.named_parameters()
              if any(p is q for q in g["params"])}
     ld, base, blocks = cfg.optim.layer_decay, cfg.optim.lr, sum(cfg.model.depths)

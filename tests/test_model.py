@@ -20,8 +20,9 @@ def test_seed_preset_shapes_and_parameter_count():
     with torch.no_grad():
         outs = model.student.forward_stages(model.student.embed(torch.randn(1, 3, 224, 224)), [None] * 4)
         pred = model.decoder(model.student.norm(outs[-1]))
-    assert [tuple(o.shape[1:3]) for o in outs] == [(56, 56), (28, 28), (14, 14), (7, 7)]
-    assert [o.shape[-1] for o in outs] == [96, 192, 384, 768]
+    # the original's taps: stages 0-2 read after the next stage's patch merging
+    assert [tuple(o.shape[1:3]) for o in outs] == [(28, 28), (14, 14), (7, 7), (7, 7)]
+    assert [o.shape[-1] for o in outs] == [192, 384, 768, 768]
     assert pred.shape == (1, 3, 224, 224)
     assert model.student.pooled_head(model.student.norm(outs[-1])).shape == (1, 1024)
 
