@@ -22,11 +22,11 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import write_results  # noqa: E402
-from ddmim.losses import reconstruction_loss  # noqa: E402
-from ddmim.masking import base_token_mask, stage_masks  # noqa: E402
-from kernels.mask_gen import fused_masks  # noqa: E402
-from kernels.masked_loss import masked_loss  # noqa: E402
+from ddmim.models.losses import reconstruction_loss  # noqa: E402
+from ddmim.models.masking import base_token_mask, stage_masks  # noqa: E402
+from ddmim_benchmarks.common import write_results  # noqa: E402
+from ddmim_kernels.mask_gen import fused_masks  # noqa: E402
+from ddmim_kernels.masked_loss import masked_loss  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SWIN_T_STAGES = [(56, 96), (28, 192), (14, 384), (7, 768)]

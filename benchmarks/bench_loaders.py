@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_results
-from data_prep import to_dali, to_ffcv
-from data_prep.photo_sample import build_photo_dataset
 from ddmim.config import make_config
 from ddmim.data.dali_loader import open_loader
 from ddmim.data.ffcv_loader import make_loader
 from ddmim.data.folder import open_split
 from ddmim.data.transforms import train_transform
+from ddmim_benchmarks.common import write_results
+from ddmim_data_prep import to_dali, to_ffcv
+from ddmim_data_prep.photo_sample import build_photo_dataset
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddmim" / "bench"
 

@@ -17,9 +17,9 @@ import sys
 
 import torch
 
-from benchmarks.common import median_seconds, write_results
 from ddmim.config import make_config
-from ddmim.model import DDMIM
+from ddmim.models.ddmim import DDMIM
+from ddmim_benchmarks.common import median_seconds, write_results
 
 DEFAULT_BATCH = {"seed": 8}
 
@@ -35,7 +35,7 @@ def bench_preset(spec: str, batch: int, device: torch.device, precision: str, ch
     torch.manual_seed(0)
     preset, overrides = parse_spec(spec)
     cfg = make_config(preset, overrides)
-    model = DDMIM(cfg).to(device)
+    model = DDMIM.from_config(cfg).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
@@ -50,7 +50,7 @@ def bench_preset(spec: str, batch: int, device: torch.device, precision: str, ch
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        model.update_teacher()
+        model.update_teacher(cfg.ema.decay)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     median, times = median_seconds(step, warmup=warmup, repeats=repeats, sync=sync)

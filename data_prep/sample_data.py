@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.staging import staged_folder
+from ddmim_data_prep.staging import staged_folder
 
 SIZE = 32
 VAL_EVERY = 5  # every 5th image of each class goes to val/: a 80/20 split stratified by class

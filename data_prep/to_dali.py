@@ -30,7 +30,7 @@ import tarfile
 from functools import partial
 from pathlib import Path
 
-from data_prep.conversion import (
+from ddmim_data_prep.conversion import (
     ConversionError,
     SplitResult,
     add_common_options,
@@ -45,7 +45,7 @@ from data_prep.conversion import (
     run_cli,
     write_text_atomic,
 )
-from data_prep.images import BadImage, jpeg_bytes
+from ddmim_data_prep.images import BadImage, jpeg_bytes
 
 MANIFEST = "conversion.json"  # in DST/<split>/: how the shards were written (the loaders read "shuffled")
 PLAN = "plan.json"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.conversion import (
+from ddmim_data_prep.conversion import (
     ConversionError,
     SplitResult,
     add_common_options,
@@ -36,7 +36,7 @@ from data_prep.conversion import (
     run_cli,
     temp_path,
 )
-from data_prep.images import BadImage, decode
+from ddmim_data_prep.images import BadImage, decode
 
 PLACEHOLDER_LABEL = -1
 PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)

@@ -10,7 +10,7 @@ from ddmim.config import Config, config_from_dict
 from ddmim.errors import UserError
 
 KIND_KEY = "ddmim_kind"  # "pretrain" or "finetune", written by each LightningModule's on_save_checkpoint
-STUDENT_PREFIX = "model.student.swin."
+STUDENT_PREFIX = "model.student.net."  # the plain timm model inside the student encoder
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def read_pretraining(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:
 
 
 def load_pretraining(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The pretraining config and the student encoder's weights (timm SwinTransformerV2 keys)."""
+    """The pretraining config and the student encoder's weights (the plain timm model's keys)."""
     cfg, full = read_pretraining(path)
     state = {k[len(STUDENT_PREFIX):]: v for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
     if not state:

@@ -11,7 +11,7 @@ import yaml
 from ddmim.config import KERNEL_CHOICES, make_config, preset_names
 from ddmim.data import FORMATS
 from ddmim.errors import UserError
-from ddmim.trainer import ACCELERATORS, PRECISIONS, STRATEGIES, Launch
+from ddmim.train.launch import ACCELERATORS, PRECISIONS, STRATEGIES, Launch
 
 SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
              "workers": "data.num_workers", "seed": "train.seed"}
@@ -54,6 +54,10 @@ def _add_run(p, kind: str) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward (falls back to eager with a message if it fails)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
+    p.add_argument("--resume", choices=["auto"],
+                   help="auto: continue the run in --out from its newest checkpoint that loads (weights, optimiser, "
+                        "scheduler, step counters, RNG states) and continue its logs; a run of another model is "
+                        "refused")
 
 
 def _launch(args) -> Launch:
@@ -62,13 +66,14 @@ def _launch(args) -> Launch:
                   max_steps=args.max_steps, progress_bar=not args.no_progress)
 
 
-def _overrides(args) -> list[str]:
-    extra = [f"{key}={getattr(args, name)}" for name, key in SHORTCUTS.items() if getattr(args, name, None) is not None]
+def _typed(args) -> dict:
+    """The typed shortcut options as dotted config keys (taken as they are, not read as YAML again)."""
+    values = {key: getattr(args, name) for name, key in SHORTCUTS.items() if getattr(args, name, None) is not None}
     if getattr(args, "kernels", None):
-        extra.append(f"train.kernels={args.kernels}")
+        values["train.kernels"] = args.kernels
     if getattr(args, "compile", False):
-        extra.append("train.compile=true")
-    return args.overrides + extra
+        values["train.compile"] = True
+    return values
 
 
 def _out(args, name: str) -> Path:
@@ -89,10 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", type=int, metavar="STEPS",
                    help="instead of training: time STEPS steps on a synthetic batch already on the device (the "
                         "model's ceiling) and STEPS with the real loader, and the loader alone; prints images/s, "
-                        "loader stall share and (on a known GPU) model FLOP utilisation; JSON in benchmarks/results/")
-    p.add_argument("--resume", choices=["auto"],
-                   help="auto: continue the run in --out from its newest checkpoint that loads (model, teacher, "
-                        "optimiser, scheduler, step counters, RNG states); a run of another preset is refused")
+                        "loader stall share and (on a known GPU) model FLOP utilisation; JSON in --out, or else in "
+                        "~/.cache/ddmim/benchmarks")
 
     p = sub.add_parser("finetune",
                        help="fine-tune a pretrained backbone (or train from scratch) and report top-1/top-5",
@@ -113,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=Path, help="pretraining checkpoint; default: a random-init backbone")
     p.add_argument("--preset", default="tiny", help="pretrain preset giving the backbone shape and transform when "
                    "there is no --ckpt (default tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the checkpoint's configuration (or the preset's), e.g. "
+                        "data.num_workers=4")
     p.add_argument("--k", type=int, default=20, help="k-NN neighbours (default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (default 0.07)")
     p.add_argument("--epochs", type=int, default=100, help="linear probe epochs (full batch; default 100)")
@@ -139,20 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from data_prep.sample_data import build_sample_dataset, default_sample_root
-    from ddmim.pretrain import format_summary, pretrain
+    from ddmim.train.pretrain import format_summary, pretrain
+    from ddmim_data_prep.sample_data import build_sample_dataset, default_sample_root
 
-    cfg = make_config(args.preset or ("tiny" if args.data is None else "seed"), _overrides(args))
+    cfg = make_config(args.preset or ("tiny" if args.data is None else "seed"), args.overrides, _typed(args))
     data = args.data
     if data is None:
         data = build_sample_dataset(default_sample_root())
         print(f"using the built-in sample data set at {data}")
     if args.benchmark is not None:
-        from ddmim.benchmark import format_benchmark, run_benchmark
+        from ddmim.train.speed_test import format_benchmark, run_benchmark
 
         if args.benchmark < 1:
             raise UserError("--benchmark needs a positive number of steps")
-        print(format_benchmark(run_benchmark(cfg, data, args.benchmark, _launch(args), data_format=args.format)))
+        print(format_benchmark(run_benchmark(cfg, data, args.benchmark, _launch(args), data_format=args.format,
+                                             results=args.out)))
         return 0
     if args.resume and args.out is None:
         raise UserError("--resume auto needs --out, the run folder to continue")
@@ -163,12 +169,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from ddmim.finetune import finetune
     from ddmim.finetune_config import make_finetune_config
+    from ddmim.train.finetune import finetune
 
-    cfg = make_finetune_config(args.preset or "seed", _overrides(args))
+    cfg = make_finetune_config(args.preset or "seed", args.overrides, _typed(args))
+    if args.resume and args.out is None:
+        raise UserError("--resume auto needs --out, the run folder to continue")
     s = finetune(cfg, args.data, _out(args, f"finetune-{cfg.name}"), _launch(args), ckpt=args.ckpt,
-                 data_format=args.format, num_classes=args.num_classes)
+                 data_format=args.format, num_classes=args.num_classes, resume=args.resume == "auto")
     start = f"from {s['pretrained']} ({s['encoder_tensors_loaded']} encoder tensors)" if s["pretrained"] else \
         "from random init"
     print(f"fine-tuning done ({start}): top-1 {s['val_top1']:.2f}%, top-5 {s['val_top5']:.2f}% on "
@@ -177,20 +185,27 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ddmim.evaluate import evaluate
+    from ddmim.eval.frozen import evaluate
 
     if args.k < 1 or args.epochs < 1 or not args.temperature > 0:
         raise UserError(f"--k and --epochs must be at least 1 and --temperature positive, got {args.k}, "
                         f"{args.epochs} and {args.temperature}")
-    result = evaluate(args.method, args.data, args.ckpt, make_config(args.preset, args.overrides),
-                      data_format=args.format, k=args.k, temperature=args.temperature, epochs=args.epochs)
+    if args.ckpt is not None:  # the checkpoint's own model and data settings, with --set applied on top
+        from ddmim.checkpoints import read_pretraining
+        from ddmim.config import config_from_dict, with_overrides
+
+        cfg = config_from_dict(with_overrides(read_pretraining(args.ckpt)[0].to_dict(), args.overrides))
+    else:
+        cfg = make_config(args.preset, args.overrides)
+    result = evaluate(args.method, args.data, args.ckpt, cfg, data_format=args.format, k=args.k,
+                      temperature=args.temperature, epochs=args.epochs)
     print(f"{args.method} top-1 {result['top1']:.2f}% ({result['backbone']}, {result['train_images']} train / "
           f"{result['val_images']} val images, {result['feature_dim']}-d features)")
     return 0
 
 
 def cmd_visualize(args) -> int:
-    from ddmim.visualize import visualize
+    from ddmim.eval.reconstruction import visualize
 
     result = visualize(args.ckpt, args.data, args.out, num=args.num, data_format=args.format)
     print(f"wrote {result['grid']}: {result['images']} rows of {', '.join(result['panels'])}")
@@ -198,7 +213,7 @@ def cmd_visualize(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ddmim.export import export_backbone
+    from ddmim.eval.export import export_backbone
 
     result = export_backbone(args.ckpt, args.out)
     print(f"wrote {result['weights']} ({result['tensors']} tensors); load it with:\n{result['timm']}")
@@ -206,7 +221,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ddmim.demo import run_demo
+    from ddmim.eval.demo import run_demo
 
     run_demo(_out(args, "demo"))
     return 0

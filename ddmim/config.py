@@ -21,6 +21,7 @@ KERNEL_CHOICES = ("auto", "triton", "torch")
 
 @dataclass
 class ModelConfig:
+    backbone: str = "swin_v2"  # a name registered in ddmim/models/backbones.py
     img_size: int = 224
     patch_size: int = 4
     embed_dim: int = 96
@@ -91,17 +92,22 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """What every training command shares."""
     epochs: int = 50
     batch_size: int = 52
     seed: int = 0
     val_every: int = 1  # epochs between validations
     log_every: int = 50  # steps between logged training losses
-    kernels: str = "auto"  # auto | triton | torch: fused Triton kernels or the PyTorch references
     ckpt_every_steps: int = 0  # also write a checkpoint every N optimiser steps (0: once per epoch)
     keep_checkpoints: int = 3  # recent checkpoints kept (the best-by-validation one is kept besides)
     max_bad_steps: int = 20  # consecutive non-finite steps (skipped) before training stops
     report_every: int = 100  # steps between printed throughput lines (0: none)
     compile: bool = False  # torch.compile the model's forward (falls back to eager if compilation fails)
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    kernels: str = "auto"  # auto | triton | torch: fused Triton kernels or the PyTorch references
 
 
 @dataclass
@@ -113,7 +119,7 @@ class Config:
     ema: EmaConfig = field(default_factory=EmaConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,15 +133,34 @@ def preset_names(kind: str = "pretrain") -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def preset_values(name: str, overrides: list[str] | None = None, kind: str = "pretrain") -> dict[str, Any]:
-    """A preset's values with `section.key=value` overrides merged in (not yet checked)."""
+def preset_values(name: str, overrides: list[str] | None = None, kind: str = "pretrain",
+                  typed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A preset's values with `section.key=value` overrides (text, read as YAML) and `typed` ones
+    ({"section.key": value}, from typed command-line options) merged in; not yet checked."""
     if name not in preset_names(kind):
         raise UserError(f"unknown {kind} preset '{name}'; available: {', '.join(preset_names(kind))}")
     values = yaml.safe_load(resources.files(PRESET_PACKAGES[kind]).joinpath(f"{name}.yaml").read_text()) or {}
     values.setdefault("name", name)
+    return with_overrides(values, overrides, typed)
+
+
+def with_overrides(values: dict[str, Any], overrides: list[str] | None = None,
+                   typed: dict[str, Any] | None = None) -> dict[str, Any]:
     for text in overrides or []:
         values = _merge(values, parse_override(text))
+    for key, value in (typed or {}).items():
+        values = _merge(values, nested(key, value))
     return values
+
+
+def nested(key: str, value: Any) -> dict[str, Any]:
+    """'optim.lr', 1e-3 -> {"optim": {"lr": 0.001}}."""
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"option key '{key}' has an empty part")
+    for part in reversed(parts):
+        value = {part: value}
+    return value
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -192,20 +217,15 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise UserError(f"override '{text}' is not of the form section.key=value")
     key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise UserError(f"override '{text}' has an empty key")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         raise UserError(f"override '{text}': cannot read value '{raw}'") from None
-    for part in reversed(parts):
-        value = {part: value}
-    return value
+    return nested(key, value)
 
 
-def make_config(preset: str, overrides: list[str] | None = None) -> Config:
-    return config_from_dict(preset_values(preset, overrides))
+def make_config(preset: str, overrides: list[str] | None = None, typed: dict[str, Any] | None = None) -> Config:
+    return config_from_dict(preset_values(preset, overrides, typed=typed))
 
 
 def at_least(where: str, value, low) -> None:
@@ -256,8 +276,6 @@ def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
         at_least(f"train.{name}", getattr(train, name), 1)
     for name in ("ckpt_every_steps", "keep_checkpoints", "report_every"):
         at_least(f"train.{name}", getattr(train, name), 0)
-    if train.kernels not in KERNEL_CHOICES:
-        raise UserError(f"train.kernels must be one of {', '.join(KERNEL_CHOICES)}, got '{train.kernels}'")
 
 
 def validate(cfg: Config) -> None:
@@ -285,6 +303,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{where} must be one of {', '.join(allowed)}, got '{value}'")
     if cfg.train.batch_size < 2:
         raise UserError("train.batch_size must be at least 2 (the contrastive loss needs negatives)")
+    if cfg.train.kernels not in KERNEL_CHOICES:
+        raise UserError(f"train.kernels must be one of {', '.join(KERNEL_CHOICES)}, got '{cfg.train.kernels}'")
     o = cfg.optim
     if o.lr <= 0 or o.weight_decay < 0 or o.gamma <= 0:
         raise UserError(f"optim.lr and optim.gamma must be positive and optim.weight_decay not negative, got "

@@ -79,5 +79,6 @@ def finetune_config_from_dict(values: dict[str, Any]) -> FinetuneConfig:
     return cfg
 
 
-def make_finetune_config(preset: str, overrides: list[str] | None = None) -> FinetuneConfig:
-    return finetune_config_from_dict(preset_values(preset, overrides, kind="finetune"))
+def make_finetune_config(preset: str, overrides: list[str] | None = None,
+                         typed: dict[str, Any] | None = None) -> FinetuneConfig:
+    return finetune_config_from_dict(preset_values(preset, overrides, kind="finetune", typed=typed))

@@ -1,4 +1,4 @@
-"""A description of the machine a figure was measured on, and where benchmark results are written."""
+"""A description of the machine a figure was measured on, its peak FLOP/s, and writing results files."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
-# dense bf16 tensor-core peaks (FLOP/s), for model FLOP utilisation
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+def user_results_folder() -> Path:
+    """Where `ddmim` itself writes benchmark results: the user's cache, never the installed package."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "ddmim" / "benchmarks"
 
 
 def machine_info() -> dict:
@@ -35,14 +36,18 @@ def machine_info() -> dict:
     return info
 
 
-def peak_flops() -> float | None:
+def peak_flops(precision: str = "bf16-mixed") -> float | None:
+    """The device's dense peak FLOP/s at the precision's compute type (Lightning's table); None off CUDA or for
+    a GPU Lightning does not know."""
+    from lightning_fabric.utilities.throughput import get_available_flops
+
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision, torch.float32)
+    return get_available_flops(torch.device("cuda"), dtype)
 
 
-def write_results(name: str, payload: dict, folder: Path = RESULTS) -> Path:
+def write_results(name: str, payload: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
     payload = {"benchmark": name, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),

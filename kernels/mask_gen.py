@@ -1,6 +1,6 @@
 """Fused mask generation: one launch draws the base token mask of a batch and writes every stage's mask.
 
-Reference: `ddmim.masking.base_token_mask` + `ddmim.masking.stage_masks` (same semantics, a different
+Reference: `ddmim.models.masking.base_token_mask` + `ddmim.models.masking.stage_masks` (same semantics, a different
 random stream). Masks are float32, 1 = visible, 0 = masked. Randomness is Philox keyed by (seed, offset)
 so a mask is reproducible from two integers, on any device.
 
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_device
+from ddmim_kernels.checks import check_device
 
 BLOCK = 1024
 

@@ -1,6 +1,6 @@
 """Fused (masked) smooth-L1 / L1 / L2 loss: forward and gradient in one pass over pred, target and mask.
 
-Reference: `ddmim.losses.reconstruction_loss` (masked) and `ddmim.losses.perceptual_losses` (unmasked).
+Reference: `ddmim.models.losses.reconstruction_loss` (masked) and `ddmim.models.losses.perceptual_losses` (unmasked).
 
 One read of pred, target and the token-level mask; the pixel mask and the `(1 - m)` products are never
 materialised. Each program reduces its tile in fp32 into one partial sum; the partial sums are added by
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_loss_inputs
+from ddmim_kernels.checks import check_loss_inputs
 
 MODES = {"smooth_l1": 0, "l1": 1, "l2": 2}
 BLOCK = 2048

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.sample_data import build_sample_dataset
 from ddmim.config import make_config
-from ddmim.trainer import Launch
+from ddmim.train.launch import Launch
+from ddmim_data_prep.sample_data import build_sample_dataset
 
 
 def QUIET_STEPS(steps: int = -1) -> Launch:  # noqa: N802 - reads as a constant at the call sites
@@ -66,7 +66,7 @@ def coloured_source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def converted(coloured_source, tmp_path_factory) -> dict[str, Path]:
-    from data_prep import to_dali, to_ffcv
+    from ddmim_data_prep import to_dali, to_ffcv
 
     out = tmp_path_factory.mktemp("converted")
     assert to_ffcv.main([str(coloured_source), str(out / "ffcv"), "--workers", "2"]) == 0
@@ -76,7 +76,7 @@ def converted(coloured_source, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def pretrain_ckpt(sample_root, tmp_path_factory) -> Path:
-    from ddmim.pretrain import pretrain
+    from ddmim.train.pretrain import pretrain
 
     cfg = make_config("tiny", ["train.epochs=1", "data.num_workers=0"])
     summary = pretrain(cfg, sample_root, tmp_path_factory.mktemp("pre") / "run", QUIET_STEPS(4))
@@ -85,8 +85,8 @@ def pretrain_ckpt(sample_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def finetune_ckpt(sample_root, tmp_path_factory) -> Path:
-    from ddmim.finetune import finetune
     from ddmim.finetune_config import make_finetune_config
+    from ddmim.train.finetune import finetune
 
     cfg = make_finetune_config("tiny", ["train.epochs=1", "data.num_workers=0"])
     summary = finetune(cfg, sample_root, tmp_path_factory.mktemp("ft") / "run", QUIET_STEPS(2))

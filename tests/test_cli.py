@@ -84,7 +84,7 @@ def test_triton_kernels_without_cuda(capsys, sample_root, monkeypatch):
 
 def test_more_devices_than_gpus(monkeypatch):
     from ddmim.errors import UserError
-    from ddmim.trainer import Launch, resolve_launch
+    from ddmim.train.launch import Launch, resolve_launch
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
@@ -99,7 +99,7 @@ def test_benchmark_needs_positive_steps(capsys, sample_root):
 
 def test_bf16_on_a_gpu_without_it(monkeypatch):
     from ddmim.errors import UserError
-    from ddmim.trainer import Launch, resolve_launch
+    from ddmim.train.launch import Launch, resolve_launch
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)

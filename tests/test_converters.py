@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_prep import to_dali, to_ffcv
-from data_prep.conversion import run_cli
+from ddmim_data_prep import to_dali, to_ffcv
+from ddmim_data_prep.conversion import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from ddmim.config import make_config
-from ddmim.model import DDMIM
+from ddmim.models.ddmim import DDMIM
 
 WORLD, GLOBAL_BATCH, STEPS = 2, 8, 3
 DETERMINISTIC = ["recon", "perceptual_0", "perceptual_1", "perceptual_2", "perceptual_3"]
@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 def _setup():
     torch.manual_seed(0)
-    model = DDMIM(make_config("tiny"))
+    model = DDMIM.from_config(make_config("tiny"))
     images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     base, masks = model.draw_masks(GLOBAL_BATCH, seed=5)  # fixed masks: the deterministic parts are comparable
     return model, images, base, masks
@@ -52,7 +52,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         ddp(*local, gather=_gather_all)["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
-        model.update_teacher()
+        model.update_teacher(0.999)
     flat = torch.cat([t.detach().flatten() for t in model.state_dict().values() if t.is_floating_point()])
     everyone = [torch.empty_like(flat) for _ in range(WORLD)]
     dist.all_gather(everyone, flat)

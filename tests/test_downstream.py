@@ -1,5 +1,6 @@
 """Fine-tuning, frozen-feature evaluation, export and pictures of a pretrained backbone."""
 import copy
+import json
 
 import pytest
 import timm
@@ -7,17 +8,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddmim.backbone import build_swin
-from ddmim.backbones import headless, load_backbone, pooled_features
 from ddmim.checkpoints import load_pretraining
-from ddmim.classifier import build_classifier, load_encoder_weights
 from ddmim.cli import main
 from ddmim.config import make_config
-from ddmim.evaluate import evaluate_backbone, knn_predict
-from ddmim.export import TIMM_NAME, export_backbone, timm_kwargs
-from ddmim.finetune import make_optimizer, make_scheduler
+from ddmim.eval.export import export_backbone
+from ddmim.eval.features import load_backbone, pooled_features
+from ddmim.eval.frozen import evaluate_backbone, knn_predict
+from ddmim.eval.reconstruction import PANELS, visualize
 from ddmim.finetune_config import make_finetune_config
-from ddmim.visualize import PANELS, visualize
+from ddmim.models.backbones import plain_backbone
+from ddmim.models.classifier import build_classifier, load_encoder_weights
+from ddmim.train.finetune import make_optimizer, make_scheduler
 
 TINY_SHAPE = ["model.img_size=32", "model.patch_size=2", "model.embed_dim=32", "model.depths=[1,1,2,1]",
               "model.num_heads=[1,2,4,8]", "model.window_size=4"]
@@ -36,7 +37,7 @@ def test_knn_on_toy_features_with_known_answer():
 def test_linear_probe_trains_only_the_head(sample_root):
     cfg = make_config("tiny", ["data.num_workers=0"])
     torch.manual_seed(0)
-    net = build_swin(cfg.model).eval()
+    net = plain_backbone(cfg.model).eval()
     before = copy.deepcopy(net.state_dict())
     result = evaluate_backbone("linear", net, cfg, sample_root, epochs=50)
     assert result["top1"] > 30.0  # 10 classes: far above chance even on random features
@@ -79,14 +80,15 @@ def test_layer_decay_gives_each_depth_its_learning_rate():
 def test_export_round_trip_into_timm(pretrain_ckpt, tmp_path):
     result = export_backbone(pretrain_ckpt, tmp_path / "export")
     cfg, _ = load_pretraining(pretrain_ckpt)
-    model = timm.create_model(TIMM_NAME, **timm_kwargs(cfg.model))
+    recipe = json.loads((tmp_path / "export" / "timm.json").read_text())
+    model = timm.create_model(recipe["model_name"], **recipe["kwargs"])
     model.load_state_dict(load_file(result["weights"]), strict=True)
-    ours, _ = load_backbone(pretrain_ckpt, cfg.model)
+    ours, _ = load_backbone(pretrain_ckpt, cfg)
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(images), pooled_features(ours, images), rtol=1e-5, atol=1e-5)
     assert "timm.create_model" in result["timm"] and "strict=True" in result["timm"]
-    assert headless(cfg.model).embed_out == 0
+    assert recipe["kwargs"]["num_classes"] == 0 and model.num_classes == 0
 
 
 def test_visualisation_writes_the_grid(pretrain_ckpt, sample_root, tmp_path):

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from ddmim.config import make_config, preset_names
-from ddmim.losses import reconstruction_loss
-from ddmim.model import DDMIM
+from ddmim.models.ddmim import DDMIM
+from ddmim.models.losses import reconstruction_loss
 
 
 def _images(cfg, n=2, seed=0):
@@ -35,14 +35,14 @@ def _seed_shaped_small():
 def test_perceptual_terms_read_where_the_original_reads():
     torch.manual_seed(0)
     cfg = _seed_shaped_small()
-    model = DDMIM(cfg).eval()  # drop path off: both sides deterministic
+    model = DDMIM.from_config(cfg).eval()  # drop path off: both sides deterministic
     with torch.no_grad():  # a teacher away from the student, as after some training
         for p in model.teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
     images = _images(cfg)
     base, masks = model.draw_masks(2, seed=1)
     out = model(images, base, masks)
-    tokens = model.student.embed(images)
+    tokens = model.student.net.patch_embed(images)
     student = original_layer_outputs(model.student.stages, tokens, masks)
     with torch.no_grad():
         teacher = original_layer_outputs(model.teacher, tokens, [None] * 4)
@@ -58,29 +58,27 @@ def test_perceptual_terms_read_where_the_original_reads():
         merging = [p.grad for p in model.student.stages[i].downsample.parameters()]
         assert merging and all(g is not None and g.abs().sum() > 0 for g in merging), i
 
-    other = DDMIM(make_config("tiny", ["model.perceptual_tap=stage_output"])).eval()
+    other = DDMIM.from_config(make_config("tiny", ["model.perceptual_tap=stage_output"])).eval()
     other.load_state_dict(model.state_dict())
     assert not torch.allclose(other(images, base, masks)["perceptual_0"], out["perceptual_0"])
 
 
 @pytest.mark.parametrize("mode, differ", [("train", True), ("eval", False)])
 def test_the_seed_teacher_runs_with_drop_path_unless_told_otherwise(mode, differ):
-    from ddmim.backbone import stage_taps
-
     torch.manual_seed(0)
     cfg = make_config("seed", [f"ema.teacher_mode={mode}"])
-    model = DDMIM(cfg).train()  # what Lightning does before every training epoch
+    model = DDMIM.from_config(cfg).train()  # what Lightning does before every training epoch
     with torch.no_grad():  # Swin V2 starts its residual branches at zero, where drop path changes nothing
         for p in model.teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    tokens = model.student.embed(_images(cfg, n=1))
+    images = _images(cfg, n=1)
     with torch.no_grad():
-        first, second = (stage_taps(model.teacher, tokens, [None] * 4, model.student.tap)[-1] for _ in range(2))
+        first, second = (model.forward_teacher(images)[-1] for _ in range(2))
     assert (not torch.equal(first, second)) == differ
 
 
 def test_the_first_ema_update_copies_and_the_counter_restarts_each_epoch():
-    from ddmim.module import DDMIMModule
+    from ddmim.train.pretrain_module import DDMIMModule
 
     module = DDMIMModule(make_config("tiny", ["ema.every=3", "ema.decay=0.5"]).to_dict())
     student, teacher = module.model.student.stages, module.model.teacher
@@ -102,7 +100,7 @@ def test_the_first_ema_update_copies_and_the_counter_restarts_each_epoch():
 def test_simmim_has_a_learned_mask_token_and_plain_l1_over_the_masked_pixels():
     torch.manual_seed(0)
     cfg = make_config("simmim", ["model.img_size=64", "model.window_size=2"])
-    model = DDMIM(cfg)
+    model = DDMIM.from_config(cfg)
     images = _images(cfg)
     base, masks = model.draw_masks(2, seed=1)
     out = model(images, base, masks)

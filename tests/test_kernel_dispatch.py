@@ -4,14 +4,17 @@ import torch
 
 from ddmim.config import make_config
 from ddmim.errors import UserError
-from ddmim.model import DDMIM
-from ddmim.ops import check_kernels
+from ddmim.models.ddmim import DDMIM
+from ddmim.models.kernels import check_kernels, resolve_kernels
+
+
+def _model(kernels: str) -> DDMIM:
+    return DDMIM.from_config(make_config("tiny"), kernels=resolve_kernels(kernels, cuda=False))
 
 
 def _losses_and_grads(kernels, images, base, masks):
     torch.manual_seed(0)
-    cfg = make_config("tiny", [f"train.kernels={kernels}"])
-    model = DDMIM(cfg)
+    model = _model(kernels)
     out = model(images, base, masks)
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -21,7 +24,7 @@ def _losses_and_grads(kernels, images, base, masks):
 @pytest.mark.parametrize("normalize", ["all", "masked"])
 def test_triton_path_equals_torch_path(normalize):
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    model = DDMIM(make_config("tiny", ["train.kernels=torch"]))
+    model = _model("torch")
     base, masks = model.draw_masks(4, seed=3)
     ref, ref_grads = _losses_and_grads("torch", images, base, masks)
     fused, fused_grads = _losses_and_grads("triton", images, base, masks)
@@ -34,7 +37,8 @@ def test_triton_path_equals_torch_path(normalize):
 
 
 def test_model_draws_masks_with_the_kernel():
-    model = DDMIM(make_config("tiny", ["train.kernels=triton"]))
+    model = _model("triton")
+    assert model.kernels.triton
     base, masks = model.draw_masks(2, seed=0, index=3)
     assert base.shape == (2, 16, 16) and masks[3] is None
     assert torch.equal(masks[2], base[:, ::4, ::4])
@@ -48,3 +52,4 @@ def test_triton_without_cuda_or_interpreter_is_refused(monkeypatch):
         check_kernels("triton")
     check_kernels("auto")
     check_kernels("torch")
+    assert not resolve_kernels("auto", cuda=False).triton  # chosen once, for the machine the run is on

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddmim.losses import reconstruction_loss
-from ddmim.masking import pixel_mask
-from kernels.masked_loss import BLOCK, masked_loss, masked_loss_forward
+from ddmim.models.losses import reconstruction_loss
+from ddmim.models.masking import pixel_mask
+from ddmim_kernels.masked_loss import BLOCK, masked_loss, masked_loss_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ddmim.masking import base_token_mask
-from kernels.mask_gen import fused_masks
+from ddmim.models.masking import base_token_mask
+from ddmim_kernels.mask_gen import fused_masks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

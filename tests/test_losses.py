@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddmim.losses import info_nce, perceptual_losses, reconstruction_loss
-from ddmim.masking import base_token_mask, pixel_mask
+from ddmim.models.losses import info_nce, perceptual_losses, reconstruction_loss
+from ddmim.models.masking import base_token_mask, pixel_mask
 
 
 @pytest.mark.parametrize("normalize", ["all", "masked"])

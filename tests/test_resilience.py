@@ -14,12 +14,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import QUIET_STEPS
-from ddmim.checkpoint_io import TMP_MARK, is_loadable
 from ddmim.cli import main
 from ddmim.config import make_config
-from ddmim.module import DDMIMModule
-from ddmim.nonfinite import NonFiniteTraining
-from ddmim.pretrain import pretrain
+from ddmim.train.checkpoint_files import TMP_MARK, is_loadable
+from ddmim.train.nonfinite import NonFiniteTraining
+from ddmim.train.pretrain import pretrain
+from ddmim.train.pretrain_module import DDMIMModule
 
 REPO = Path(__file__).resolve().parents[1]
 PLANNED = 60

@@ -3,9 +3,9 @@ import json
 import torch
 
 from ddmim.config import make_config
-from ddmim.module import DDMIMModule
-from ddmim.pretrain import pretrain
-from ddmim.trainer import Launch
+from ddmim.train.launch import Launch
+from ddmim.train.pretrain import pretrain
+from ddmim.train.pretrain_module import DDMIMModule
 
 
 def test_tiny_pretraining_on_sample_data_lowers_the_loss(sample_root, tmp_path):
@@ -39,14 +39,11 @@ def test_pretraining_runs_on_each_fast_format(converted, tmp_path):
 
 
 def test_benchmark_mode_reports_each_part(sample_root, tmp_path, monkeypatch, capsys):
-    import ddmim.machine
     from ddmim.cli import main
 
-    monkeypatch.setattr(ddmim.machine, "RESULTS", tmp_path)
-    monkeypatch.setattr("ddmim.benchmark.write_results",
-                        lambda name, payload: ddmim.machine.write_results(name, payload, folder=tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where results go without --out
     assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--benchmark", "3", "--workers", "0",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "model only" in out and "end to end" in out and "loader alone" in out
     saved = json.loads(next(tmp_path.glob("train-benchmark-*.json")).read_text())
@@ -54,6 +51,9 @@ def test_benchmark_mode_reports_each_part(sample_root, tmp_path, monkeypatch, ca
         assert saved[key] > 0, key
     assert 0 <= saved["loader_stall_share"] < 1 and saved["machine"]["cpu_count"] >= 1
     assert not list(tmp_path.glob("runs")), "a benchmark writes no run folder"
+    assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--benchmark", "1", "--workers", "0",
+                 "--no-progress"]) == 0
+    assert list((tmp_path / "cache" / "ddmim" / "benchmarks").glob("train-benchmark-*.json"))
 
 
 def test_throughput_reports_give_images_memory_and_flops(sample_root, tmp_path, capsys):

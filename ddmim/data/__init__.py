@@ -52,27 +52,30 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
     raise UserError(f"unknown data format '{fmt}'; available: {', '.join(FORMATS)}")
 
 
-def eval_batches(root: Path, cfg, split: str, fmt: str = "auto"):
-    """Every image of a split once, with the validation transform (centre crop), in a fixed order."""
+def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None):
+    """Every image of a split once, with the validation transform (centre crop), in a fixed order; on
+    `device` (CUDA: the fast loaders decode there), else on the CPU."""
+    import torch
+
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data path {root} does not exist or is not a folder")
     fmt = detect_format(root) if fmt == "auto" else fmt
+    device = torch.device(device or "cpu")
     if fmt == "ffcv":
-        import torch
-
         from ddmim.data.ffcv_loader import make_loader
 
-        loader = make_loader(root / f"{split}.beton", cfg, train=False, device=torch.device("cpu"), drop_last=False)
+        loader = make_loader(root / f"{split}.beton", cfg, train=False, device=device, drop_last=False)
         return ((x.clone(), y.clone()) for x, y in loader)  # FFCV reuses its batch buffers
     if fmt == "dali":
         from ddmim.data.dali_loader import open_loader
 
-        return open_loader(root / split, cfg, train=False, gpu=False)
+        return open_loader(root / split, cfg, train=False, gpu=device.type == "cuda")
     from torch.utils.data import DataLoader
 
     from ddmim.data.folder import open_split
     from ddmim.data.transforms import val_transform
 
     dataset = open_split(root, split, val_transform(cfg.model.img_size, cfg.data))
-    return DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers)
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
+                      pin_memory=device.type == "cuda")

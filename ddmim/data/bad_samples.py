@@ -14,8 +14,8 @@ import sys
 import pytorch_lightning as pl
 import torch
 
-from ddmim.callbacks import write_row
 from ddmim.errors import UserError
+from ddmim.train.callbacks import write_row
 
 
 class SkippedSamples:

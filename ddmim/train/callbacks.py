@@ -96,7 +96,7 @@ class ThroughputReport(pl.Callback):
         if self.flops_per_image:
             stats["perf/tflops_device"] = self.flops_per_image * per_device / 1e12
             line += f", {stats['perf/tflops_device']:.3f} TFLOP/s per device"
-            peak = peak_flops() if trainer.strategy.root_device.type == "cuda" else None
+            peak = peak_flops(str(trainer.precision)) if trainer.strategy.root_device.type == "cuda" else None
             if peak:
                 stats["perf/mfu"] = stats["perf/tflops_device"] * 1e12 / peak
                 line += f" (MFU {100 * stats['perf/mfu']:.1f}%)"

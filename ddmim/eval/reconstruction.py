@@ -7,25 +7,27 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from ddmim.checkpoints import read_pretraining
+from ddmim.config import Config
 from ddmim.data import eval_batches
 from ddmim.errors import UserError
-from ddmim.losses import reconstruction_loss
-from ddmim.masking import pixel_mask, stage_masks
-from ddmim.model import DDMIM
+from ddmim.models.ddmim import DDMIM
+from ddmim.models.losses import reconstruction_loss
+from ddmim.models.masking import pixel_mask, stage_masks
 
 PANELS = ("original", "masked input", "reconstruction", "reconstruction in the masked pixels")
 
 
-def load_model(ckpt: Path) -> DDMIM:
+def load_model(ckpt: Path) -> tuple[DDMIM, Config]:
+    """The pretrained model (PyTorch references for the losses) and its run config."""
     cfg, state = read_pretraining(ckpt)  # one read of the file for config and weights
-    model = DDMIM(cfg)
+    model = DDMIM.from_config(cfg)
     model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
-    return model.eval()
+    return model.eval(), cfg
 
 
 @torch.no_grad()
 def reconstruct(model: DDMIM, images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    masks = stage_masks(base, model.cfg.mask.ratios)
+    masks = stage_masks(base, model.mask_cfg.ratios)
     return model.forward_decoder(model.forward_encoder(images, masks)[-1])
 
 
@@ -44,7 +46,7 @@ def reconstruction_report(model: DDMIM, batches, seed: int = 0) -> dict:
     for index, (images, _) in enumerate(batches):
         base, _ = model.draw_masks(len(images), seed=seed, index=index)
         pred = reconstruct(model, images, base)
-        kwargs = dict(beta=model.cfg.loss.recon_beta, normalize=model.cfg.loss.recon_normalize)
+        kwargs = dict(beta=model.loss_cfg.recon_beta, normalize=model.loss_cfg.recon_normalize)
         loss += reconstruction_loss(pred, images, base, **kwargs).item() * len(images)
         baseline += reconstruction_loss(mean_visible_colour(images, base), images, base, **kwargs).item() * len(images)
         n += len(images)
@@ -79,8 +81,7 @@ def visualize(ckpt: Path, data: Path, out: Path, num: int = 8, data_format: str 
         raise UserError(f"--num must be at least 1, got {num}")
     if Path(out).is_dir():
         raise UserError(f"--out {out} is a folder; give the PNG file to write")
-    model = load_model(ckpt)
-    cfg = model.cfg
+    model, cfg = load_model(ckpt)
     batches = eval_batches(data, cfg, "val", data_format)
     every = torch.cat([x for x, _ in batches])
     images = every[torch.linspace(0, len(every) - 1, min(num, len(every))).long()]  # spread over the classes

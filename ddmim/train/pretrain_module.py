@@ -6,12 +6,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from ddmim.checkpoint_io import restore_rng_state, rng_state
 from ddmim.checkpoints import KIND_KEY
-from ddmim.compile import compiled_or_eager
 from ddmim.config import Config, config_from_dict
-from ddmim.model import DDMIM
-from ddmim.nonfinite import NonFiniteGuard
+from ddmim.models.ddmim import DDMIM
+from ddmim.models.kernels import resolve_kernels
+from ddmim.train.checkpoint_files import restore_rng_state, rng_state
+from ddmim.train.compile import compiled_or_eager
+from ddmim.train.nonfinite import NonFiniteGuard
 
 VAL_STREAM = 7919  # validation masks use seed + VAL_STREAM, apart from the training masks
 
@@ -22,12 +23,13 @@ def scaled_lr(lr: float, lr_batch: int, global_batch: int) -> float:
 
 
 class DDMIMModule(NonFiniteGuard, pl.LightningModule):
-    def __init__(self, config: dict[str, Any], channels_last: bool = False):
+    def __init__(self, config: dict[str, Any], channels_last: bool = False, cuda: bool = False):
+        """`cuda`: the run is on CUDA, where `train.kernels: auto` picks the Triton kernels."""
         super().__init__()
         self.save_hyperparameters()
         self.cfg: Config = config_from_dict(config)
         self.channels_last = channels_last
-        self.model = DDMIM(self.cfg)
+        self.model = DDMIM.from_config(self.cfg, kernels=resolve_kernels(self.cfg.train.kernels, cuda=cuda))
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.max_bad_steps = self.cfg.train.max_bad_steps
@@ -45,11 +47,17 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
             restore_rng_state(checkpoint["rng"])
         self.ema_updates = checkpoint.get("ema_updates", 1)
 
-    def flops_per_image(self) -> float:
-        """FLOPs of one training image (forward and backward), for the throughput reports."""
-        from ddmim.flops import flops_per_image
+    def flops_per_image(self, batch: int = 2) -> float:
+        """FLOPs of one training image (forward and backward; Lightning's counter), for the throughput reports."""
+        from lightning_fabric.utilities.throughput import measure_flops
 
-        return flops_per_image(self.model, self.device)
+        size = self.cfg.model.img_size
+        generator = torch.Generator(device=self.device).manual_seed(0)  # the global random stream stays as it is
+        images = torch.randn(batch, 3, size, size, device=self.device, generator=generator)
+        base, masks = self.model.draw_masks(batch, device=self.device)
+        flops = measure_flops(self.model, lambda: self.model(images, base, masks)["loss"], loss_fn=lambda loss: loss)
+        self.model.zero_grad(set_to_none=True)
+        return flops / batch
 
     @property
     def global_batch(self) -> int:
@@ -95,7 +103,7 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         counter = batch_idx if ema.count == "epoch_batches" else self.global_step
         if counter % ema.every == 0:
             copy = ema.first_copy and self.ema_updates == 0
-            self.model.update_teacher(decay=0.0 if copy else None)
+            self.model.update_teacher(0.0 if copy else ema.decay)
             self.ema_updates += 1
 
     def validation_step(self, batch, batch_idx: int) -> None:

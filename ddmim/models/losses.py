@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ddmim.masking import pixel_mask
+from ddmim.models.masking import pixel_mask
 
 
 def reconstruction_loss(

@@ -15,13 +15,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from ddmim.callbacks import ThroughputReport
 from ddmim.config import Config
 from ddmim.data import make_datamodule
-from ddmim.flops import step_flops
-from ddmim.machine import peak_flops, write_results
-from ddmim.module import DDMIMModule
-from ddmim.trainer import Launch, resolve_launch
+from ddmim.machine import peak_flops, user_results_folder, write_results
+from ddmim.train.callbacks import ThroughputReport
+from ddmim.train.launch import Launch, resolve_launch
+from ddmim.train.pretrain_module import DDMIMModule
 
 WARMUP = 5
 
@@ -64,7 +63,8 @@ def loader_rate(datamodule, trainer: pl.Trainer, steps: int) -> float:
 
 
 def run_benchmark(cfg: Config, data_root: Path, steps: int, launch: Launch | None = None,
-                  data_format: str = "auto") -> dict:
+                  data_format: str = "auto", results: Path | None = None) -> dict:
+    """`results`: the folder for the JSON (default: the user's cache, ~/.cache/ddmim/benchmarks)."""
     launch = resolve_launch(launch or Launch())
     total = steps + WARMUP
     datamodule = make_datamodule(data_root, cfg, data_format, channels_last=launch.channels_last)
@@ -72,7 +72,7 @@ def run_benchmark(cfg: Config, data_root: Path, steps: int, launch: Launch | Non
         folder = Path(tmp)
         ceiling, real = ThroughputReport(warmup=WARMUP), ThroughputReport(warmup=WARMUP)
         pl.seed_everything(cfg.train.seed, verbose=False)
-        module = DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last)
+        module = DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last, cuda=launch.accelerator == "gpu")
         trainer = _trainer(launch, total, folder, ceiling)
         device = trainer.strategy.root_device
         size, batch = cfg.model.img_size, cfg.train.batch_size
@@ -80,10 +80,10 @@ def run_benchmark(cfg: Config, data_root: Path, steps: int, launch: Launch | Non
                      torch.zeros(batch, dtype=torch.long, device=device))
         loader_images_per_s = loader_rate(datamodule, trainer, steps)
         trainer.fit(module, train_dataloaders=OnDevice(synthetic, total))
-        flops = step_flops(module.model.to(device), synthetic[0])
-        module = DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last)
+        flops = module.to(device).flops_per_image(batch) * batch
+        module = DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last, cuda=device.type == "cuda")
         _trainer(launch, total, folder, real).fit(module, datamodule=datamodule)
-    peak = peak_flops()
+    peak = peak_flops(launch.precision)
     steps_per_s = ceiling.images_per_s / batch
     result = {
         "preset": cfg.name, "data": str(data_root), "device": str(device), "precision": launch.precision,
@@ -96,7 +96,7 @@ def run_benchmark(cfg: Config, data_root: Path, steps: int, launch: Launch | Non
         "flops_per_step": flops,
         "mfu": flops * steps_per_s / peak if peak else None,
     }
-    result["results_file"] = str(write_results("train-benchmark", result))
+    result["results_file"] = str(write_results("train-benchmark", result, results or user_results_folder()))
     return result
 
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_prep.sample_data import build_sample_dataset, default_sample_root
 from ddmim.config import make_config
 from ddmim.data import eval_batches
-from ddmim.evaluate import evaluate
-from ddmim.finetune import finetune
+from ddmim.eval.frozen import evaluate
+from ddmim.eval.reconstruction import load_model, reconstruction_report, visualize
 from ddmim.finetune_config import make_finetune_config
-from ddmim.pretrain import format_summary, prepare_run_dir, pretrain
-from ddmim.trainer import Launch
-from ddmim.visualize import load_model, reconstruction_report, visualize
+from ddmim.train.finetune import finetune
+from ddmim.train.launch import Launch
+from ddmim.train.pretrain import format_summary, pretrain
+from ddmim.train.run_folder import prepare_run_dir
+from ddmim_data_prep.sample_data import build_sample_dataset, default_sample_root
 
 
 def run_demo(out: Path) -> dict:
@@ -28,8 +29,8 @@ def run_demo(out: Path) -> dict:
     print(format_summary(pre))
     ckpt = Path(pre["checkpoint_last"])
     grid = visualize(ckpt, data, out / "reconstructions.png")
-    model = load_model(ckpt)
-    recon = reconstruction_report(model, eval_batches(data, model.cfg, "val"), seed=model.cfg.train.seed)
+    model, cfg = load_model(ckpt)
+    recon = reconstruction_report(model, eval_batches(data, cfg, "val"), seed=cfg.train.seed)
     knn = {name: evaluate("knn", data, c, make_config("tiny"))["top1"] for name, c in (("pretrained", ckpt),
                                                                                       ("random init", None))}
     ft = {name: finetune(make_finetune_config("tiny"), data, out / f"finetune-{name.replace(' ', '-')}", quiet,

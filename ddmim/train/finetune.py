@@ -4,30 +4,29 @@ Optimiser, layer-wise lr decay, schedules, mixup/cutmix and label smoothing come
 """
 from __future__ import annotations
 
-import json
-import time
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-import yaml
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from ddmim.checkpoints import KIND_KEY, load_pretraining
-from ddmim.classifier import build_classifier, load_encoder_weights
 from ddmim.data import make_datamodule
 from ddmim.data.batch_augment import BatchRandAugment
 from ddmim.errors import UserError
 from ddmim.finetune_config import FinetuneConfig, finetune_config_from_dict
-from ddmim.module import scaled_lr
-from ddmim.nonfinite import NonFiniteGuard
-from ddmim.pretrain import prepare_run_dir
-from ddmim.trainer import Launch, build_trainer, resolve_launch
+from ddmim.models.classifier import build_classifier, load_encoder_weights
+from ddmim.train.compile import compiled_or_eager
+from ddmim.train.launch import Launch, resolve_launch
+from ddmim.train.nonfinite import NonFiniteGuard
+from ddmim.train.pretrain_module import scaled_lr
+from ddmim.train.run import FitPlan, run_fit
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -70,6 +69,8 @@ class FinetuneModule(NonFiniteGuard, pl.LightningModule):
         self.soft_ce = SoftTargetCrossEntropy()
         self.max_bad_steps = self.cfg.train.max_bad_steps
         self._val_sums = torch.zeros(3)
+        # a plain function, not a module attribute: the network's weights stay registered once
+        self._forward = compiled_or_eager(self.net) if self.cfg.train.compile else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[KIND_KEY] = "finetune"
@@ -77,7 +78,7 @@ class FinetuneModule(NonFiniteGuard, pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        return (self._forward or self.net)(images)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -119,40 +120,39 @@ class FinetuneModule(NonFiniteGuard, pl.LightningModule):
 
 
 def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, launch: Launch | None = None, *,
-             ckpt: Path | None = None, data_format: str = "auto", num_classes: int | None = None) -> dict:
+             ckpt: Path | None = None, data_format: str = "auto", num_classes: int | None = None,
+             resume: bool = False) -> dict:
+    """Fine-tunes the encoder of pretraining checkpoint `ckpt` (or a random one); `cfg` is not changed: with a
+    checkpoint, the backbone is the checkpoint's."""
     launch = resolve_launch(launch or Launch())
-    channels_last = launch.channels_last
     state = None
     if ckpt is not None:
         pre_cfg, state = load_pretraining(ckpt)
-        cfg.model = pre_cfg.model  # the backbone is the checkpoint's
-    datamodule = make_datamodule(data_root, cfg, data_format, channels_last=channels_last,
+        cfg = dataclasses.replace(cfg, model=pre_cfg.model)
+    datamodule = make_datamodule(data_root, cfg, data_format, channels_last=launch.channels_last,
                                  randaugment=cfg.augment.randaugment)
     classes = datamodule.num_classes
     if classes < 2:
         raise UserError(f"{data_root} has {classes} class; fine-tuning a classifier needs at least 2")
     if num_classes is not None and num_classes != classes:
         raise UserError(f"--num-classes {num_classes} disagrees with the data: {data_root} has {classes} classes")
-    run_dir = prepare_run_dir(out)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    loaded = []
 
-    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module = FinetuneModule(cfg.to_dict(), classes, channels_last=channels_last,
-                            batch_randaugment=not datamodule.applies_randaugment)
-    loaded = load_encoder_weights(module.net, state, cfg.head.kind) if state is not None else 0
-    run = build_trainer(run_dir, cfg, launch, monitor=("val/top1", "max"))
-    start = time.perf_counter()
-    run.trainer.fit(module, datamodule=datamodule)
-    if not run.val_history.steps or run.val_history.steps[-1] != run.trainer.global_step:
-        run.trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = run.trainer.callback_metrics
-    summary = {
-        "preset": cfg.name, "data": str(data_root), "pretrained": str(ckpt) if ckpt else None,
-        "encoder_tensors_loaded": loaded, "num_classes": classes, "steps": run.trainer.global_step,
-        "wall_s": round(time.perf_counter() - start, 2), "train_images_per_s": round(run.throughput.images_per_s, 2),
-        "val_top1": float(metrics["val/top1"]), "val_top5": float(metrics["val/top5"]),
-        "best_val_top1": float(run.best.best_model_score) if run.best.best_model_score is not None else None,
-        "run_dir": str(run_dir), "checkpoint_last": run.checkpoint.last_model_path,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    def make_module() -> FinetuneModule:
+        module = FinetuneModule(cfg.to_dict(), classes, channels_last=launch.channels_last,
+                                batch_randaugment=not datamodule.applies_randaugment)
+        if state is not None:
+            loaded.append(load_encoder_weights(module.net, state, cfg.head.kind))
+        return module
+
+    plan = FitPlan(cfg=cfg, data=data_root, out=out, launch=launch, datamodule=datamodule, make_module=make_module,
+                   resume=resume, fixed_sections=("model", "head"), monitor=("val/top1", "max"))
+
+    def fields(run, module) -> dict:
+        metrics = run.trainer.callback_metrics
+        best = run.best.best_model_score
+        return {"pretrained": str(ckpt) if ckpt else None, "encoder_tensors_loaded": sum(loaded),
+                "num_classes": classes, "val_top1": float(metrics["val/top1"]),
+                "val_top5": float(metrics["val/top5"]), "best_val_top1": float(best) if best is not None else None}
+
+    return run_fit(plan, fields)

@@ -1,76 +1,22 @@
-"""Assembles the Lightning Trainer: launch checks, loggers, checkpoints, measurement callbacks."""
+"""Assembles the Lightning Trainer: loggers, checkpoints, measurement callbacks."""
 from __future__ import annotations
 
-import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.strategies import DDPStrategy
 
-from ddmim.callbacks import StepRows, ThroughputReport, ValLossHistory
-from ddmim.checkpoint_io import STEP_PREFIX, AtomicCheckpointIO
 from ddmim.data.bad_samples import BadSampleGuard
-from ddmim.errors import UserError
-from ddmim.history import HistoryCSVLogger, HistoryTensorBoardLogger
+from ddmim.train.callbacks import StepRows, ThroughputReport, ValLossHistory
+from ddmim.train.checkpoint_files import STEP_PREFIX, AtomicCheckpointIO
+from ddmim.train.history import HistoryCSVLogger, HistoryTensorBoardLogger
+from ddmim.train.launch import Launch
 
 # The EMA teacher is kept in eval mode on purpose (no drop-path noise in the target).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
-ACCELERATORS = ("auto", "cpu", "gpu")
-STRATEGIES = ("auto", "ddp")  # ddp_spawn is left out: the spawned ranks' results never reach the summary
-
-
-@dataclass
-class Launch:
-    """Where and how a run executes; `resolve_launch` turns the 'auto' values into concrete ones."""
-    accelerator: str = "auto"
-    precision: str = "auto"
-    devices: int = 1  # processes per node: GPUs, or CPU processes (gloo) on the CPU
-    num_nodes: int = 1
-    strategy: str = "auto"
-    channels_last: bool = False
-    max_steps: int = -1
-    progress_bar: bool = True
-
-    @property
-    def world_size(self) -> int:
-        return self.devices * self.num_nodes
-
-
-def resolve_launch(launch: Launch) -> Launch:
-    """Concrete choices for 'auto', and one clear refusal for what this machine cannot run."""
-    cuda = torch.cuda.is_available()
-    accelerator, precision = launch.accelerator, launch.precision
-    if accelerator == "gpu" and not cuda:
-        raise UserError("--accelerator gpu was asked for but no CUDA device is available")
-    if accelerator == "auto":
-        accelerator = "gpu" if cuda else "cpu"
-    if launch.devices < 1 or launch.num_nodes < 1:
-        raise UserError("--devices and --num-nodes must be at least 1")
-    if accelerator == "gpu" and launch.devices > torch.cuda.device_count():
-        raise UserError(f"--devices {launch.devices} asks for more GPUs than this machine has "
-                        f"({torch.cuda.device_count()})")
-    if precision == "auto":
-        precision = "32" if accelerator != "gpu" else ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed")
-    if precision == "16-mixed" and accelerator != "gpu":
-        raise UserError("--precision 16-mixed needs a CUDA device; use 32 or bf16-mixed on the CPU")
-    if precision == "bf16-mixed" and accelerator == "gpu" and not torch.cuda.is_bf16_supported():
-        raise UserError("--precision bf16-mixed: this GPU does not support bf16; use 16-mixed or 32")
-    if accelerator == "gpu":
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that remain
-        torch.backends.cudnn.allow_tf32 = True
-    return replace(launch, accelerator=accelerator, precision=precision)
-
-
-def is_launched_worker() -> bool:
-    """True in the processes a launcher started for ranks other than 0 (Lightning, torchrun, SLURM)."""
-    return any(int(os.environ.get(name, "0")) > 0 for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
-
 
 @dataclass
 class Run:

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddmim.backbones import load_backbone, pooled_features
 from ddmim.data import eval_batches
+from ddmim.eval.features import load_backbone, pooled_features
 
 
 @torch.no_grad()
@@ -49,22 +49,27 @@ def linear_probe(train_f, train_y, val_f, val_y, num_classes: int, epochs: int =
         return 100.0 * (head(xv).argmax(1) == val_y).float().mean().item()
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def evaluate(method: str, data: Path, ckpt: Path | None, cfg, *, data_format: str = "auto", k: int = 20,
-             temperature: float = 0.07, epochs: int = 100, device: str = "cpu") -> dict:
-    """cfg: a config whose .model shapes the random backbone when there is no checkpoint and whose .data
-    gives the evaluation transform."""
-    net, cfg.model = load_backbone(ckpt, cfg.model, seed=cfg.train.seed)
+             temperature: float = 0.07, epochs: int = 100, device: torch.device | None = None) -> dict:
+    """cfg: the run config whose .model shapes the backbone and whose .data and .train.batch_size give the
+    evaluation loader (with a checkpoint: the checkpoint's config, which must describe the same backbone).
+    Runs on the GPU when there is one. Nothing given is changed."""
+    net, _ = load_backbone(ckpt, cfg, seed=cfg.train.seed)
     result = evaluate_backbone(method, net, cfg, data, data_format=data_format, k=k, temperature=temperature,
                                epochs=epochs, device=device)
     return {**result, "backbone": str(ckpt) if ckpt else "random init"}
 
 
 def evaluate_backbone(method: str, net, cfg, data: Path, *, data_format: str = "auto", k: int = 20,
-                      temperature: float = 0.07, epochs: int = 100, device: str = "cpu") -> dict:
-    """k-NN or linear-probe top-1 of a frozen backbone (its weights are only read)."""
-    dev = torch.device(device)
-    train_f, train_y = extract(net, eval_batches(data, cfg, "train", data_format), dev)
-    val_f, val_y = extract(net, eval_batches(data, cfg, "val", data_format), dev)
+                      temperature: float = 0.07, epochs: int = 100, device: torch.device | None = None) -> dict:
+    """k-NN or linear-probe top-1 of a frozen backbone (its weights are only read; it is moved to `device`)."""
+    dev = device or default_device()
+    train_f, train_y = extract(net, eval_batches(data, cfg, "train", data_format, device=dev), dev)
+    val_f, val_y = extract(net, eval_batches(data, cfg, "val", data_format, device=dev), dev)
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     if method == "knn":
         predicted = knn_predict(train_f, train_y, val_f, num_classes, k, temperature)

@@ -6,30 +6,26 @@ all inside `head.fc`. linear head: `head.fc` is one Linear on the pooled feature
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
-from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch import nn
 
-from ddmim.backbone import build_swin
 from ddmim.config import ModelConfig
 from ddmim.errors import UserError
+from ddmim.models.backbones import plain_backbone
 
 
 def build_classifier(model: ModelConfig, num_classes: int, head_kind: str, hidden: int,
-                     drop_path: float) -> SwinTransformerV2:
-    cfg = dataclasses.replace(model, drop_path_rate=drop_path)
+                     drop_path: float) -> nn.Module:
     if head_kind == "linear":
-        return build_swin(dataclasses.replace(cfg, embed_out=num_classes))
-    net = build_swin(cfg)
+        return plain_backbone(model, drop_path_rate=drop_path, embed_out=num_classes)
+    net = plain_backbone(model, drop_path_rate=drop_path)
     embed = net.head.fc
-    net.head.fc = nn.Sequential(embed, nn.BatchNorm1d(cfg.embed_out), nn.Linear(cfg.embed_out, hidden), nn.GELU(),
-                                nn.Linear(hidden, num_classes))
+    net.head.fc = nn.Sequential(embed, nn.BatchNorm1d(model.embed_out), nn.Linear(model.embed_out, hidden),
+                                nn.GELU(), nn.Linear(hidden, num_classes))
     return net
 
 
-def load_encoder_weights(net: SwinTransformerV2, state: dict[str, torch.Tensor], head_kind: str) -> int:
+def load_encoder_weights(net: nn.Module, state: dict[str, torch.Tensor], head_kind: str) -> int:
     """Loads every pretrained encoder weight; only the new head may stay untrained. Returns tensors loaded."""
     if head_kind == "linear":
         state = {k: v for k, v in state.items() if not k.startswith("head.")}

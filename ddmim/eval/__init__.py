@@ -1,0 +1,1 @@
+"""Using a trained backbone: frozen-feature evaluation, reconstruction pictures, export, the demo."""

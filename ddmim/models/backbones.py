@@ -1,0 +1,53 @@
+"""The one place backbones plug in: `create_backbone(name, **architecture)`.
+
+A backbone for the masked pretraining methods (DDMIM, SimMIM) is an nn.Module with
+- `grid` (tokens per side of the base mask), `stride` (pixels per last-stage token), `num_features`
+  (width of the last stage), `embed_dim` (width of the patch tokens, the mask token's size);
+- `stages`: the modules the EMA teacher copies;
+- `forward_features(images, masks, mask_token=None, stages=None)`: every stage's tapped output, the
+  stage masks applied (`stages` runs another copy, the teacher's, on this backbone's patch embedding);
+- `forward_head(last, pre_logits=False)` and `normed(last)`: the pooled embedding and the final norm;
+- `net`, `timm_name`, `timm_kwargs`: the plain timm model, and the `timm.create_model` call that builds it
+  (export and fine-tuning use these).
+Adding a backbone is one `register_backbone` entry; `model.backbone` selects it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from ddmim.errors import UserError
+from ddmim.models.swin import MaskedSwin
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"swin_v2": MaskedSwin}
+
+
+def register_backbone(name: str, factory: Callable[..., nn.Module]) -> None:
+    BACKBONES[name] = factory
+
+
+def create_backbone(name: str, **architecture) -> nn.Module:
+    if name not in BACKBONES:
+        raise UserError(f"unknown backbone '{name}'; available: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name](**architecture)
+
+
+def architecture(model) -> dict:
+    """The keyword arguments of a ModelConfig that shape a backbone."""
+    return {"img_size": model.img_size, "patch_size": model.patch_size, "embed_dim": model.embed_dim,
+            "depths": list(model.depths), "num_heads": list(model.num_heads), "window_size": model.window_size,
+            "mlp_ratio": model.mlp_ratio, "drop_path_rate": model.drop_path_rate, "embed_out": model.embed_out,
+            "perceptual_tap": model.perceptual_tap}
+
+
+def plain_backbone(model, **changes) -> nn.Module:
+    """The plain timm model of a ModelConfig's backbone; `changes` override architecture entries
+    (embed_out=0: no head; drop_path_rate for fine-tuning)."""
+    return create_backbone(model.backbone, **{**architecture(model), **changes}).net
+
+
+def timm_recipe(model) -> tuple[str, dict]:
+    """(name, keyword arguments) of the `timm.create_model` call that builds the headless backbone."""
+    encoder = create_backbone(model.backbone, **{**architecture(model), "embed_out": 0})
+    return encoder.timm_name, {"pretrained": False, "num_classes": 0, **encoder.timm_kwargs}

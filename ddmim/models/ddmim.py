@@ -1,0 +1,118 @@
+"""DDMIM as a plain nn.Module, shaped like MAE's: `forward_encoder`, `forward_decoder`, `forward_loss`.
+
+A masked student encoder (any backbone of `ddmim.models.backbones`), its EMA teacher (a copy of the
+student's stages, never trained by gradients), a projection head and a SimMIM pixel decoder. With no
+contrastive or perceptual weight (SimMIM) the teacher is never run.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ddmim.models.backbones import architecture, create_backbone
+from ddmim.models.ema import ema_update_, make_teacher
+from ddmim.models.heads import PixelDecoder, ProjectionHead
+from ddmim.models.kernels import KernelOps, resolve_kernels
+from ddmim.models.losses import info_nce
+from ddmim.models.masking import stage_masks
+
+# Maps this rank's teacher embeddings to (embeddings of all ranks, offset of this rank's rows).
+Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def _local(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return z, 0
+
+
+class DDMIM(nn.Module):
+    def __init__(self, encoder: nn.Module, *, mask, loss, proj_hidden: int, proj_out: int, embed_out: int,
+                 mask_token: bool = False, teacher_mode: str = "train", kernels: KernelOps | None = None):
+        """`mask` and `loss`: the MaskConfig and LossConfig sections (ratios and unit; weights, tau, betas)."""
+        super().__init__()
+        self.mask_cfg, self.loss_cfg, self.teacher_mode = mask, loss, teacher_mode
+        self.kernels = kernels or resolve_kernels("torch", cuda=False)
+        self.student = encoder
+        self.teacher = make_teacher(encoder.stages)
+        self.proj = ProjectionHead(embed_out, proj_hidden, proj_out)
+        self.decoder = PixelDecoder(encoder.num_features, encoder.stride)
+        self.mask_token = None
+        if mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, encoder.embed_dim))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.train()  # the teacher's mode follows `teacher_mode` from the start
+
+    @classmethod
+    def from_config(cls, cfg, kernels: KernelOps | None = None) -> "DDMIM":
+        m = cfg.model
+        encoder = create_backbone(m.backbone, **architecture(m))
+        return cls(encoder, mask=cfg.mask, loss=cfg.loss, proj_hidden=m.proj_hidden, proj_out=m.proj_out,
+                   embed_out=m.embed_out, mask_token=m.mask_token, teacher_mode=cfg.ema.teacher_mode,
+                   kernels=kernels)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.loss_cfg.alpha != 0 or any(f != 0 for f in self.loss_cfg.stagefactor)
+
+    def train(self, mode: bool = True) -> "DDMIM":
+        super().train(mode)
+        if self.teacher_mode == "eval":
+            self.teacher.eval()  # a fixed target: no drop-path noise
+        return self
+
+    def draw_masks(self, batch: int, *, device=None, seed: int = 0, index: int = 0):
+        """(base mask, stage masks) of draw `index` of random stream `seed`."""
+        m = self.mask_cfg
+        return self.kernels.draw_masks(batch, self.student.grid, m.ratios, exact_count=m.exact_count, seed=seed,
+                                       index=index, device=device, patch=m.patch)
+
+    def embedding(self, last: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.student.forward_head(last))
+
+    def forward_encoder(self, images: torch.Tensor, masks: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The student's tapped stage outputs on masked input (the last one is the final stage's)."""
+        return self.student.forward_features(images, masks, self.mask_token)
+
+    def forward_decoder(self, last: torch.Tensor) -> torch.Tensor:
+        """The reconstructed image from the final stage's tokens."""
+        return self.decoder(self.student.normed(last))
+
+    @torch.no_grad()
+    def forward_teacher(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The teacher's taps on the unmasked image (the student's patch embedding, without gradient)."""
+        return self.student.forward_features(images, stages=self.teacher)
+
+    def forward_loss(self, images: torch.Tensor, base_mask: torch.Tensor, student: list[torch.Tensor],
+                     pred: torch.Tensor, teacher: list[torch.Tensor] | None, gather: Gather = _local):
+        """Every loss term and their weighted sum."""
+        w, k = self.loss_cfg, self.kernels
+        recon = k.recon_loss(pred, images, base_mask, beta=w.recon_beta, normalize=w.recon_normalize)
+        if teacher is None:
+            return {"loss": recon, "recon": recon}
+        with torch.no_grad():
+            z_t = self.embedding(teacher[-1])  # the student's head on the teacher's features: a fixed target
+        z_all, offset = gather(z_t)
+        contrastive = info_nce(self.embedding(student[-1]), z_all, tau=w.tau, offset=offset,
+                               seed_quirk=w.infonce_seed_quirk)
+        perceptual = k.stage_losses(student, teacher, beta=w.perceptual_beta)
+        loss = recon + w.alpha * contrastive
+        for factor, term in zip(w.stagefactor, perceptual):
+            loss = loss + factor * term
+        out = {"loss": loss, "recon": recon, "contrastive": contrastive}
+        out.update({f"perceptual_{i}": term for i, term in enumerate(perceptual)})
+        return out
+
+    def forward(self, images: torch.Tensor, base_mask: torch.Tensor, masks: list[torch.Tensor | None] | None = None,
+                gather: Gather = _local) -> dict[str, torch.Tensor]:
+        """All loss terms for one batch; `base_mask` is (B, grid, grid) with 1 = visible, `masks` the stage
+        masks drawn with it (derived from it when not given)."""
+        if masks is None:
+            masks = stage_masks(base_mask, self.mask_cfg.ratios)
+        student = self.forward_encoder(images, masks)
+        pred = self.forward_decoder(student[-1])
+        teacher = self.forward_teacher(images) if self.uses_teacher else None
+        return self.forward_loss(images, base_mask, student, pred, teacher, gather)
+
+    def update_teacher(self, decay: float) -> None:
+        ema_update_(self.teacher, self.student.stages, decay)

@@ -1,0 +1,51 @@
+"""`ddmim train`: one pretraining run from a resolved config to a run folder with logs, checkpoints, summary."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ddmim.config import Config
+from ddmim.data import make_datamodule
+from ddmim.models.kernels import check_kernels
+from ddmim.train.launch import Launch, resolve_launch
+from ddmim.train.pretrain_module import DDMIMModule
+from ddmim.train.run import FitPlan, run_fit
+
+RESUMABLE = ("model", "mask", "loss", "ema")  # what must not change when a run is resumed
+
+
+def pretrain(cfg: Config, data_root: Path, out: Path, launch: Launch | None = None, *, data_format: str = "auto",
+             resume: bool = False) -> dict:
+    launch = resolve_launch(launch or Launch())
+    check_kernels(cfg.train.kernels)
+    plan = FitPlan(
+        cfg=cfg, data=data_root, out=out, launch=launch, resume=resume, fixed_sections=RESUMABLE,
+        datamodule=make_datamodule(data_root, cfg, data_format, channels_last=launch.channels_last),
+        make_module=lambda: DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last,
+                                        cuda=launch.accelerator == "gpu"),
+        validate_first=True,  # the untrained model's loss, to compare the trained one with
+        find_unused_parameters=lambda module: not module.model.uses_teacher)
+
+    def fields(run, module) -> dict:
+        losses = run.val_history.losses
+        return {"val_loss_first": losses[0] if losses else None, "val_loss_last": losses[-1] if losses else None,
+                "val_loss_history": losses}
+
+    return run_fit(plan, fields)
+
+
+def format_summary(summary: dict) -> str:
+    first, last = summary["val_loss_first"], summary["val_loss_last"]
+    ratio = f" ({last / first:.2f}x)" if first and last is not None else ""
+    return "\n".join([
+        f"pretraining done: preset {summary['preset']}, {summary['steps']} steps in {summary['wall_s']:.0f} s "
+        f"({summary['accelerator']}, precision {summary['precision']})",
+        f"  throughput      {summary['train_images_per_s']:.1f} images/s "
+        f"(data wait {100 * summary['data_wait_share']:.1f}% of step time)",
+        (f"  val loss        {first:.4f} before training -> {last:.4f} after{ratio}" if not summary["resumed_from"]
+         else f"  val loss        {first:.4f} first after resuming -> {last:.4f} after{ratio}")
+        if first is not None else "  val loss        not measured",
+        f"  run folder      {summary['run_dir']}",
+        f"  metrics (CSV)   {summary['logs']}",
+        f"  tensorboard     tensorboard --logdir {summary['tensorboard']}",
+        f"  checkpoints     {summary['checkpoint_last']} (last), {summary['checkpoint_best']} (best val loss)",
+    ])

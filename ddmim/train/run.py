@@ -1,0 +1,75 @@
+"""The one run flow every training command uses: run folder, config.yaml, seeding, trainer, fit, final
+validation, and a summary that rank 0 writes. A command gives it only its module, data module and fields."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytorch_lightning as pl
+
+from ddmim.train.launch import Launch, is_launched_worker
+from ddmim.train.run_folder import open_run_folder, remove_failed_start
+from ddmim.train.trainer import Run, build_trainer
+
+
+@dataclass
+class FitPlan:
+    cfg: object  # a run config with .name, .train, .data and .to_dict()
+    data: Path
+    out: Path
+    launch: Launch  # resolved
+    datamodule: pl.LightningDataModule
+    make_module: Callable[[], pl.LightningModule]  # called after seeding
+    resume: bool = False
+    fixed_sections: tuple[str, ...] = ("model",)  # what a resumed run must share with the run folder's
+    monitor: tuple[str, str] = ("val/loss", "min")  # picks the best checkpoint
+    validate_first: bool = False  # measure the untrained model before a fresh run
+    find_unused_parameters: Callable[[pl.LightningModule], bool] = lambda module: False
+
+
+def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict]) -> dict:
+    run_dir, ckpt = open_run_folder(Path(plan.out), plan.cfg, plan.resume, plan.fixed_sections)
+    pl.seed_everything(plan.cfg.train.seed, workers=True, verbose=False)
+    module = plan.make_module()
+    run = build_trainer(run_dir, plan.cfg, plan.launch, monitor=plan.monitor, resume=plan.resume,
+                        find_unused_parameters=plan.find_unused_parameters(module))
+    start = time.perf_counter()
+    try:
+        if ckpt is not None:
+            print(f"resuming from {ckpt}")
+        elif plan.validate_first:
+            run.trainer.validate(module, datamodule=plan.datamodule, verbose=False)
+        run.trainer.fit(module, datamodule=plan.datamodule, ckpt_path=ckpt)
+    except BaseException:
+        if not plan.resume and run.trainer.global_step == 0 and not is_launched_worker():
+            remove_failed_start(run_dir)
+        raise
+    if not run.val_history.steps or run.val_history.steps[-1] != run.trainer.global_step:
+        run.trainer.validate(module, datamodule=plan.datamodule, verbose=False)  # the final weights
+    summary = {
+        "preset": plan.cfg.name,
+        "data": str(plan.data),
+        "accelerator": plan.launch.accelerator,
+        "precision": plan.launch.precision,
+        "world_size": run.trainer.world_size,
+        "channels_last": plan.launch.channels_last,
+        "resumed_from": str(ckpt) if ckpt else None,
+        "steps": run.trainer.global_step,
+        "epochs": run.trainer.current_epoch,
+        "skipped_steps": module.skipped_steps,
+        "wall_s": round(time.perf_counter() - start, 2),
+        "train_images_per_s": round(run.throughput.images_per_s * run.trainer.world_size, 2),
+        "data_wait_share": round(run.throughput.data_wait_share, 4),
+        **summary_fields(run, module),
+        "run_dir": str(run_dir),
+        "logs": str(run.log_dir / "metrics.csv"),
+        "tensorboard": str(run_dir / "tensorboard"),
+        "checkpoint_best": run.best.best_model_path,
+        "checkpoint_last": run.checkpoint.last_model_path,
+    }
+    if run.trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
