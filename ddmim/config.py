@@ -30,7 +30,7 @@ class ModelConfig:
     window_size: int = 7
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.1  # the original's (Microsoft Swin V2's default)
-    embed_out: int = 1024  # the seed's `num_classes`: size of the linear head after pooling
+    head_dim: int = 1024  # the seed's `num_classes`: size of the linear head after pooling
     proj_hidden: int = 512
     proj_out: int = 512
     perceptual_tap: str = "after_next_merge"  # or stage_output; see ddmim/backbone.py
@@ -47,13 +47,13 @@ class MaskConfig:
 
 @dataclass
 class LossConfig:
-    stagefactor: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 0.1])
-    alpha: float = 1.0
+    perceptual_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 0.1])
+    contrastive_weight: float = 1.0
     tau: float = 0.05
     recon_normalize: str = "all"  # "all" (seed) or "masked" (SimMIM)
     recon_beta: float = 1.0
     perceptual_beta: float = 1.0
-    infonce_seed_quirk: bool = True
+    infonce_extra_logit: bool = True
 
 
 @dataclass
@@ -234,7 +234,7 @@ def at_least(where: str, value, low) -> None:
 
 
 def validate_model(m: ModelConfig) -> None:
-    for name in ("img_size", "patch_size", "embed_dim", "window_size", "embed_out"):
+    for name in ("img_size", "patch_size", "embed_dim", "window_size", "head_dim"):
         at_least(f"model.{name}", getattr(m, name), 1)
     if m.mlp_ratio <= 0 or not 0 <= m.drop_path_rate < 1:
         raise UserError(f"model.mlp_ratio must be positive and model.drop_path_rate in [0, 1), got {m.mlp_ratio} "
@@ -287,8 +287,8 @@ def validate(cfg: Config) -> None:
     if cfg.mask.patch < 1 or (cfg.model.img_size // cfg.model.patch_size) % cfg.mask.patch:
         raise UserError(f"mask.patch={cfg.mask.patch} must divide the token grid "
                         f"{cfg.model.img_size // cfg.model.patch_size}")
-    if len(cfg.loss.stagefactor) != n:
-        raise UserError(f"loss.stagefactor needs {n} values (one per stage), got {cfg.loss.stagefactor}")
+    if len(cfg.loss.perceptual_weights) != n:
+        raise UserError(f"loss.perceptual_weights needs {n} values (one per stage), got {cfg.loss.perceptual_weights}")
     if cfg.loss.recon_normalize not in ("all", "masked"):
         raise UserError(f"loss.recon_normalize must be 'all' or 'masked', got '{cfg.loss.recon_normalize}'")
     if cfg.loss.tau <= 0:

@@ -19,7 +19,8 @@ from ddmim.errors import UserError
 
 @dataclass
 class HeadConfig:
-    kind: str = "seed"  # seed: BatchNorm + 2-layer MLP on the 1024-d embedding; linear: one layer on pooled features
+    kind: str = "bn_mlp"  # bn_mlp: BatchNorm + 2-layer MLP on the head_dim embedding (the original's); linear: one
+    # layer on the pooled features
     hidden: int = 1024
 
 
@@ -64,8 +65,8 @@ def finetune_config_from_dict(values: dict[str, Any]) -> FinetuneConfig:
     cfg = build_dataclass(FinetuneConfig, values)
     validate_model(cfg.model)
     validate_data_and_train(cfg.data, cfg.train)
-    if cfg.head.kind not in ("seed", "linear"):
-        raise UserError(f"head.kind must be seed or linear, got '{cfg.head.kind}'")
+    if cfg.head.kind not in ("bn_mlp", "linear"):
+        raise UserError(f"head.kind must be bn_mlp or linear, got '{cfg.head.kind}'")
     if cfg.optim.schedule not in ("step", "cosine"):
         raise UserError(f"optim.schedule must be step or cosine, got '{cfg.optim.schedule}'")
     if not 0 < cfg.optim.layer_decay <= 1:

@@ -11,8 +11,8 @@ def test_presets_load_and_seed_values():
     assert cfg.model.depths == [2, 2, 6, 2] and cfg.model.num_heads == [3, 6, 12, 24]
     assert (cfg.train.batch_size, cfg.train.epochs) == (52, 50)
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.step_size, cfg.optim.gamma) == (5e-3, 1e-4, 20, 0.1)
-    assert cfg.mask.ratios == [0.5, 0.5, 0.5, 0.0] and cfg.loss.stagefactor == [1.0, 1.0, 1.0, 0.1]
-    assert (cfg.loss.tau, cfg.loss.alpha, cfg.ema.decay, cfg.ema.every) == (0.05, 1.0, 0.999, 32)
+    assert cfg.mask.ratios == [0.5, 0.5, 0.5, 0.0] and cfg.loss.perceptual_weights == [1.0, 1.0, 1.0, 0.1]
+    assert (cfg.loss.tau, cfg.loss.contrastive_weight, cfg.ema.decay, cfg.ema.every) == (0.05, 1.0, 0.999, 32)
 
 
 def test_overrides_are_typed_and_round_trip():

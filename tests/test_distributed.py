@@ -87,3 +87,16 @@ def test_cli_launches_two_cpu_processes(sample_root, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert summary["val_loss_last"] < summary["val_loss_first"]
+
+
+def test_cli_fine_tunes_on_two_cpu_processes_with_one_summary(sample_root, tmp_path):
+    """The shared run flow: rank 1 joins rank 0's run folder instead of refusing it as not empty."""
+    out = tmp_path / "ft"
+    proc = subprocess.run([sys.executable, "-m", "ddmim", "finetune", "--data", str(sample_root), "--preset", "tiny",
+                           "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--max-steps", "3",
+                           "--epochs", "1", "--workers", "0", "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3 and 0 <= summary["val_top1"] <= 100
+    assert [p.name for p in out.glob("summary*.json")] == ["summary.json"]

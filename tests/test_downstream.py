@@ -44,7 +44,7 @@ def test_linear_probe_trains_only_the_head(sample_root):
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
-@pytest.mark.parametrize("head", ["seed", "linear"])
+@pytest.mark.parametrize("head", ["bn_mlp", "linear"])
 def test_finetune_loads_every_encoder_weight_and_drops_the_rest(pretrain_ckpt, head):
     pre_cfg, state = load_pretraining(pretrain_ckpt)
     raw = torch.load(pretrain_ckpt, weights_only=False)["state_dict"]
@@ -53,10 +53,10 @@ def test_finetune_loads_every_encoder_weight_and_drops_the_rest(pretrain_ckpt, h
     loaded = load_encoder_weights(net, state, head)
     target = net.state_dict()
     encoder_keys = [k for k in state if not k.startswith("head.")]
-    assert loaded == len(encoder_keys) + (2 if head == "seed" else 0)  # the seed head keeps the 768->1024 layer
+    assert loaded == len(encoder_keys) + (2 if head == "bn_mlp" else 0)  # the BN-MLP head keeps the 768->1024 layer
     for k in encoder_keys:
         assert torch.equal(target[k], state[k]), k
-    if head == "seed":
+    if head == "bn_mlp":
         assert torch.equal(target["head.fc.0.weight"], state["head.fc.weight"])
     assert not any(k.startswith(("teacher", "decoder", "proj")) for k in target)
 

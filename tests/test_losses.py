@@ -57,7 +57,7 @@ def test_info_nce_matches_direct_computation(quirk, offset):
     g = torch.Generator().manual_seed(2)
     z_s = torch.randn(5, 16, generator=g, dtype=torch.float64)
     z_t = torch.randn(10, 16, generator=g, dtype=torch.float64)
-    got = info_nce(z_s, z_t, tau=0.5, offset=offset, seed_quirk=quirk).item()
+    got = info_nce(z_s, z_t, tau=0.5, offset=offset, extra_logit=quirk).item()
     assert got == pytest.approx(_direct_info_nce(z_s, z_t, 0.5, offset, quirk), rel=1e-5)
 
 

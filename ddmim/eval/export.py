@@ -25,7 +25,7 @@ def export_backbone(ckpt: Path, out: Path) -> dict:
     if weights.exists():
         raise UserError(f"{weights} already exists; choose another --out")
     cfg, state = load_pretraining(ckpt)
-    net = plain_backbone(cfg.model, embed_out=0)
+    net = plain_backbone(cfg.model, head_dim=0)
     name, kwargs = timm_recipe(cfg.model)
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
     net.load_state_dict(backbone, strict=True)  # proves the file will load the same way into timm

@@ -37,17 +37,17 @@ def architecture(model) -> dict:
     """The keyword arguments of a ModelConfig that shape a backbone."""
     return {"img_size": model.img_size, "patch_size": model.patch_size, "embed_dim": model.embed_dim,
             "depths": list(model.depths), "num_heads": list(model.num_heads), "window_size": model.window_size,
-            "mlp_ratio": model.mlp_ratio, "drop_path_rate": model.drop_path_rate, "embed_out": model.embed_out,
+            "mlp_ratio": model.mlp_ratio, "drop_path_rate": model.drop_path_rate, "head_dim": model.head_dim,
             "perceptual_tap": model.perceptual_tap}
 
 
 def plain_backbone(model, **changes) -> nn.Module:
     """The plain timm model of a ModelConfig's backbone; `changes` override architecture entries
-    (embed_out=0: no head; drop_path_rate for fine-tuning)."""
+    (head_dim=0: no head; drop_path_rate for fine-tuning)."""
     return create_backbone(model.backbone, **{**architecture(model), **changes}).net
 
 
 def timm_recipe(model) -> tuple[str, dict]:
     """(name, keyword arguments) of the `timm.create_model` call that builds the headless backbone."""
-    encoder = create_backbone(model.backbone, **{**architecture(model), "embed_out": 0})
+    encoder = create_backbone(model.backbone, **{**architecture(model), "head_dim": 0})
     return encoder.timm_name, {"pretrained": False, "num_classes": 0, **encoder.timm_kwargs}

@@ -1,8 +1,8 @@
 """The fine-tuning network: always a plain timm SwinTransformerV2, so timm's layer-decay grouping,
 feature extraction and export work on it unchanged.
 
-seed head: the pretrained pooled head (768 -> 1024) followed by BatchNorm1d -> Linear -> GELU -> Linear,
-all inside `head.fc`. linear head: `head.fc` is one Linear on the pooled features.
+bn_mlp head (the original's): the pretrained pooled head (768 -> 1024) followed by BatchNorm1d -> Linear ->
+GELU -> Linear, all inside `head.fc`. linear head: `head.fc` is one Linear on the pooled features.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from ddmim.models.backbones import plain_backbone
 def build_classifier(model: ModelConfig, num_classes: int, head_kind: str, hidden: int,
                      drop_path: float) -> nn.Module:
     if head_kind == "linear":
-        return plain_backbone(model, drop_path_rate=drop_path, embed_out=num_classes)
+        return plain_backbone(model, drop_path_rate=drop_path, head_dim=num_classes)
     net = plain_backbone(model, drop_path_rate=drop_path)
     embed = net.head.fc
-    net.head.fc = nn.Sequential(embed, nn.BatchNorm1d(model.embed_out), nn.Linear(model.embed_out, hidden),
+    net.head.fc = nn.Sequential(embed, nn.BatchNorm1d(model.head_dim), nn.Linear(model.head_dim, hidden),
                                 nn.GELU(), nn.Linear(hidden, num_classes))
     return net
 

@@ -27,7 +27,7 @@ def _local(z: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class DDMIM(nn.Module):
-    def __init__(self, encoder: nn.Module, *, mask, loss, proj_hidden: int, proj_out: int, embed_out: int,
+    def __init__(self, encoder: nn.Module, *, mask, loss, proj_hidden: int, proj_out: int, head_dim: int,
                  mask_token: bool = False, teacher_mode: str = "train", kernels: KernelOps | None = None):
         """`mask` and `loss`: the MaskConfig and LossConfig sections (ratios and unit; weights, tau, betas)."""
         super().__init__()
@@ -35,7 +35,7 @@ class DDMIM(nn.Module):
         self.kernels = kernels or resolve_kernels("torch", cuda=False)
         self.student = encoder
         self.teacher = make_teacher(encoder.stages)
-        self.proj = ProjectionHead(embed_out, proj_hidden, proj_out)
+        self.proj = ProjectionHead(head_dim, proj_hidden, proj_out)
         self.decoder = PixelDecoder(encoder.num_features, encoder.stride)
         self.mask_token = None
         if mask_token:
@@ -48,12 +48,12 @@ class DDMIM(nn.Module):
         m = cfg.model
         encoder = create_backbone(m.backbone, **architecture(m))
         return cls(encoder, mask=cfg.mask, loss=cfg.loss, proj_hidden=m.proj_hidden, proj_out=m.proj_out,
-                   embed_out=m.embed_out, mask_token=m.mask_token, teacher_mode=cfg.ema.teacher_mode,
+                   head_dim=m.head_dim, mask_token=m.mask_token, teacher_mode=cfg.ema.teacher_mode,
                    kernels=kernels)
 
     @property
     def uses_teacher(self) -> bool:
-        return self.loss_cfg.alpha != 0 or any(f != 0 for f in self.loss_cfg.stagefactor)
+        return self.loss_cfg.contrastive_weight != 0 or any(f != 0 for f in self.loss_cfg.perceptual_weights)
 
     def train(self, mode: bool = True) -> "DDMIM":
         super().train(mode)
@@ -94,10 +94,10 @@ class DDMIM(nn.Module):
             z_t = self.embedding(teacher[-1])  # the student's head on the teacher's features: a fixed target
         z_all, offset = gather(z_t)
         contrastive = info_nce(self.embedding(student[-1]), z_all, tau=w.tau, offset=offset,
-                               seed_quirk=w.infonce_seed_quirk)
+                               extra_logit=w.infonce_extra_logit)
         perceptual = k.stage_losses(student, teacher, beta=w.perceptual_beta)
-        loss = recon + w.alpha * contrastive
-        for factor, term in zip(w.stagefactor, perceptual):
+        loss = recon + w.contrastive_weight * contrastive
+        for factor, term in zip(w.perceptual_weights, perceptual):
             loss = loss + factor * term
         out = {"loss": loss, "recon": recon, "contrastive": contrastive}
         out.update({f"perceptual_{i}": term for i, term in enumerate(perceptual)})

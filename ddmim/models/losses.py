@@ -44,20 +44,20 @@ def perceptual_losses(student: list[torch.Tensor], teacher: list[torch.Tensor], 
 
 
 def info_nce(z_s: torch.Tensor, z_t: torch.Tensor, *, tau: float, offset: int = 0,
-             seed_quirk: bool = False) -> torch.Tensor:
+             extra_logit: bool = False) -> torch.Tensor:
     """InfoNCE of student embeddings (B, D) against teacher embeddings (N, D), N >= B.
 
     Logits are cosine similarities / tau; the positive of student row i is teacher row offset + i
     (offset = rank * B when the teacher embeddings were gathered from all data-parallel ranks); every
     other teacher row is a negative. The teacher side is a stop-gradient target.
-    seed_quirk: the seed puts the positive in a column of its own and zeroes the positive's slot among
+    extra_logit: the seed puts the positive in a column of its own and zeroes the positive's slot among
     the negatives instead of removing it, which adds one constant logit exp(0) to every denominator.
     """
     z_s = F.normalize(z_s.float(), dim=-1)
     z_t = F.normalize(z_t.detach().float(), dim=-1)
     logits = z_s @ z_t.T / tau
     labels = torch.arange(z_s.shape[0], device=z_s.device) + offset
-    if seed_quirk:
+    if extra_logit:
         positive = logits.gather(1, labels[:, None])
         negatives = logits.scatter(1, labels[:, None], 0.0)
         logits = torch.cat([positive, negatives], dim=1)

@@ -1,0 +1,121 @@
+"""The shared run flow, the backbone seam and the configuration each behave the same for every command."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import QUIET_STEPS
+from ddmim.cli import main
+from ddmim.config import make_config
+from ddmim.models import backbones
+from ddmim.models.swin import MaskedSwin
+
+
+class ToyEncoder(nn.Module):
+    """A two-stage convolutional encoder with the masked-encoder interface: one new entry is all it needs."""
+
+    timm_name = "toy"
+
+    def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, head_dim: int, **unused):
+        super().__init__()
+        self.grid, self.stride, self.embed_dim, self.num_features = img_size // patch_size, 2 * patch_size, \
+            embed_dim, 2 * embed_dim
+        self.timm_kwargs = {}
+        self.patch = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+        self.stages = nn.ModuleList([nn.Conv2d(embed_dim, embed_dim, 3, padding=1),
+                                     nn.Conv2d(embed_dim, 2 * embed_dim, 2, 2)])
+        self.norm = nn.LayerNorm(2 * embed_dim)
+        self.head = nn.Linear(2 * embed_dim, head_dim)
+
+    def forward_features(self, images, masks=None, mask_token=None, stages=None):
+        x, taps = self.patch(images), []
+        for stage, mask in zip(stages if stages is not None else self.stages, masks or [None, None]):
+            if mask is not None:
+                x = x * nn.functional.interpolate(mask[:, None], size=x.shape[-2:])
+            x = stage(x)
+            taps.append(x.permute(0, 2, 3, 1))
+        return taps
+
+    def normed(self, last):
+        return self.norm(last)
+
+    def forward_head(self, last, pre_logits=False):
+        pooled = self.norm(last).mean(dim=(1, 2))
+        return pooled if pre_logits else self.head(pooled)
+
+
+def test_a_new_backbone_is_one_registry_entry(sample_root, tmp_path, monkeypatch):
+    from ddmim.train.pretrain import pretrain
+
+    monkeypatch.setitem(backbones.BACKBONES, "toy", ToyEncoder)
+    cfg = make_config("tiny", ["model.backbone=toy", "model.depths=[1,1]", "model.num_heads=[1,2]",
+                               "mask.ratios=[0.5,0.0]", "loss.perceptual_weights=[1.0,0.1]",
+                               "data.num_workers=0", "train.epochs=1"])
+    summary = pretrain(cfg, sample_root, tmp_path / "run", QUIET_STEPS(2))
+    assert summary["steps"] == 2 and summary["val_loss_last"] is not None
+    state = torch.load(summary["checkpoint_last"], weights_only=False)["state_dict"]
+    assert any(k.startswith("model.student.patch.") for k in state)
+
+
+def test_unknown_backbone_is_one_line(capsys, sample_root):
+    assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--set", "model.backbone=vgg"]) == 2
+    assert "unknown backbone 'vgg'; available: swin_v2" in capsys.readouterr().err
+
+
+def test_finetune_honours_compile(sample_root, tmp_path, monkeypatch):
+    import ddmim.train.compile as compile_module
+
+    compiled = []
+
+    def fake_compile(fn):  # torch.compile itself takes minutes on the CPU; what matters is that it is asked for
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(compile_module.torch, "compile", fake_compile)
+    assert main(["finetune", "--data", str(sample_root), "--preset", "tiny", "--compile", "--max-steps", "1",
+                 "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "ft"), "--no-progress"]) == 0
+    assert compiled and isinstance(compiled[0], nn.Module)
+    saved = (tmp_path / "ft" / "config.yaml").read_text()
+    assert "compile: true" in saved and "kernels" not in saved  # pretraining-only fields are not fine-tuning's
+
+
+def test_finetune_refuses_pretraining_only_options(capsys, sample_root):
+    assert main(["finetune", "--data", str(sample_root), "--preset", "tiny", "--set", "train.kernels=torch"]) == 2
+    assert "unknown option train.kernels" in capsys.readouterr().err
+
+
+def test_eval_takes_its_settings_from_the_checkpoint(sample_root, tmp_path, monkeypatch, capsys):
+    import ddmim.eval.frozen as frozen
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--max-steps", "1", "--epochs", "1",
+                 "--workers", "0", "--out", str(run), "--no-progress", "--set", "data.val_crop_ratio=0.5",
+                 "--batch-size", "24"]) == 0
+    seen = []
+    original = frozen.eval_batches
+
+    def spy(data, cfg, split, fmt, device=None):
+        seen.append((cfg.data.val_crop_ratio, cfg.train.batch_size, device))
+        return original(data, cfg, split, fmt, device=device)
+
+    monkeypatch.setattr(frozen, "eval_batches", spy)
+    given = make_config("tiny")
+    before = json.dumps(given.to_dict())
+    assert main(["eval", "knn", "--data", str(sample_root), "--ckpt", str(run / "checkpoints" / "last.ckpt"),
+                 "--preset", "tiny", "--set", "data.num_workers=0"]) == 0
+    assert seen and all(ratio == 0.5 and batch == 24 for ratio, batch, _ in seen)
+    assert seen[0][2] == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    frozen.evaluate("knn", sample_root, None, given, k=5)  # nothing it is given is changed
+    assert json.dumps(given.to_dict()) == before
+
+
+@pytest.mark.parametrize("tap", ["after_next_merge", "stage_output"])
+def test_the_swin_encoder_reads_like_timm(tap):
+    encoder = MaskedSwin(img_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4,
+                         mlp_ratio=2.0, drop_path_rate=0.0, head_dim=8, perceptual_tap=tap).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = encoder.forward_head(encoder.forward_features(images)[-1])
+        theirs = encoder.net(images)
+    torch.testing.assert_close(ours, theirs)
