@@ -1,4 +1,5 @@
-"""Images/s of one full DDMIM training step: student and teacher forward, backward, AdamW step, EMA update.
+"""Images/s of one full pretraining step (DDMIM: student and teacher forward; MAE: encoder on the visible
+patches and decoder), backward, AdamW step, EMA update.
 
     python benchmarks/bench_train.py [--presets seed tiny] [--repeats 5] [--channels-last]
     python benchmarks/bench_train.py --presets seed seed:model.drop_path_rate=0,ema.teacher_mode=eval
@@ -18,7 +19,7 @@ import sys
 import torch
 
 from ddmim.config import make_config
-from ddmim.models.ddmim import DDMIM
+from ddmim.models.backbones import pretraining_model
 from ddmim_benchmarks.common import median_seconds, write_results
 
 DEFAULT_BATCH = {"seed": 8}
@@ -35,7 +36,7 @@ def bench_preset(spec: str, batch: int, device: torch.device, precision: str, ch
     torch.manual_seed(0)
     preset, overrides = parse_spec(spec)
     cfg = make_config(preset, overrides)
-    model = DDMIM.from_config(cfg).to(device)
+    model = pretraining_model(cfg).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)

@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the README demo: pretrain, picture, k-NN and fine-tuning vs random init, table")
     p.add_argument("--out", type=Path, help="folder for every run of the demo (default runs/demo-<time>)")
+    p.add_argument("--methods", default="ddmim", help="comma-separated methods to compare: ddmim, simmim, mae "
+                   "(default ddmim)")
 
     p = sub.add_parser("config", help="print a preset's full configuration, with overrides applied")
     p.add_argument("--preset", default="seed")
@@ -223,7 +225,7 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from ddmim.eval.demo import run_demo
 
-    run_demo(_out(args, "demo"))
+    run_demo(_out(args, "demo"), tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     return 0
 
 

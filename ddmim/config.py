@@ -21,7 +21,8 @@ KERNEL_CHOICES = ("auto", "triton", "torch")
 
 @dataclass
 class ModelConfig:
-    backbone: str = "swin_v2"  # a name registered in ddmim/models/backbones.py
+    method: str = "ddmim"  # ddmim (DDMIM and SimMIM, by their loss weights) | mae (needs the vit backbone)
+    backbone: str = "swin_v2"  # a name registered in ddmim/models/backbones.py (swin_v2 | vit)
     img_size: int = 224
     patch_size: int = 4
     embed_dim: int = 96
@@ -33,8 +34,11 @@ class ModelConfig:
     head_dim: int = 1024  # the seed's `num_classes`: size of the linear head after pooling
     proj_hidden: int = 512
     proj_out: int = 512
-    perceptual_tap: str = "after_next_merge"  # or stage_output; see ddmim/backbone.py
+    perceptual_tap: str = "after_next_merge"  # or stage_output; see ddmim/models/swin.py
     mask_token: bool = False  # a learned token replaces masked tokens entering stage 0 (SimMIM) instead of zeros
+    decoder_dim: int = 512  # mae: the light decoder's width, depth and heads (MAE's defaults)
+    decoder_depth: int = 8
+    decoder_heads: int = 16
 
 
 @dataclass
@@ -54,6 +58,7 @@ class LossConfig:
     recon_beta: float = 1.0
     perceptual_beta: float = 1.0
     infonce_extra_logit: bool = True
+    norm_pix: bool = True  # mae: targets are per-patch normalised pixels (MAE's recommendation)
 
 
 @dataclass
@@ -71,8 +76,11 @@ class OptimConfig:
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lr_batch: int = 52  # lr is given for this global batch and scaled linearly to the real one (0: no scaling)
-    step_size: int = 20  # StepLR period in epochs
-    gamma: float = 0.1
+    schedule: str = "step"  # step (StepLR, the original) | cosine (after linear warmup)
+    step_size: int = 20  # step: period in epochs
+    gamma: float = 0.1  # step: decay factor
+    warmup_epochs: int = 0
+    min_lr: float = 0.0  # cosine: the final rate
 
 
 @dataclass
@@ -234,8 +242,9 @@ def at_least(where: str, value, low) -> None:
 
 
 def validate_model(m: ModelConfig) -> None:
-    for name in ("img_size", "patch_size", "embed_dim", "window_size", "head_dim"):
+    for name in ("img_size", "patch_size", "embed_dim", "window_size"):
         at_least(f"model.{name}", getattr(m, name), 1)
+    at_least("model.head_dim", m.head_dim, 0)
     if m.mlp_ratio <= 0 or not 0 <= m.drop_path_rate < 1:
         raise UserError(f"model.mlp_ratio must be positive and model.drop_path_rate in [0, 1), got {m.mlp_ratio} "
                         f"and {m.drop_path_rate}")
@@ -296,6 +305,8 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.ema.decay <= 1.0 or cfg.ema.every < 1:
         raise UserError(f"ema.decay must be in [0, 1] and ema.every >= 1, got {cfg.ema.decay}, {cfg.ema.every}")
     choices = {"ema.count": (cfg.ema.count, ("epoch_batches", "optimizer_steps")),
+               "model.method": (cfg.model.method, ("ddmim", "mae")),
+               "optim.schedule": (cfg.optim.schedule, ("step", "cosine")),
                "ema.teacher_mode": (cfg.ema.teacher_mode, ("train", "eval")),
                "model.perceptual_tap": (cfg.model.perceptual_tap, ("after_next_merge", "stage_output"))}
     for where, (value, allowed) in choices.items():
@@ -312,6 +323,13 @@ def validate(cfg: Config) -> None:
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise UserError(f"optim.betas needs two values in [0, 1), got {o.betas}")
     at_least("optim.step_size", o.step_size, 1)
+    at_least("optim.warmup_epochs", o.warmup_epochs, 0)
+    if cfg.model.method == "ddmim" and cfg.model.head_dim < 1:
+        raise UserError("model.head_dim must be at least 1: DDMIM's projection head reads the pooled head")
+    if cfg.model.method == "mae" and cfg.model.backbone != "vit":
+        raise UserError(f"model.method mae needs model.backbone vit, got '{cfg.model.backbone}'")
+    if cfg.model.method == "mae" and cfg.model.decoder_dim % max(cfg.model.decoder_heads, 1):
+        raise UserError("model.decoder_dim must be divisible by model.decoder_heads")
     at_least("optim.lr_batch", o.lr_batch, 0)
 
 

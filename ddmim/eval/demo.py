@@ -1,7 +1,8 @@
 """`ddmim demo`: the README's end-to-end run on the built-in digits sample set, on the CPU.
 
-Pretrain the tiny preset, draw the reconstruction picture, compare the pretrained backbone with a
-random-init one by k-NN and by fine-tuning, and print one table.
+For each chosen method (DDMIM by default; SimMIM and MAE too with --methods): pretrain its tiny preset,
+draw the reconstruction picture, measure k-NN and fine-tuning top-1; then the same for a random-init
+backbone; print one table.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from ddmim.config import make_config
 from ddmim.data import eval_batches
+from ddmim.errors import UserError
 from ddmim.eval.frozen import evaluate
 from ddmim.eval.reconstruction import load_model, reconstruction_report, visualize
 from ddmim.finetune_config import make_finetune_config
@@ -19,30 +21,45 @@ from ddmim.train.pretrain import format_summary, pretrain
 from ddmim.train.run_folder import prepare_run_dir
 from ddmim_data_prep.sample_data import build_sample_dataset, default_sample_root
 
+# method -> (pretraining preset, fine-tuning preset), all at the digits' 32 px
+METHODS = {"ddmim": ("tiny", "tiny"), "simmim": ("tiny_simmim", "tiny"), "mae": ("tiny_mae", "tiny_linear")}
 
-def run_demo(out: Path) -> dict:
+
+def run_demo(out: Path, methods: tuple[str, ...] = ("ddmim",)) -> dict:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UserError(f"--methods takes a comma-separated list of {', '.join(METHODS)}, got {','.join(methods)}")
     out = prepare_run_dir(Path(out))
     data = build_sample_dataset(default_sample_root())
     print(f"sample data set: {data}")
     quiet = Launch(progress_bar=False)
-    pre = pretrain(make_config("tiny"), data, out / "pretrain", quiet)
-    print(format_summary(pre))
-    ckpt = Path(pre["checkpoint_last"])
-    grid = visualize(ckpt, data, out / "reconstructions.png")
-    model, cfg = load_model(ckpt)
-    recon = reconstruction_report(model, eval_batches(data, cfg, "val"), seed=cfg.train.seed)
-    knn = {name: evaluate("knn", data, c, make_config("tiny"))["top1"] for name, c in (("pretrained", ckpt),
-                                                                                      ("random init", None))}
-    ft = {name: finetune(make_finetune_config("tiny"), data, out / f"finetune-{name.replace(' ', '-')}", quiet,
-                         ckpt=c)["val_top1"] for name, c in (("pretrained", ckpt), ("random init", None))}
-    summary = {"pretrain": pre, "reconstruction": recon, "knn_top1": knn, "finetune_top1": ft, "grid": grid["grid"]}
+    rows, summary = {}, {"methods": {}}
+    for method in methods:
+        pre_preset, ft_preset = METHODS[method]
+        pre = pretrain(make_config(pre_preset), data, out / method / "pretrain", quiet)
+        print(format_summary(pre))
+        ckpt = Path(pre["checkpoint_last"])
+        grid = visualize(ckpt, data, out / method / "reconstructions.png")
+        model, cfg = load_model(ckpt)
+        recon = reconstruction_report(model, eval_batches(data, cfg, "val"), seed=cfg.train.seed)
+        knn = evaluate("knn", data, ckpt, cfg)["top1"]
+        ft = finetune(make_finetune_config(ft_preset), data, out / method / "finetune", quiet, ckpt=ckpt)["val_top1"]
+        rows[method] = (knn, ft, recon["ratio"])
+        summary["methods"][method] = {"pretrain": pre, "reconstruction": recon, "knn_top1": knn,
+                                      "finetune_top1": ft, "grid": grid["grid"]}
+    random_knn = evaluate("knn", data, None, make_config("tiny"))["top1"]
+    random_ft = finetune(make_finetune_config("tiny"), data, out / "random-init" / "finetune", quiet)["val_top1"]
+    rows["random init"] = (random_knn, random_ft, None)
+    summary["random_init"] = {"knn_top1": random_knn, "finetune_top1": random_ft}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     print()
-    print(f"{'backbone':<14}{'k-NN top-1 %':>14}{'fine-tune top-1 %':>19}")
-    for name in ("pretrained", "random init"):
-        print(f"{name:<14}{knn[name]:>14.1f}{ft[name]:>19.1f}")
-    print(f"masked-pixel reconstruction loss on val: {recon['recon_loss']:.4f} vs {recon['baseline_loss']:.4f} for "
-          f"the mean-visible-colour baseline ({recon['ratio']:.2f}x)")
-    print(f"reconstruction picture: {grid['grid']}  (rows: original | masked input | reconstruction | pasted)")
-    print(f"everything: {out} (demo.json, pretrain/, finetune-*/)")
+    print(f"{'backbone':<14}{'k-NN top-1 %':>14}{'fine-tune top-1 %':>19}{'recon vs baseline':>19}")
+    for name, (knn, ft, ratio) in rows.items():
+        print(f"{name:<14}{knn:>14.1f}{ft:>19.1f}{f'{ratio:.2f}x' if ratio is not None else '-':>19}")
+    print("recon vs baseline: masked reconstruction loss on val over a trivial predictor's: each image's mean "
+          "visible colour (ddmim, simmim); each masked patch's mean (mae, whose loss is on normalised patches)")
+    for method in methods:
+        print(f"reconstruction picture ({method}): {summary['methods'][method]['grid']}  "
+              "(rows: original | masked input | reconstruction | pasted)")
+    print(f"everything: {out} (demo.json, <method>/pretrain, <method>/finetune, random-init/)")
     return summary

@@ -4,31 +4,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from ddmim.checkpoints import read_pretraining
 from ddmim.config import Config
 from ddmim.data import eval_batches
 from ddmim.errors import UserError
-from ddmim.models.ddmim import DDMIM
+from ddmim.models.backbones import pretraining_model
 from ddmim.models.losses import reconstruction_loss
-from ddmim.models.masking import pixel_mask, stage_masks
+from ddmim.models.mae import masked_patch_loss
+from ddmim.models.masking import pixel_mask
 
 PANELS = ("original", "masked input", "reconstruction", "reconstruction in the masked pixels")
 
 
-def load_model(ckpt: Path) -> tuple[DDMIM, Config]:
+def load_model(ckpt: Path) -> tuple[nn.Module, Config]:
     """The pretrained model (PyTorch references for the losses) and its run config."""
     cfg, state = read_pretraining(ckpt)  # one read of the file for config and weights
-    model = DDMIM.from_config(cfg)
+    model = pretraining_model(cfg)
     model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
     return model.eval(), cfg
-
-
-@torch.no_grad()
-def reconstruct(model: DDMIM, images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    masks = stage_masks(base, model.mask_cfg.ratios)
-    return model.forward_decoder(model.forward_encoder(images, masks)[-1])
 
 
 def mean_visible_colour(images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -38,27 +34,40 @@ def mean_visible_colour(images: torch.Tensor, base: torch.Tensor) -> torch.Tenso
     return mean.expand_as(images)
 
 
+def _losses(model: nn.Module, images: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
+    """(the model's masked reconstruction loss, the trivial baseline's) for one batch."""
+    if getattr(model, "norm_pix", False):  # MAE on normalised patches: the trivial guess is each patch's mean
+        pred = model.forward_decoder(*model.forward_encoder(images, base))
+        target, visible = model.targets(images), base.flatten(1)
+        return (masked_patch_loss(pred, target, visible).item(),
+                masked_patch_loss(torch.zeros_like(pred), target, visible).item())
+    own = getattr(model, "loss_cfg", None)
+    kwargs = dict(beta=own.recon_beta, normalize=own.recon_normalize) if own else dict(beta=1.0, normalize="masked")
+    pred = model.reconstruct(images, base)
+    return (reconstruction_loss(pred, images, base, **kwargs).item(),
+            reconstruction_loss(mean_visible_colour(images, base), images, base, **kwargs).item())
+
+
 @torch.no_grad()
-def reconstruction_report(model: DDMIM, batches, seed: int = 0) -> dict:
-    """Masked-pixel reconstruction loss (the model's own objective term) vs the mean-visible-colour baseline."""
+def reconstruction_report(model: nn.Module, batches, seed: int = 0) -> dict:
+    """Masked reconstruction loss against a trivial baseline: the model's own reconstruction term against
+    predicting each image's mean visible colour (DDMIM, SimMIM, MAE on raw pixels), or MAE's loss on
+    normalised patches against predicting each masked patch's mean."""
     loss = baseline = 0.0
     n = 0
     for index, (images, _) in enumerate(batches):
         base, _ = model.draw_masks(len(images), seed=seed, index=index)
-        pred = reconstruct(model, images, base)
-        kwargs = dict(beta=model.loss_cfg.recon_beta, normalize=model.loss_cfg.recon_normalize)
-        loss += reconstruction_loss(pred, images, base, **kwargs).item() * len(images)
-        baseline += reconstruction_loss(mean_visible_colour(images, base), images, base, **kwargs).item() * len(images)
-        n += len(images)
+        ours, trivial = _losses(model, images, base)
+        loss, baseline, n = loss + ours * len(images), baseline + trivial * len(images), n + len(images)
     return {"recon_loss": loss / n, "baseline_loss": baseline / n, "ratio": loss / baseline}
 
 
 @torch.no_grad()
-def write_grid(model: DDMIM, images: torch.Tensor, out: Path, mean, std, seed: int = 0) -> Path:
+def write_grid(model: nn.Module, images: torch.Tensor, out: Path, mean, std, seed: int = 0) -> Path:
     """One row per image: original, masked input (masked pixels grey), reconstruction, reconstruction pasted
     into the masked pixels of the original; in real colours."""
     base, _ = model.draw_masks(len(images), seed=seed)
-    pred = reconstruct(model, images, base)
+    pred = model.reconstruct(images, base)
     visible = pixel_mask(base, images.shape[-1] // base.shape[-1])
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     original, recon = (images * s + m).clamp(0, 1), (pred * s + m).clamp(0, 1)

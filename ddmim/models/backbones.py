@@ -9,6 +9,8 @@ A backbone for the masked pretraining methods (DDMIM, SimMIM) is an nn.Module wi
 - `forward_head(last, pre_logits=False)` and `normed(last)`: the pooled embedding and the final norm;
 - `net`, `timm_name`, `timm_kwargs`: the plain timm model, and the `timm.create_model` call that builds it
   (export and fine-tuning use these).
+An MAE backbone (`vit`) provides `forward_visible(images, visible)`, `grid`, `patch_size` and `embed_dim`
+instead of the stage interface.
 Adding a backbone is one `register_backbone` entry; `model.backbone` selects it.
 """
 from __future__ import annotations
@@ -19,8 +21,9 @@ from torch import nn
 
 from ddmim.errors import UserError
 from ddmim.models.swin import MaskedSwin
+from ddmim.models.vit import MaskedViT
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {"swin_v2": MaskedSwin}
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"swin_v2": MaskedSwin, "vit": MaskedViT}
 
 
 def register_backbone(name: str, factory: Callable[..., nn.Module]) -> None:
@@ -31,6 +34,14 @@ def create_backbone(name: str, **architecture) -> nn.Module:
     if name not in BACKBONES:
         raise UserError(f"unknown backbone '{name}'; available: {', '.join(sorted(BACKBONES))}")
     return BACKBONES[name](**architecture)
+
+
+def pretraining_model(cfg, kernels=None) -> nn.Module:
+    """The model `model.method` names, built from a pretraining run config."""
+    from ddmim.models.ddmim import DDMIM
+    from ddmim.models.mae import MAE
+
+    return (MAE if cfg.model.method == "mae" else DDMIM).from_config(cfg, kernels=kernels)
 
 
 def architecture(model) -> dict:

@@ -1,5 +1,5 @@
-"""The fine-tuning network: always a plain timm SwinTransformerV2, so timm's layer-decay grouping,
-feature extraction and export work on it unchanged.
+"""The fine-tuning network: always the backbone's plain timm model (SwinTransformerV2, VisionTransformer),
+so timm's layer-decay grouping, feature extraction and export work on it unchanged.
 
 bn_mlp head (the original's): the pretrained pooled head (768 -> 1024) followed by BatchNorm1d -> Linear ->
 GELU -> Linear, all inside `head.fc`. linear head: `head.fc` is one Linear on the pooled features.
@@ -19,6 +19,9 @@ def build_classifier(model: ModelConfig, num_classes: int, head_kind: str, hidde
     if head_kind == "linear":
         return plain_backbone(model, drop_path_rate=drop_path, head_dim=num_classes)
     net = plain_backbone(model, drop_path_rate=drop_path)
+    if not hasattr(net.head, "fc"):
+        raise UserError(f"head.kind bn_mlp builds on a pooled head of the {model.backbone} backbone's kind that it "
+                        "does not have; use head.kind linear")
     embed = net.head.fc
     net.head.fc = nn.Sequential(embed, nn.BatchNorm1d(model.head_dim), nn.Linear(model.head_dim, hidden),
                                 nn.GELU(), nn.Linear(hidden, num_classes))
@@ -32,7 +35,7 @@ def load_encoder_weights(net: nn.Module, state: dict[str, torch.Tensor], head_ki
     else:
         state = {(f"head.fc.0.{k[len('head.fc.'):]}" if k.startswith("head.fc.") else k): v for k, v in state.items()}
     missing, unexpected = net.load_state_dict(state, strict=False)
-    new_head = ("head.fc.",) if head_kind == "linear" else ("head.fc.1.", "head.fc.2.", "head.fc.4.")
+    new_head = ("head.",) if head_kind == "linear" else ("head.fc.1.", "head.fc.2.", "head.fc.4.")
     missing = [k for k in missing if not k.startswith(new_head)]
     if missing or unexpected:
         raise UserError(f"the checkpoint's encoder does not fit this backbone: missing {missing[:3]}, "

@@ -114,5 +114,10 @@ class DDMIM(nn.Module):
         teacher = self.forward_teacher(images) if self.uses_teacher else None
         return self.forward_loss(images, base_mask, student, pred, teacher, gather)
 
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, base_mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's image for masked input (for pictures and the reconstruction report)."""
+        return self.forward_decoder(self.forward_encoder(images, stage_masks(base_mask, self.mask_cfg.ratios))[-1])
+
     def update_teacher(self, decay: float) -> None:
         ema_update_(self.teacher, self.student.stages, decay)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 
 from ddmim.checkpoints import KIND_KEY, load_pretraining
 from ddmim.data import make_datamodule
@@ -25,8 +24,8 @@ from ddmim.models.classifier import build_classifier, load_encoder_weights
 from ddmim.train.compile import compiled_or_eager
 from ddmim.train.launch import Launch, resolve_launch
 from ddmim.train.nonfinite import NonFiniteGuard
-from ddmim.train.pretrain_module import scaled_lr
 from ddmim.train.run import FitPlan, run_fit
+from ddmim.train.schedules import make_scheduler, scaled_lr, step_scheduler
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -40,15 +39,6 @@ def make_optimizer(net, o, lr: float) -> torch.optim.Optimizer:
     below them, final norm and head at the top)."""
     return create_optimizer_v2(net, opt="adamw", lr=lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
                                layer_decay=o.layer_decay if o.layer_decay < 1 else None)
-
-
-def make_scheduler(optimizer, o, lr: float, epochs: int, steps_per_epoch: int):
-    """timm's step or cosine schedule with linear warmup, advanced per optimiser update; it applies each
-    group's layer-decay lr_scale."""
-    scheduler, _ = create_scheduler_v2(optimizer, sched=o.schedule, num_epochs=epochs, decay_epochs=o.step_size,
-                                       decay_rate=o.gamma, min_lr=o.min_lr, warmup_epochs=o.warmup_epochs,
-                                       warmup_lr=lr * 1e-3, step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-    return scheduler
 
 
 class FinetuneModule(NonFiniteGuard, pl.LightningModule):
@@ -116,7 +106,7 @@ class FinetuneModule(NonFiniteGuard, pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
-        scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimiser updates
+        step_scheduler(scheduler, self.global_step)
 
 
 def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, launch: Launch | None = None, *,

@@ -8,18 +8,14 @@ import torch
 
 from ddmim.checkpoints import KIND_KEY
 from ddmim.config import Config, config_from_dict
-from ddmim.models.ddmim import DDMIM
+from ddmim.models.backbones import pretraining_model
 from ddmim.models.kernels import resolve_kernels
 from ddmim.train.checkpoint_files import restore_rng_state, rng_state
 from ddmim.train.compile import compiled_or_eager
 from ddmim.train.nonfinite import NonFiniteGuard
+from ddmim.train.schedules import make_scheduler, scaled_lr, step_scheduler
 
 VAL_STREAM = 7919  # validation masks use seed + VAL_STREAM, apart from the training masks
-
-
-def scaled_lr(lr: float, lr_batch: int, global_batch: int) -> float:
-    """The linear scaling rule: `lr` is given for a global batch of `lr_batch` images (0: use it as it is)."""
-    return lr * global_batch / lr_batch if lr_batch else lr
 
 
 class DDMIMModule(NonFiniteGuard, pl.LightningModule):
@@ -29,7 +25,7 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         self.save_hyperparameters()
         self.cfg: Config = config_from_dict(config)
         self.channels_last = channels_last
-        self.model = DDMIM.from_config(self.cfg, kernels=resolve_kernels(self.cfg.train.kernels, cuda=cuda))
+        self.model = pretraining_model(self.cfg, kernels=resolve_kernels(self.cfg.train.kernels, cuda=cuda))
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.max_bad_steps = self.cfg.train.max_bad_steps
@@ -122,5 +118,12 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         optimizer = torch.optim.AdamW(params, lr=scaled_lr(o.lr, o.lr_batch, self.global_batch),
                                       weight_decay=o.weight_decay, betas=tuple(o.betas),
                                       fused=self.device.type == "cuda")
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        if o.schedule == "step" and not o.warmup_epochs:  # the original: torch's StepLR, stepped per epoch
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        steps = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        scheduler = make_scheduler(optimizer, o, optimizer.param_groups[0]["lr"], self.cfg.train.epochs, steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        step_scheduler(scheduler, self.global_step)
