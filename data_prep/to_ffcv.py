@@ -66,7 +66,7 @@ class DecodedImages:
             self._enter_process()
         path, label = self.samples[index]
         try:
-            return np.asarray(decode(path, self.max_resolution)[0]), label
+            return decode(path, self.max_resolution)[0], label
         except (BadImage, OSError) as exc:
             with open(self.logs / f"skipped-{self._pid}.tsv", "a") as report:
                 report.write(f"{index}\t{path}\t{exc}\n")

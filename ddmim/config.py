@@ -92,8 +92,10 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     val_crop_ratio: float = 0.875  # Resize(size / ratio) then CenterCrop(size)
     num_workers: int = 8  # loader worker processes (torchvision, FFCV) or threads (DALI)
-    ffcv_order: str = "random"  # random | quasi_random (lower memory, single process only)
-    ffcv_os_cache: bool = False  # let the OS page cache hold the .beton (when it fits in memory)
+    ffcv_order: str = "random"  # random | quasi_random (reads pages in runs: for data larger than RAM; one process)
+    # the OS page cache holds the .beton, shared by every process and rank; false: FFCV's own cache, a private
+    # copy of the whole file in each process
+    ffcv_os_cache: bool = True
     interpolation: str = "bilinear"  # bilinear | bicubic: the crop resize of the folder and DALI loaders
     max_bad_samples: int = 1000  # samples that fail to decode (each skipped and named) before a run stops
 

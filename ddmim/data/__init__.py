@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytorch_lightning as pl
+from typing import TYPE_CHECKING
 
 from ddmim.errors import UserError
+
+if TYPE_CHECKING:  # Lightning is imported by the data modules themselves: the converters' workers skip it
+    import pytorch_lightning as pl
 
 FORMATS = ("auto", "folder", "ffcv", "dali")
 

@@ -83,7 +83,7 @@ def label_pipeline(device: torch.device) -> list:
 
 
 def make_loader(path: Path, cfg: Config, *, train: bool, device: torch.device, distributed: bool = False,
-                order: str = "random", os_cache: bool = False, drop_last: bool | None = None, batch_size=None,
+                order: str = "random", os_cache: bool = True, drop_last: bool | None = None, batch_size=None,
                 skipped: SkippedSamples | None = None) -> CheckedBatches:
     from ffcv.loader import Loader, OrderOption
 
