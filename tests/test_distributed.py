@@ -76,27 +76,25 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     assert not torch.equal(first, start)  # the ranks trained
 
 
-def test_cli_launches_two_cpu_processes(sample_root, tmp_path):
-    """Lightning's own launcher: it starts the second rank by running the same command again."""
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "ddmim", "train", "--data", str(sample_root), "--preset", "tiny",
-                           "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--max-steps", "4",
+def _two_cpu_processes(command: str, data, out, steps: int) -> dict:
+    """Runs `ddmim COMMAND` on two gloo processes that Lightning's own launcher starts (it runs the same
+    command again for rank 1); returns the run's summary."""
+    proc = subprocess.run([sys.executable, "-m", "ddmim", command, "--data", str(data), "--preset", "tiny",
+                           "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--max-steps", str(steps),
                            "--epochs", "1", "--workers", "0", "--out", str(out), "--no-progress"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+    assert [p.name for p in out.glob("summary*.json")] == ["summary.json"]  # written once, by rank 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_cli_launches_two_cpu_processes(sample_root, tmp_path):
+    summary = _two_cpu_processes("train", sample_root, tmp_path / "run", steps=4)
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert summary["val_loss_last"] < summary["val_loss_first"]
 
 
 def test_cli_fine_tunes_on_two_cpu_processes_with_one_summary(sample_root, tmp_path):
     """The shared run flow: rank 1 joins rank 0's run folder instead of refusing it as not empty."""
-    out = tmp_path / "ft"
-    proc = subprocess.run([sys.executable, "-m", "ddmim", "finetune", "--data", str(sample_root), "--preset", "tiny",
-                           "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--max-steps", "3",
-                           "--epochs", "1", "--workers", "0", "--out", str(out), "--no-progress"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = _two_cpu_processes("finetune", sample_root, tmp_path / "ft", steps=3)
     assert summary["world_size"] == 2 and summary["steps"] == 3 and 0 <= summary["val_top1"] <= 100
-    assert [p.name for p in out.glob("summary*.json")] == ["summary.json"]
