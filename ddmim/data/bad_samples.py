@@ -40,7 +40,8 @@ class SkippedSamples:
 
 def fill_from_others(images: torch.Tensor, labels: torch.Tensor, bad: list[int]) -> bool:
     """Gives each bad position of the batch a good sample of the same batch, in place; False if none is good."""
-    good = [i for i in range(len(images)) if i not in set(bad)]
+    failed = set(bad)
+    good = [i for i in range(len(images)) if i not in failed]
     if not good:
         return False
     for k, position in enumerate(bad):
@@ -58,6 +59,9 @@ class BadSampleGuard(pl.Callback):
 
     def _check(self, trainer, pl_module) -> None:
         count = getattr(trainer.datamodule, "skipped_samples", lambda: 0)()
+        if trainer.world_size > 1:  # every rank reads other samples: the total decides, and every rank stops
+            total = torch.tensor(float(count), device=pl_module.device)
+            count = int(trainer.strategy.reduce(total, reduce_op="sum").item())
         if count != self.seen:
             self.seen = count
             write_row(trainer, {"data/skipped_samples": float(count)})

@@ -30,6 +30,12 @@ READER = "Reader"
 MANIFEST = "conversion.json"  # written by data_prep/to_dali.py
 
 
+def index_header(index) -> list[str]:
+    """The first line of a wds2idx index ('v1.2 SAMPLES'), read alone: an ImageNet index has 5,000 lines."""
+    with open(index, errors="replace") as f:
+        return f.readline().split()
+
+
 def list_shards(folder: Path) -> tuple[list[str], list[str]]:
     if not folder.is_dir():
         raise UserError(f"DALI shard folder {folder} does not exist (make it with data_prep/to_dali.py)")
@@ -40,7 +46,7 @@ def list_shards(folder: Path) -> tuple[list[str], list[str]]:
     for tar, idx in zip(tars, indexes):
         if not idx.is_file():
             raise UserError(f"shard {tar} has no index {idx.name} (data_prep/to_dali.py writes both)")
-        head = idx.read_text(errors="replace").split("\n", 1)[0].split()
+        head = index_header(idx)
         if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
             raise UserError(f"{idx} is not a DALI webdataset index (wds2idx format)")
         with open(tar, "rb") as f:
@@ -51,7 +57,7 @@ def list_shards(folder: Path) -> tuple[list[str], list[str]]:
 
 
 def sample_count(indexes: list[str]) -> int:
-    return sum(int(Path(i).read_text().split("\n", 1)[0].split()[1]) for i in indexes)
+    return sum(int(index_header(i)[1]) for i in indexes)
 
 
 def check_shuffled(folder: Path) -> None:
@@ -153,7 +159,7 @@ class DaliLoader:
         self.iterator = self._iterator()
 
     def __iter__(self):
-        remaining = len(self.iterator)
+        remaining, repaired = len(self.iterator), False
         while remaining > 0:
             try:
                 for out in self.iterator:
@@ -162,13 +168,15 @@ class DaliLoader:
                         images = images.permute(0, 3, 1, 2)
                     remaining -= 1
                     yield images, labels
-                    if remaining == 0 and self.shards is not None:
-                        # a repaired epoch ends on the count it started with: the next one starts afresh
+                    if remaining == 0 and repaired:
+                        # a repaired epoch ends on the count it started with, mid-way through the rebuilt
+                        # pipeline's pass: the next epoch starts a fresh one
                         self.iterator = self._iterator()
                         return
                 return
             except RuntimeError as error:  # DALI's decoders fail the whole batch, naming no sample
                 self._repair(error)
+                repaired = True
 
 
 def open_loader(folder: Path, cfg: Config, *, train: bool, gpu: bool, channels_last: bool = False,

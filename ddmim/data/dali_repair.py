@@ -53,9 +53,10 @@ def undecodable_samples(tars: list[str], indexes: list[str], original: list[str]
         found = [_check_shard(job) for job in jobs]
     ordinals, count = {}, 0
     for tar, index in zip(tars, original):
-        for i, (key, _, _) in enumerate(index_entries(index)):
+        entries = index_entries(index)
+        for i, (key, _, _) in enumerate(entries):
             ordinals[f"{Path(tar).name}:{key}"] = count + i
-        count += len(index_entries(index))
+        count += len(entries)
     return [(ordinals[f"{Path(tar).name}:{key}"], f"{tar}:{key}", reason)
             for (tar, _), failures in zip(jobs, found) for key, reason in failures]
 

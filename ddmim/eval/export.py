@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from ddmim.checkpoints import load_pretraining
 from ddmim.errors import UserError
-from ddmim.models.backbones import plain_backbone, timm_recipe
+from ddmim.models.backbones import headless_export
 
 
 def timm_call(name: str, kwargs: dict, weights: Path) -> str:
@@ -25,8 +25,7 @@ def export_backbone(ckpt: Path, out: Path) -> dict:
     if weights.exists():
         raise UserError(f"{weights} already exists; choose another --out")
     cfg, state = load_pretraining(ckpt)
-    net = plain_backbone(cfg.model, head_dim=0)
-    name, kwargs = timm_recipe(cfg.model)
+    net, name, kwargs = headless_export(cfg.model)
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
     net.load_state_dict(backbone, strict=True)  # proves the file will load the same way into timm
     tmp = out / ".backbone.safetensors.tmp"

@@ -58,7 +58,8 @@ def plain_backbone(model, **changes) -> nn.Module:
     return create_backbone(model.backbone, **{**architecture(model), **changes}).net
 
 
-def timm_recipe(model) -> tuple[str, dict]:
-    """(name, keyword arguments) of the `timm.create_model` call that builds the headless backbone."""
+def headless_export(model) -> tuple[nn.Module, str, dict]:
+    """(the plain timm model without head, and the name and keyword arguments of the `timm.create_model`
+    call that builds the same model), from one construction."""
     encoder = create_backbone(model.backbone, **{**architecture(model), "head_dim": 0})
-    return encoder.timm_name, {"pretrained": False, "num_classes": 0, **encoder.timm_kwargs}
+    return encoder.net, encoder.timm_name, {"pretrained": False, "num_classes": 0, **encoder.timm_kwargs}

@@ -15,7 +15,7 @@ from ddmim.train.checkpoint_files import STEP_PREFIX, AtomicCheckpointIO
 from ddmim.train.history import HistoryCSVLogger, HistoryTensorBoardLogger
 from ddmim.train.launch import Launch
 
-# The EMA teacher is kept in eval mode on purpose (no drop-path noise in the target).
+# With ema.teacher_mode eval the EMA teacher stays in eval mode on purpose (no drop-path noise in the target).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 @dataclass
