@@ -1,96 +1,112 @@
-"""Images/s of one full pretraining step (DDMIM: student and teacher forward; MAE: encoder on the visible
-patches and decoder), backward, AdamW step, EMA update.
+"""The model's ceiling: images/s of full training steps on synthetic batches already on the device (no loading).
 
-    python benchmarks/bench_train.py [--presets seed tiny] [--repeats 5] [--channels-last]
+    python benchmarks/bench_train.py [--presets seed tiny] [--variants eager compile] [--batches 128 256]
     python benchmarks/bench_train.py --presets seed seed:model.drop_path_rate=0,ema.teacher_mode=eval
+    python benchmarks/bench_train.py --finetune --presets seed --variants eager
+    python benchmarks/bench_train.py --json OUT/seed-eager.json
 
-A preset may carry overrides after a colon (comma-separated KEY=VALUE), so that variants of one preset
-are timed in the same run.
-
-Synthetic batches already on the device, so this is the model's ceiling without data loading. The EMA
-update runs every step here (the seed runs it every 32), so the figure is slightly pessimistic.
-Medians over repeats after warm-up; writes benchmarks/results/train-<device>.json.
+Every (preset, variant, batch) row gives the median step time over --repeats blocks of --steps steps (the device
+is waited for at the ends of a block only), images/s, achieved TFLOP/s and, on a GPU with a known peak, model
+FLOP utilisation (Lightning's FLOP counter: forward and backward of everything the step runs), peak memory,
+and what torch.compile did. Variants and what a step does: benchmarks/train_steps.py. A row whose step fails
+or whose loss is not finite is reported with its error, and the script exits 1.
+Writes benchmarks/results/train-<device>.json, or --json.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
 
 from ddmim.config import make_config
-from ddmim.models.backbones import pretraining_model
-from ddmim_benchmarks.common import median_seconds, write_results
+from ddmim.finetune_config import make_finetune_config
+from ddmim.machine import peak_flops, peak_memory_gib
+from ddmim_benchmarks.common import device_sync, median_step_seconds, reset_peak_memory, write_results
+from ddmim_benchmarks.train_steps import VARIANTS, finetune_step, parse_spec, pretrain_step
 
-DEFAULT_BATCH = {"seed": 8}
-
-
-def parse_spec(spec: str) -> tuple[str, list[str]]:
-    """'seed:a.b=1,c.d=2' -> ('seed', ['a.b=1', 'c.d=2'])."""
-    preset, _, overrides = spec.partition(":")
-    return preset, [o for o in overrides.split(",") if o]
+CPU_BATCH = {"seed": 8}  # a 224 px preset at its own batch takes minutes per step on a CPU
 
 
-def bench_preset(spec: str, batch: int, device: torch.device, precision: str, channels_last: bool,
-                 warmup: int, repeats: int) -> dict:
-    torch.manual_seed(0)
-    preset, overrides = parse_spec(spec)
-    cfg = make_config(preset, overrides)
-    model = pretraining_model(cfg).to(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
-    size = cfg.model.img_size
-    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+def default_batch(spec: str, finetune: bool, device: torch.device) -> int:
+    name, overrides = parse_spec(spec)
+    if device.type == "cpu" and name in CPU_BATCH:
+        return CPU_BATCH[name]
+    cfg = (make_finetune_config if finetune else make_config)(name, overrides)
+    return cfg.train.batch_size
 
-    def step() -> None:
-        with autocast:
-            base, masks = model.draw_masks(batch, device=device)
-            loss = model(images, base, masks)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_teacher(cfg.ema.decay)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    median, times = median_seconds(step, warmup=warmup, repeats=repeats, sync=sync)
-    return {"preset": spec, "img_size": size, "batch": batch, "precision": precision,
-            "channels_last": channels_last, "step_s_median": median, "step_s_all": times,
-            "images_per_s": batch / median,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+def bench_row(spec: str, variant: str, batch: int, device: torch.device, args) -> dict:
+    build = finetune_step if args.finetune else pretrain_step
+    torch._dynamo.reset()  # each row compiles on its own: its graph and break counts are its own
+    from torch._dynamo.utils import counters
+    counters.clear()
+    reset_peak_memory(device)
+    step = build(spec, variant, batch, device, args.precision, compile_backend=args.compile_backend)
+    median, per_step = median_step_seconds(step.run, warmup=args.warmup, repeats=args.repeats,
+                                           steps_per_repeat=args.steps, sync=device_sync(device))
+    images_per_s = batch / median
+    peak = peak_flops(args.precision) if device.type == "cuda" else None
+    row = {"preset": spec, "variant": variant, **VARIANTS[variant], "batch": batch, "img_size": step.img_size,
+           "precision": args.precision, "step_ms_median": 1000 * median, "step_ms_all": [1000 * t for t in per_step],
+           "images_per_s": images_per_s, "flops_per_image": step.flops_per_image,
+           "tflops": step.flops_per_image * images_per_s / 1e12,
+           "mfu": step.flops_per_image * images_per_s / peak if peak else None,
+           "peak_memory_gib": peak_memory_gib(device), "final_loss": step.loss(),
+           "trainable_params": sum(p.numel() for p in step.model.parameters() if p.requires_grad), **step.report()}
+    if not math.isfinite(row["final_loss"]):
+        row["error"] = f"non-finite loss {row['final_loss']}"
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["seed", "tiny"])
-    parser.add_argument("--batch", type=int, help="batch size for every preset (default: 8 for seed, the "
-                        "preset's own otherwise)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
+                        help="default: eager on CUDA, torch_kernels on a CPU (the Triton kernels need CUDA there)")
+    parser.add_argument("--batches", nargs="+", type=int,
+                        help="batch sizes (default: the preset's own; 8 for seed on a CPU)")
+    parser.add_argument("--finetune", action="store_true", help="the presets are fine-tuning presets")
     parser.add_argument("--precision", choices=["auto", "32", "bf16-mixed"], default="auto",
                         help="auto: bf16-mixed on CUDA, 32 on the CPU")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compile variants (aot_eager: tracing only, for rehearsals)")
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2, help="steps per timed block")
+    parser.add_argument("--json", help="results file (default benchmarks/results/train-<device>.json)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision if args.precision != "auto" else ("bf16-mixed" if device.type == "cuda" else "32")
+    if args.precision == "auto":
+        args.precision = "bf16-mixed" if device.type == "cuda" else "32"
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as training sets it (ddmim/train/launch.py)
     rows = []
-    for preset in args.presets:
-        name, overrides = parse_spec(preset)
-        batch = args.batch or DEFAULT_BATCH.get(name) or make_config(name, overrides).train.batch_size
-        rows.append(bench_preset(preset, batch, device, precision, args.channels_last, args.warmup, args.repeats))
-
-    width = max(8, *(len(r["preset"]) + 2 for r in rows))
-    print(f"{'preset':<{width}}{'img':>5}{'batch':>7}{'precision':>12}{'step ms':>11}{'images/s':>11}{'x first':>9}")
+    for spec in args.presets:
+        for variant in args.variants or (["eager"] if device.type == "cuda" else ["torch_kernels"]):
+            for batch in args.batches or [default_batch(spec, args.finetune, device)]:
+                try:
+                    rows.append(bench_row(spec, variant, batch, device, args))
+                except Exception as exc:  # one failed row (out of memory, a compile error) must not hide the rest
+                    rows.append({"preset": spec, "variant": variant, "batch": batch,
+                                 "error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"})
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    print(f"{'preset':<14}{'variant':<15}{'batch':>6}{'step ms':>10}{'images/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+          f"{'GiB':>7}  compile")
     for r in rows:
-        print(f"{r['preset']:<{width}}{r['img_size']:>5}{r['batch']:>7}{r['precision']:>12}"
-              f"{1000 * r['step_s_median']:>11.1f}{r['images_per_s']:>11.1f}"
-              f"{r['images_per_s'] / rows[0]['images_per_s']:>9.2f}")
-    path = write_results("train", {"device": str(device), "warmup": args.warmup, "repeats": args.repeats,
-                                   "rows": rows})
-    print(f"wrote {path}")
-    return 0
+        if "error" in r:
+            print(f"{r['preset']:<14}{r['variant']:<15}{r['batch']:>6}  FAILED: {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{r['preset']:<14}{r['variant']:<15}{r['batch']:>6}{r['step_ms_median']:>10.1f}"
+              f"{r['images_per_s']:>10.1f}{r['tflops']:>9.2f}{mfu:>7}{r['peak_memory_gib']:>7.2f}  {r['compile']}")
+    payload = {"device": str(device), "kind": "finetune" if args.finetune else "pretrain", "warmup": args.warmup,
+               "repeats": args.repeats, "steps_per_repeat": args.steps, "rows": rows}
+    print(f"wrote {write_results('train', payload, args.json)}")
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

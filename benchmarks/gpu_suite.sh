@@ -1,47 +1,35 @@
 #!/usr/bin/env bash
-# Everything GPU-only, in one go (a few minutes on one H200): the kernel tests on real CUDA (no
-# interpreter), the kernel, training-step and loader benchmarks, and `ddmim train --benchmark` for the
-# seed preset at 224 px / bf16 across data backends, channels-last, torch.compile and kernels.
-# Results land in one folder.
-#   bash benchmarks/gpu_suite.sh [OUT_DIR]
-# Uses $PYTHON, else .venv/bin/python, else python3 (which must have the project importable).
+# Every GPU-only measurement in one go, on a machine as the lent H200 is: its own python3 (torch, triton, timm,
+# pytorch-lightning, numpy, pytest, scikit-image), no venv, no FFCV or DALI unless carried, no network, and the
+# project not installed. The steps, their limits and how long they take: benchmarks/gpu_suite.py.
+#   bash benchmarks/gpu_suite.sh OUT               on the GPU machine
+#   bash benchmarks/gpu_suite.sh --dry-run OUT     the same steps rehearsed on a CPU (tiny presets, few steps), with
+#                                                  FFCV and DALI blocked and any installed copy of the project hidden
+# Extra options go to gpu_suite.py (--budget S, --only STEP...). A packed FFCV (.ffcv-gpu, made by
+# benchmarks/pack_ffcv_for_gpu.sh and carried by the device call) is installed into a temporary folder first.
+# Exit status: 0 when every step that could run passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}
-mkdir -p "$out"
-py=${PYTHON:-.venv/bin/python}
-[ -x "$py" ] || py=python3
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
-status=0
-run() {  # name, command...: log to $out/name.log, remember a failure, go on with the next step
-  local name=$1; shift
-  echo "== $name: $*"
-  "$@" 2>&1 | tee "$out/$name.log" || status=1
-}
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || { echo "no NVIDIA GPU here"; exit 1; }
-run kernel-tests "$py" -m pytest -q tests/test_kernel_masked_loss.py tests/test_kernel_masks.py tests/test_kernel_dispatch.py
-run bench-kernels "$py" benchmarks/bench_kernels.py
-run bench-train "$py" benchmarks/bench_train.py --presets seed tiny
-run bench-loaders "$py" benchmarks/bench_loaders.py --workers 8 --batch 128
+dry=()
+if [ "${1:-}" = "--dry-run" ]; then dry=(--dry-run); shift; fi
+[ $# -ge 1 ] || { echo "usage: bash benchmarks/gpu_suite.sh [--dry-run] OUT [gpu_suite.py options]" >&2; exit 2; }
+out=$1; shift
+if [ -n "${PYTHON:-}" ]; then py=$PYTHON
+elif [ ${#dry[@]} -gt 0 ] && [ -x .venv/bin/python ]; then py=.venv/bin/python  # the rehearsal's packages
+else py=python3; fi
 
-# the photographs (built by bench-loaders) in all three formats, both splits
-photos=${XDG_CACHE_HOME:-$HOME/.cache}/ddmim/bench/photos-2000
-data=${XDG_CACHE_HOME:-$HOME/.cache}/ddmim/bench/suite
-[ -d "$data/ffcv" ] || "$py" data_prep/to_ffcv.py "$photos" "$data/ffcv" --max-resolution 256 > /dev/null
-[ -d "$data/dali" ] || "$py" data_prep/to_dali.py "$photos" "$data/dali" --max-resolution 256 > /dev/null
-bench() {  # name, extra options
-  local name=$1; shift
-  run "train-benchmark-$name" "$py" -m ddmim train --preset seed --batch-size 128 --workers 8 --benchmark 30 \
-    --no-progress "$@"
-  cp benchmarks/results/train-benchmark-cuda.json "$out/train-benchmark-$name.json" 2>/dev/null
-}
-bench folder --data "$photos"
-bench ffcv --data "$data/ffcv"
-bench dali --data "$data/dali"
-bench dali-channels-last --data "$data/dali" --channels-last
-bench dali-compile --data "$data/dali" --compile
-bench dali-torch-kernels --data "$data/dali" --kernels torch
-cp benchmarks/results/*-cuda.json "$out"/ 2>/dev/null
-echo "results in $out"
-exit $status
+# The import names of kernels/, data_prep/ and benchmarks/ exist only in an installed project: links give them.
+links=$(mktemp -d)
+trap 'rm -rf "$links"' EXIT
+ln -s "$PWD/kernels" "$links/ddmim_kernels"
+ln -s "$PWD/data_prep" "$links/ddmim_data_prep"
+ln -s "$PWD/benchmarks" "$links/ddmim_benchmarks"
+path="$links:$PWD"
+[ ${#dry[@]} -gt 0 ] && path="$PWD/benchmarks/rehearsal:$path"
+if [ ${#dry[@]} -eq 0 ] && [ -d .ffcv-gpu/wheels ]; then
+    "$py" -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check \
+        --target "$links/site" .ffcv-gpu/wheels/*.whl && path="$path:$links/site"
+    export DDMIM_FFCV_LIB="$PWD/.ffcv-gpu/lib"  # only the FFCV steps get it: these are older than the system's
+fi
+export PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}"
+"$py" benchmarks/gpu_suite.py "$out" "${dry[@]}" "$@"

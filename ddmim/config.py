@@ -113,6 +113,7 @@ class TrainConfig:
     max_bad_steps: int = 20  # consecutive non-finite steps (skipped) before training stops
     report_every: int = 100  # steps between printed throughput lines (0: none)
     compile: bool = False  # torch.compile the model's forward (falls back to eager if compilation fails)
+    compile_backend: str = "inductor"  # torch.compile's backend; aot_eager only traces (a quick check of the graphs)
 
 
 @dataclass

@@ -10,6 +10,8 @@ multiplies it by the incoming scalar gradient.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -104,27 +106,40 @@ def masked_loss_forward(pred, target, mask, *, mode, beta, normalize, write_grad
     return loss, (grad if write_grad else None)
 
 
-class MaskedLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred, target, mask, mode, beta, normalize):
-        needs_grad = pred.requires_grad or target.requires_grad
-        loss, grad = masked_loss_forward(pred, target, mask, mode=mode, beta=beta, normalize=normalize,
-                                         write_grad=needs_grad)
-        ctx.grad = grad
-        return loss
+# A custom operator, so that torch.compile keeps the kernel as one node of its graph instead of tracing into the
+# launcher (and inductor does not try to fuse what is fused already).
+@torch.library.custom_op("ddmim::masked_loss", mutates_args=())
+def _masked_loss_op(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor], mode: str, beta: float,
+                    normalize: str, write_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, grad = masked_loss_forward(pred, target, mask, mode=mode, beta=beta, normalize=normalize,
+                                     write_grad=write_grad)
+    return loss, grad if grad is not None else pred.new_empty(0)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("backward through a fused masked loss a second time (retain_graph) is not "
-                               "supported: its stored gradient was scaled in place by the first backward")
-        ctx.grad = None
-        # scaled in place: the gradient-sized buffer written in forward is the only one ever allocated
-        grad.mul_(grad_out.to(grad.dtype))
-        grad_pred = grad if ctx.needs_input_grad[0] else None
-        grad_target = grad.neg() if ctx.needs_input_grad[1] else None
-        return grad_pred, grad_target, None, None, None, None
+
+@_masked_loss_op.register_fake
+def _(pred, target, mask, mode, beta, normalize, write_grad):
+    return pred.new_empty((), dtype=torch.float32), torch.empty_like(pred) if write_grad else pred.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.used = False
+
+
+def _backward(ctx, grad_loss, _unused):
+    if ctx.used:
+        raise RuntimeError("backward through a fused masked loss a second time (retain_graph) is not "
+                           "supported: its stored gradient was scaled in place by the first backward")
+    ctx.used = True
+    (grad,) = ctx.saved_tensors
+    # scaled in place: the gradient-sized buffer written in forward is the only one ever allocated
+    grad = grad.mul_(grad_loss.to(grad.dtype))
+    grad_pred = grad if ctx.needs_input_grad[0] else None
+    grad_target = grad.neg() if ctx.needs_input_grad[1] else None
+    return grad_pred, grad_target, None, None, None, None, None
+
+
+_masked_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -137,4 +152,5 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | N
     normalize "all": divide by B*C*H*W (seed); "masked": by the number of masked pixels * C (SimMIM).
     """
     check_loss_inputs(pred, target, mask, mode=mode, normalize=normalize, modes=MODES)
-    return MaskedLossFunction.apply(pred, target, mask, mode, beta, normalize)
+    write_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    return _masked_loss_op(pred, target, mask, mode, float(beta), normalize, write_grad)[0]

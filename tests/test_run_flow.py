@@ -68,7 +68,7 @@ def test_finetune_honours_compile(sample_root, tmp_path, monkeypatch):
 
     compiled = []
 
-    def fake_compile(fn):  # torch.compile itself takes minutes on the CPU; what matters is that it is asked for
+    def fake_compile(fn, **options):  # torch.compile itself takes minutes on the CPU; what matters is that it is asked
         compiled.append(fn)
         return fn
 
@@ -78,6 +78,8 @@ def test_finetune_honours_compile(sample_root, tmp_path, monkeypatch):
     assert compiled and isinstance(compiled[0], nn.Module)
     saved = (tmp_path / "ft" / "config.yaml").read_text()
     assert "compile: true" in saved and "kernels" not in saved  # pretraining-only fields are not fine-tuning's
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert summary["compile"] == "on" and summary["compile_backend"] == "inductor"
 
 
 def test_finetune_refuses_pretraining_only_options(capsys, sample_root):

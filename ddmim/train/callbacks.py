@@ -2,13 +2,12 @@
 of the logs, and the validation-loss history."""
 from __future__ import annotations
 
-import resource
 import time
 
 import pytorch_lightning as pl
 import torch
 
-from ddmim.machine import peak_flops
+from ddmim.machine import peak_flops, peak_memory_gib
 
 
 def write_row(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
@@ -89,7 +88,8 @@ class ThroughputReport(pl.Callback):
             return
         per_device = d_images / (d_wait + d_step)
         stats = {"perf/images_per_s_device": per_device, "perf/images_per_s": per_device * trainer.world_size,
-                 "perf/data_wait_share": d_wait / (d_wait + d_step), "perf/peak_memory_gib": peak_memory_gib(trainer)}
+                 "perf/data_wait_share": d_wait / (d_wait + d_step),
+                 "perf/peak_memory_gib": peak_memory_gib(trainer.strategy.root_device)}
         line = (f"step {trainer.global_step}: {stats['perf/images_per_s']:.1f} images/s ({per_device:.1f} per device), "
                 f"data wait {100 * stats['perf/data_wait_share']:.1f}%, peak memory "
                 f"{stats['perf/peak_memory_gib']:.2f} GiB")
@@ -113,12 +113,6 @@ class ThroughputReport(pl.Callback):
     def data_wait_share(self) -> float:
         total = self.wait_s + self.step_s
         return self.wait_s / total if total > 0 else float("nan")
-
-
-def peak_memory_gib(trainer) -> float:
-    if trainer.strategy.root_device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 class ValLossHistory(pl.Callback):

@@ -21,7 +21,7 @@ from ddmim.data.batch_augment import BatchRandAugment
 from ddmim.errors import UserError
 from ddmim.finetune_config import FinetuneConfig, finetune_config_from_dict
 from ddmim.models.classifier import build_classifier, load_encoder_weights
-from ddmim.train.compile import compiled_or_eager
+from ddmim.train.compile import CompiledForward
 from ddmim.train.launch import Launch, resolve_launch
 from ddmim.train.nonfinite import NonFiniteGuard
 from ddmim.train.run import FitPlan, run_fit
@@ -59,8 +59,8 @@ class FinetuneModule(NonFiniteGuard, pl.LightningModule):
         self.soft_ce = SoftTargetCrossEntropy()
         self.max_bad_steps = self.cfg.train.max_bad_steps
         self._val_sums = torch.zeros(3)
-        # a plain function, not a module attribute: the network's weights stay registered once
-        self._forward = compiled_or_eager(self.net) if self.cfg.train.compile else None
+        # a plain object, not a module attribute: the network's weights stay registered once
+        self.compiled = CompiledForward(self.net, self.cfg.train.compile_backend) if self.cfg.train.compile else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[KIND_KEY] = "finetune"
@@ -68,7 +68,21 @@ class FinetuneModule(NonFiniteGuard, pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return (self._forward or self.net)(images)
+        return (self.compiled or self.net)(images)
+
+    def on_train_start(self) -> None:
+        if self.compiled is not None:
+            self.compiled.trial(self._trial_loss)
+
+    def _trial_loss(self, forward) -> torch.Tensor:
+        """The cross-entropy of one synthetic batch shaped like the training batches."""
+        batch, size = self.cfg.train.batch_size, self.cfg.model.img_size
+        images = torch.randn(batch, 3, size, size, device=self.device)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.zeros(batch, dtype=torch.long, device=self.device)
+        with self.trainer.precision_plugin.forward_context():
+            return F.cross_entropy(forward(images), labels)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch

@@ -44,6 +44,8 @@ def format_summary(summary: dict) -> str:
         (f"  val loss        {first:.4f} before training -> {last:.4f} after{ratio}" if not summary["resumed_from"]
          else f"  val loss        {first:.4f} first after resuming -> {last:.4f} after{ratio}")
         if first is not None else "  val loss        not measured",
+        *([f"  torch.compile   {summary['compile']} ({summary['graphs']} graphs, {summary['graph_breaks']} breaks)"]
+          if summary["compile"] != "off" else []),
         f"  run folder      {summary['run_dir']}",
         f"  metrics (CSV)   {summary['logs']}",
         f"  tensorboard     tensorboard --logdir {summary['tensorboard']}",

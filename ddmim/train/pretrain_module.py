@@ -11,7 +11,7 @@ from ddmim.config import Config, config_from_dict
 from ddmim.models.backbones import pretraining_model
 from ddmim.models.kernels import resolve_kernels
 from ddmim.train.checkpoint_files import restore_rng_state, rng_state
-from ddmim.train.compile import compiled_or_eager
+from ddmim.train.compile import CompiledForward
 from ddmim.train.nonfinite import NonFiniteGuard
 from ddmim.train.schedules import make_scheduler, scaled_lr, step_scheduler
 
@@ -30,8 +30,20 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
             self.model.to(memory_format=torch.channels_last)
         self.max_bad_steps = self.cfg.train.max_bad_steps
         self.ema_updates = 0
-        # a plain function, not a module attribute: the model's weights stay registered once
-        self._compiled = compiled_or_eager(self.model) if self.cfg.train.compile else None
+        # a plain object, not a module attribute: the model's weights stay registered once
+        self.compiled = CompiledForward(self.model, self.cfg.train.compile_backend) if self.cfg.train.compile else None
+
+    def on_train_start(self) -> None:
+        if self.compiled is not None:
+            self.compiled.trial(self._trial_loss)
+
+    def _trial_loss(self, forward) -> torch.Tensor:
+        """The loss of one synthetic batch shaped like the training batches, as training_step computes it."""
+        batch, size = self.cfg.train.batch_size, self.cfg.model.img_size
+        images = self._images(torch.randn(batch, 3, size, size, device=self.device))
+        base, masks = self.model.draw_masks(batch, device=self.device, seed=self.cfg.train.seed)
+        with self.trainer.precision_plugin.forward_context():
+            return forward(images, base, masks, gather=self._gather)["loss"]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[KIND_KEY] = "pretrain"
@@ -87,7 +99,7 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         index = self.global_step * self.trainer.world_size + self.global_rank
         base, masks = self.model.draw_masks(images.shape[0], device=images.device, seed=self.cfg.train.seed,
                                             index=index)
-        forward = self._compiled or self.model
+        forward = self.compiled or self.model
         losses = forward(images, base, masks, gather=self._gather)
         self._log_losses("train", losses, images.shape[0], on_step=True)
         return losses["loss"]

@@ -10,6 +10,7 @@ from typing import Callable
 
 import pytorch_lightning as pl
 
+from ddmim.train.compile import compile_report
 from ddmim.train.launch import Launch, is_launched_worker
 from ddmim.train.run_folder import open_run_folder, remove_failed_start
 from ddmim.train.trainer import Run, build_trainer
@@ -60,6 +61,7 @@ def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], d
         "steps": run.trainer.global_step,
         "epochs": run.trainer.current_epoch,
         "skipped_steps": module.skipped_steps,
+        **compile_report(module.compiled),
         "wall_s": round(time.perf_counter() - start, 2),
         "train_images_per_s": round(run.throughput.images_per_s * run.trainer.world_size, 2),
         "data_wait_share": round(run.throughput.data_wait_share, 4),

@@ -19,6 +19,7 @@ from ddmim.config import Config
 from ddmim.data import make_datamodule
 from ddmim.machine import peak_flops, user_results_folder, write_results
 from ddmim.train.callbacks import ThroughputReport
+from ddmim.train.compile import compile_report
 from ddmim.train.launch import Launch, resolve_launch
 from ddmim.train.pretrain_module import DDMIMModule
 
@@ -81,13 +82,14 @@ def run_benchmark(cfg: Config, data_root: Path, steps: int, launch: Launch | Non
         loader_images_per_s = loader_rate(datamodule, trainer, steps)
         trainer.fit(module, train_dataloaders=OnDevice(synthetic, total))
         flops = module.to(device).flops_per_image(batch) * batch
+        compiled = compile_report(module.compiled)
         module = DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last, cuda=device.type == "cuda")
         _trainer(launch, total, folder, real).fit(module, datamodule=datamodule)
     peak = peak_flops(launch.precision)
     steps_per_s = ceiling.images_per_s / batch
     result = {
         "preset": cfg.name, "data": str(data_root), "device": str(device), "precision": launch.precision,
-        "channels_last": launch.channels_last, "kernels": cfg.train.kernels, "compile": cfg.train.compile,
+        "channels_last": launch.channels_last, "kernels": cfg.train.kernels, **compiled,
         "batch": batch, "img_size": size, "steps": steps,
         "model_only_images_per_s": ceiling.images_per_s,
         "end_to_end_images_per_s": real.images_per_s,
@@ -110,5 +112,7 @@ def format_benchmark(r: dict) -> str:
         f"loader stall {100 * r['loader_stall_share']:.1f}% of step time",
         f"  loader alone                            {r['loader_images_per_s']:.1f} images/s",
         f"  FLOPs per step {r['flops_per_step'] / 1e9:.1f} G, model FLOP utilisation {mfu}",
+        f"  torch.compile   {r['compile']}" + (f" ({r['graphs']} graphs, {r['graph_breaks']} breaks)"
+                                               if r["compile"] != "off" else ""),
         f"  JSON: {r['results_file']}",
     ])

@@ -1,0 +1,59 @@
+"""The GPU suite works on its first try on the lent machine: its rehearsal runs every step here as that machine is
+(the project not installed, FFCV and DALI absent), and H200 figures get an MFU."""
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+from ddmim import machine
+from ddmim_benchmarks.gpu_suite import STEPS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_dry_run_rehearses_every_step(tmp_path):
+    out = tmp_path / "suite"
+    # the limit only guards against a hang: the rehearsal takes about 2.5 minutes on 2 cores
+    done = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["dry_run"] and summary["versions"]["torch"] == torch.__version__
+    # imported from the working tree through the suite's links, not from this venv's editable install
+    assert Path(summary["imported_from"]["ddmim_kernels"]).name == "ddmim_kernels"
+    assert summary["imported_from"]["ddmim"] == str(ROOT / "ddmim")
+    steps = {e["name"]: e for e in summary["steps"]}
+    assert list(steps) == [s.name for s in STEPS]
+    for name, e in steps.items():
+        assert e["status"] in ("ok", "not run"), (name, e)
+        if e["status"] == "ok":
+            assert (out / e["json"]).is_file() and (out / "logs" / f"{name}.log").is_file()
+        else:
+            assert e["reason"]
+    assert steps["e2e-ffcv"]["status"] == "not run" and "FFCV does not import here" in steps["e2e-ffcv"]["reason"]
+    assert steps["e2e-dali"]["status"] == "not run" and "DALI" in steps["e2e-dali"]["reason"]
+    tests = json.loads((out / "kernel-tests.json").read_text())
+    assert tests["tests"] > 0 and tests["failures"] == tests["errors"] == 0
+    rows = [row for name in ("seed-eager", "seed-compile_fused", "seed-compile")
+            for row in json.loads((out / f"{name}.json").read_text())["rows"]]
+    assert {r["variant"] for r in rows} == {"eager", "channels_last", "torch_kernels", "compile_fused", "compile"}
+    for r in rows:
+        assert "error" not in r and r["images_per_s"] > 0 and r["flops_per_image"] > 0
+        assert r["compile"] == ("on" if r["variant"].startswith("compile") else "off"), r
+        assert r["compile"] == "off" or (r["graphs"] == 1 and r["graph_breaks"] == 0)
+    e2e = json.loads((out / "e2e-folder.json").read_text())
+    assert e2e["end_to_end_images_per_s"] > 0 and 0 <= e2e["loader_stall_share"] < 1
+    assert "| seed-eager | ok |" in (out / "summary.md").read_text()
+
+
+def test_an_h200_gets_the_published_peak_when_lightning_has_none(monkeypatch):
+    import lightning_fabric.utilities.throughput as throughput
+
+    monkeypatch.setattr(machine.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(machine.torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(throughput, "get_available_flops", lambda device, dtype: None)
+    assert machine.peak_flops("bf16-mixed") == 989.5e12
+    assert machine.peak_flops("32") == 494.7e12
+    monkeypatch.setattr(machine.torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
+    assert machine.peak_flops("bf16-mixed") is None
