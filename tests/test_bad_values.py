@@ -97,3 +97,13 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_earlier_ones(sample_ro
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ddmim: error: writing checkpoint") and "already on disk are intact" in last
     assert {p.name: p.read_bytes() for p in (out / "checkpoints").glob("*.ckpt")} == before
+
+
+def test_converted_data_without_its_library_is_one_line(capsys, converted, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ffcv", None)  # None in sys.modules: the import fails, as where it is absent
+    assert main(["train", "--data", str(converted["ffcv"]), "--preset", "tiny", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "reading FFCV data needs the ffcv package" in err and "pip install 'ddmim[ffcv]'" in err
+    assert len(err.strip().splitlines()) == 1

@@ -30,6 +30,18 @@ def read_class_count(root: Path) -> int:
         raise UserError(f"{path} is missing or unreadable (the converters in data_prep/ write it)") from None
 
 
+def require(fmt: str) -> None:
+    """One line, not a traceback, when the library of a converted data set's format is not installed."""
+    import importlib
+
+    module, extra = {"ffcv": ("ffcv", "ffcv"), "dali": ("nvidia.dali", "dali")}[fmt]
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise UserError(f"reading {fmt.upper()} data needs the {module} package, which does not import here "
+                        f"({exc}); install it with pip install 'ddmim[{extra}]' (make install-all)") from None
+
+
 def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = False,
                     randaugment: str = "") -> pl.LightningDataModule:
     """`cfg`: a pretraining or fine-tuning config. Every module has `num_classes` and `applies_randaugment`
@@ -44,10 +56,12 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
 
         return FolderDataModule(root, cfg, randaugment)
     if fmt == "ffcv":
+        require("ffcv")
         from ddmim.data.ffcv_loader import FFCVDataModule
 
         return FFCVDataModule(root, cfg)
     if fmt == "dali":
+        require("dali")
         from ddmim.data.dali_loader import DALIDataModule
 
         return DALIDataModule(root, cfg, channels_last=channels_last)
@@ -64,6 +78,8 @@ def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None):
         raise UserError(f"data path {root} does not exist or is not a folder")
     fmt = detect_format(root) if fmt == "auto" else fmt
     device = torch.device(device or "cpu")
+    if fmt in ("ffcv", "dali"):
+        require(fmt)
     if fmt == "ffcv":
         from ddmim.data.ffcv_loader import make_loader
 
