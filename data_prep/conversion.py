@@ -16,7 +16,10 @@ import shutil
 import socket
 import sys
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
@@ -148,22 +151,53 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def pool_imap(fn, items, workers: int, desc: str, pool=None):
-    """Ordered map over worker processes (or in-process for one worker) with a progress bar."""
-    bar = dict(total=len(items), desc=desc, unit="img", file=sys.stderr, mininterval=1.0)
-    if pool is None:
-        yield from tqdm(map(fn, items), **bar)
-        return
-    yield from tqdm(pool.imap(fn, items, chunksize=16), **bar)
+class Workers:
+    """Decoding in worker processes (forked where the platform can: they start at once and need no imports; on
+    a 2,000-image set a spawned pool's start-up took a third of the run), or in this process for one worker.
 
+    `imap` is an ordered map that keeps at most a few results per worker in flight. A consumer that stops early
+    (a full disk) then leaves only those to finish, and `close` never waits on a pipe filled with results: with
+    `multiprocessing.Pool.imap` and its chunks of ~350 KB results, `Pool.terminate()` deadlocked in 3 of 22
+    full-disk runs (CPython's python/cpython#96995, #78178). Here a manager thread of concurrent.futures reads
+    every result as it comes."""
 
-def make_pool(workers: int):
-    """Worker processes for decoding; forked where the platform can (they start at once and need no imports:
-    on a 2,000-image set a spawned pool's start-up took a third of the run)."""
-    if workers <= 1:
-        return None
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return mp.get_context(method).Pool(workers)
+    IN_FLIGHT_PER_WORKER = 4
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.executor = None
+        if workers > 1:
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self.executor = ProcessPoolExecutor(workers, mp_context=mp.get_context(method))
+            self.executor.submit(int).result()  # forks every worker now, before a progress bar starts a thread
+
+    def imap(self, fn, items, desc: str):
+        """fn(item) for each item in order, with a progress bar."""
+        bar = tqdm(total=len(items), desc=desc, unit="img", file=sys.stderr, mininterval=1.0)
+        pending: deque = deque()
+        try:
+            if self.executor is None:
+                for item in items:
+                    yield fn(item)
+                    bar.update()
+                return
+            todo = iter(items)
+            for item in islice(todo, self.IN_FLIGHT_PER_WORKER * self.workers):
+                pending.append(self.executor.submit(fn, item))
+            while pending:
+                result = pending.popleft().result()
+                for item in islice(todo, 1):
+                    pending.append(self.executor.submit(fn, item))
+                yield result
+                bar.update()
+        finally:
+            for future in pending:
+                future.cancel()
+            bar.close()
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def write_report(dst: Path, classes: list[str], results: list[SplitResult], seconds: float, backend: str) -> None:

@@ -33,14 +33,13 @@ from pathlib import Path
 from ddmim_data_prep.conversion import (
     ConversionError,
     SplitResult,
+    Workers,
     add_common_options,
     check_common_options,
     clear_stale,
     convert,
-    make_pool,
     owner_alive,
     owner_tag,
-    pool_imap,
     publish,
     run_cli,
     write_text_atomic,
@@ -132,7 +131,7 @@ def write_split(split: str, files: list, final: Path, args, pool) -> SplitResult
         path = work / f"shard-{number:06d}.tar"
         report = work / f"shard-{number:06d}.json"
         if number not in done:
-            encoded = pool_imap(encoder, samples, args.workers, f"{split} shard {number + 1}/{len(shards)}", pool)
+            encoded = pool.imap(encoder, samples, f"{split} shard {number + 1}/{len(shards)}")
             written, skipped = write_shard(path, number * args.shard_size, samples, encoded)
             write_text_atomic(report, json.dumps({"written": written, "skipped": skipped}))
         counts = json.loads(report.read_text())
@@ -156,13 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     check_common_options(args)
     if args.shard_size < 1:
         raise ConversionError("--shard-size must be at least 1")
-    pool = make_pool(args.workers)
+    pool = Workers(args.workers)
     try:
         convert(args, "dali", lambda split: args.dst / split,
                 lambda split, files, final: write_split(split, files, final, args, pool))
     finally:
-        if pool is not None:
-            pool.terminate()
+        pool.close()
     return 0
 
 

@@ -260,3 +260,12 @@ def test_an_output_path_that_is_a_file(module, messy_source, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"error: output {tmp_path / 'file'} exists and is not a folder"
     assert (tmp_path / "file").read_text() == "precious"
+
+
+def test_twenty_full_disks_in_a_row_never_hang_the_dali_converter(tmp_path):
+    from ddmim_benchmarks.full_disk_runs import run_many
+
+    # 3 of 22 runs hung with multiprocessing.Pool.imap's abandoned chunks; half of these run beside a CPU hog
+    runs = run_many("to_dali", "fsize", 20, 0.5, tmp_path, limit_s=30)
+    bad = [r for r in runs if not r["ok"]]
+    assert not bad, bad
