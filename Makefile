@@ -8,7 +8,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # FFCV compiles against these system libraries (found by pkg-config).
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 
-.PHONY: install install-all system-deps demo test lint bench clean
+.PHONY: install install-all system-deps demo test test-fast lint bench clean
 
 # the core: enough for `ddmim train` on folders and the demo
 $(BIN)/.installed: pyproject.toml Makefile
@@ -38,6 +38,9 @@ demo: install
 
 test: install-all
 	$(BIN)/python -m pytest -q tests
+
+test-fast: install-all
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check .

@@ -8,6 +8,8 @@ refuse. Errors a user can cause (bad paths or options, a full disk) end in one l
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -30,6 +32,7 @@ from ddmim.errors import UserError
 
 SPLITS = ("train", "val")
 TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"  # an earlier output set aside while a new one is put in place
 
 
 class ConversionError(Exception):
@@ -124,25 +127,63 @@ def temp_path(final: Path) -> Path:
 
 
 def clear_stale(final: Path, keep: Path | None = None) -> None:
-    """Removes temporary outputs for `final` left by killed runs (and says so); refuses while one is live."""
-    for tmp in final.parent.glob(f".{final.name}{TMP_MARK}*"):
-        if tmp == keep:
+    """Removes temporary outputs for `final` left by killed runs (and says so); refuses while one is live. An
+    earlier output that a killed publish had set aside (only where the filesystem cannot swap two folders) is
+    put back in place when `final` is missing, never deleted."""
+    for tmp in sorted(final.parent.glob(f".{final.name}{TMP_MARK}*")) + sorted(
+            final.parent.glob(f".{final.name}{OLD_MARK}*")):
+        if tmp == keep or not (tmp.exists() or tmp.is_symlink()):
             continue
-        alive = owner_alive(tmp.name.split(TMP_MARK, 1)[1])
+        mark = TMP_MARK if TMP_MARK in tmp.name else OLD_MARK
+        alive = owner_alive(tmp.name.split(mark, 1)[1])
         if alive is None:
             raise ConversionError(f"{tmp} was left by a conversion on another host (or of unknown origin); "
                                   "delete it if that run is over")
         if alive:
             raise ConversionError(f"another conversion (process {tmp.name.split(':')[-1]}) is writing {tmp}")
+        if mark == OLD_MARK and not final.exists():
+            os.replace(tmp, final)
+            print(f"put back {final}, set aside by a conversion that was killed while replacing it", file=sys.stderr)
+            continue
         shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
         print(f"removed {tmp}, left by a conversion that was killed", file=sys.stderr)
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Moves a finished output into place; the old output (if --overwrite) is removed only now."""
-    if final.is_dir() and not final.is_symlink():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """Moves a finished output into place so that a kill at any moment leaves the old output or the new one
+    complete under the final name, never a mix: a file is renamed over the old one; a folder is first renamed to
+    a temporary name, then swapped with the old folder in one atomic step (Linux renameat2 RENAME_EXCHANGE), and
+    the old one, now under the temporary name, is deleted last. Where the filesystem cannot swap, the old folder
+    is renamed aside first (clear_stale puts it back if a kill comes before the new one is in place)."""
+    if not (final.is_dir() and not final.is_symlink()):
+        os.replace(tmp, final)
+        return
+    staged = temp_path(final)
+    os.replace(tmp, staged)
+    if not exchange(staged, final):
+        aside = final.with_name(f".{final.name}{OLD_MARK}{owner_tag()}")
+        os.replace(final, aside)
+        os.replace(staged, final)
+        staged = aside
+    shutil.rmtree(staged)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically; False where the system or filesystem cannot (then nothing was changed)."""
+    rename2 = getattr(_libc(), "renameat2", None)
+    if rename2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if rename2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -86,7 +86,7 @@ def write_shard(path: Path, first_key: int, samples, encoded) -> tuple[int, list
         with IndexCreator(str(tmp), str(index_tmp), verbose=False) as creator:
             creator.create_index()
         os.replace(index_tmp, index)
-        os.replace(tmp, path)  # the tar last: a shard counts as done once its tar exists
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
         index_tmp.unlink(missing_ok=True)
@@ -121,7 +121,9 @@ def write_split(split: str, files: list, final: Path, args, pool) -> SplitResult
     plan = {"files": hashlib.sha256(json.dumps(order).encode()).hexdigest(), "shard_size": args.shard_size,
             "max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality, "seed": args.seed}
     work = open_partial(final, plan, args.overwrite)
-    done = [i for i in range(len(shards)) if (work / f"shard-{i:06d}.tar").is_file()]
+    # a shard is done once its report is written, after its tar and index: a kill between the two redoes it
+    done = [i for i in range(len(shards)) if (work / f"shard-{i:06d}.json").is_file()
+            and (work / f"shard-{i:06d}.tar").is_file()]
     if done:
         print(f"{split}: resuming a killed conversion, {len(done)} of {len(shards)} shards already written",
               file=sys.stderr)

@@ -1,5 +1,6 @@
 """data_prep/to_ffcv.py and data_prep/to_dali.py: odd and broken files, atomic outputs, bad input."""
 import io
+import json
 import os
 import shutil
 import signal
@@ -262,6 +263,7 @@ def test_an_output_path_that_is_a_file(module, messy_source, tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_twenty_full_disks_in_a_row_never_hang_the_dali_converter(tmp_path):
     from ddmim_benchmarks.full_disk_runs import run_many
 
@@ -269,3 +271,84 @@ def test_twenty_full_disks_in_a_row_never_hang_the_dali_converter(tmp_path):
     runs = run_many("to_dali", "fsize", 20, 0.5, tmp_path, limit_s=30)
     bad = [r for r in runs if not r["ok"]]
     assert not bad, bad
+
+
+# Runs a converter that kills itself (SIGKILL) at its K-th change to the filesystem (Python's audit events for
+# renames, deletions and folder creation), or with K = 0 prints (event number, event, path) of every change: kill
+# points chosen by what the run does, not by timing.
+KILL_AT_EVENT = """
+import os, runpy, signal, sys
+k, seen = int(sys.argv.pop(1)), [0]
+def hook(event, args):
+    if event in ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree"):
+        seen[0] += 1
+        if k == 0:
+            print(seen[0], event, args[0], file=sys.__stdout__, flush=True)
+        elif seen[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _complete_output(dst: Path) -> int:
+    """The seed of a complete DST/train (every shard with its index, all samples), or fails."""
+    from ddmim.data.dali_loader import list_shards, sample_count
+
+    tars, indexes = list_shards(dst / "train")
+    assert len(tars) == 150 and sample_count(indexes) == 150
+    return json.loads((dst / "train" / "conversion.json").read_text())["seed"]
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_moment_of_an_overwrite_leaves_the_old_or_the_new_output(tmp_path):
+    src = tmp_path / "src"
+    (src / "train" / "photo").mkdir(parents=True)
+    for i in range(150):
+        Image.new("RGB", (16, 16), (i, 0, 0)).save(src / "train" / "photo" / f"{i}.JPEG")
+    dst = tmp_path / "dst"
+    cmd = [sys.executable, str(REPO / "data_prep" / "to_dali.py"), str(src), str(dst), "--workers", "1",
+           "--splits", "train", "--shard-size", "1"]
+    assert subprocess.run([*cmd, "--seed", "1"], cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    overwrite = [sys.executable, "-c", KILL_AT_EVENT, "0", *cmd[1:], "--seed", "2", "--overwrite"]
+    listing = subprocess.run(overwrite, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    events = [line.split(" ", 2) for line in listing.stdout.splitlines() if line[:1].isdigit()]
+    publish = next(int(n) for n, event, path in events if event == "os.rename" and path.endswith(".train.partial"))
+    assert any(event == "shutil.rmtree" for _, event, _ in events[publish:])  # the old output goes last
+    assert subprocess.run([*cmd, "--seed", "1", "--overwrite"], cwd=REPO, capture_output=True,
+                          timeout=300).returncode == 0
+    # points while shards are written, and every change of the publish and of its deletion of the old output
+    points = [publish // 2, publish - 1, *range(publish, min(len(events), publish + 3)), len(events) - 1]
+    seeds = []
+    for k in points:  # each from the same start: the seed-1 output complete, nothing else
+        overwrite[3] = str(k)
+        assert subprocess.run(overwrite, cwd=REPO, capture_output=True, timeout=300).returncode == -signal.SIGKILL
+        if not (dst / "train").exists():  # set aside by the fallback publish: the next run puts it back
+            subprocess.run([*cmd, "--seed", "1"], cwd=REPO, capture_output=True, timeout=300)
+        seeds.append(_complete_output(dst))
+        finish = subprocess.run([*cmd, "--seed", "2", "--overwrite"], cwd=REPO, capture_output=True, text=True,
+                                timeout=300)  # whatever the kill left, the next run ends the job
+        assert finish.returncode == 0, (k, finish.stderr[-2000:])
+        assert _complete_output(dst) == 2 and not list(dst.glob(".train.*-*")) and not list(dst.glob(".*partial"))
+        assert subprocess.run([*cmd, "--seed", "1", "--overwrite"], cwd=REPO, capture_output=True,
+                              timeout=300).returncode == 0
+    assert set(seeds) == {1, 2}, seeds  # the kills fell on both sides of the swap
+
+
+def test_where_folders_cannot_be_swapped_a_set_aside_output_is_put_back(tmp_path, monkeypatch, capsys):
+    from ddmim_data_prep import conversion
+
+    final, new = tmp_path / "train", tmp_path / "new"
+    final.mkdir()
+    (final / "old.tar").write_text("old")
+    new.mkdir()
+    (new / "new.tar").write_text("new")
+    monkeypatch.setattr(conversion, "exchange", lambda a, b: False)  # e.g. a filesystem without renameat2 exchange
+    conversion.publish(new, final)
+    assert [p.name for p in final.iterdir()] == ["new.tar"] and [p.name for p in tmp_path.iterdir()] == ["train"]
+    # a kill between setting the old output aside and renaming the new one in: the next run puts the old back
+    os.replace(final, tmp_path / f".train{conversion.OLD_MARK}{socket.gethostname()}:999999999")
+    conversion.clear_stale(final)
+    assert (final / "new.tar").read_text() == "new" and "put back" in capsys.readouterr().err

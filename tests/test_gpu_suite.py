@@ -4,6 +4,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from ddmim import machine
@@ -12,6 +13,7 @@ from ddmim_benchmarks.gpu_suite import STEPS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_dry_run_rehearses_every_step(tmp_path):
     out = tmp_path / "suite"
     # the limit only guards against a hang: the rehearsal takes about 2.5 minutes on 2 cores
