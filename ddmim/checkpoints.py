@@ -1,6 +1,7 @@
 """Reading ddmim checkpoints with a clear error for each way they can be wrong."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +14,58 @@ KIND_KEY = "ddmim_kind"  # "pretrain" or "finetune", written by each LightningMo
 STUDENT_PREFIX = "model.student.net."  # the plain timm model inside the student encoder
 
 
+DIGEST_KEY = "ddmim_digest"  # of every tensor in the checkpoint, written with it (train/checkpoint_files.py)
+
+
+def payload_digest(ckpt: Any) -> str:
+    """A digest of every tensor's bytes in a checkpoint, walked in its own order (which torch.load keeps)."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(str((data.dtype, tuple(value.shape))).encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if key != DIGEST_KEY:
+                    digest.update(repr(key).encode())
+                    visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(ckpt)
+    return digest.hexdigest()
+
+
+def damage(ckpt: Any) -> str | None:
+    """Why a checkpoint that loads must not be used: bytes that changed since it was written (its digest), or
+    weights that are not finite; None when it is sound. Checkpoints of versions without a digest are trusted."""
+    if isinstance(ckpt, dict) and DIGEST_KEY in ckpt and payload_digest(ckpt) != ckpt[DIGEST_KEY]:
+        return "its contents differ from the digest written with it: the file was damaged after it was written"
+    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        return f"its weights hold NaN or infinite values ({bad[0]}{more})"
+    return None
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # truncated zip, pickle errors, not a torch file at all
         raise UserError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: "
                         f"{type(exc).__name__}: {exc})") from None
+    problem = damage(ckpt)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged: {problem}")
+    return ckpt
 
 
 def checkpoint_kind(ckpt: dict[str, Any]) -> str | None:

@@ -222,3 +222,42 @@ def test_same_seed_gives_identical_first_twenty_losses(sample_root, tmp_path):
         pretrain(cfg, sample_root, tmp_path / name, QUIET_STEPS(20))
     first, second = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
     assert len(first) == 20 and first == second
+
+
+def _damage_middle(path: Path) -> None:
+    """4 KiB of random bytes over the middle of a file, its length unchanged (a bad disk block)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = os.urandom(4096)
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_that_still_loads_is_set_aside(sample_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(out), "--workers", "0",
+            "--no-progress", "--set", "train.ckpt_every_steps=2", "--set", "train.keep_checkpoints=3"]
+    assert main([*base, "--max-steps", "4"]) == 0
+    ckpts = out / "checkpoints"
+    for name in ("last.ckpt", "step00000004.ckpt"):
+        _damage_middle(ckpts / name)
+        torch.load(ckpts / name, weights_only=False)  # the damage is in the tensor data: torch still loads it
+    assert main([*base, "--max-steps", "6", "--resume", "auto"]) == 0
+    said = capsys.readouterr().out
+    assert "set aside unreadable checkpoints" in said and "step00000004.ckpt (its contents differ from the digest" \
+        in said
+    assert "resuming from" in said and "step00000002.ckpt" in said.split("resuming from", 1)[1].splitlines()[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["val_loss_last"] == summary["val_loss_last"]  # finite, not NaN
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(pretrain_ckpt, tmp_path):
+    from ddmim.checkpoints import read_checkpoint
+    from ddmim.errors import UserError
+    from ddmim.train.checkpoint_files import AtomicCheckpointIO
+
+    ckpt = torch.load(pretrain_ckpt, weights_only=False)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][name][0] = float("nan")
+    AtomicCheckpointIO().save_checkpoint(ckpt, tmp_path / "nan.ckpt")  # a sound file of unsound weights
+    with pytest.raises(UserError, match=f"weights hold NaN or infinite values \\({name}"):
+        read_checkpoint(tmp_path / "nan.ckpt")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from ddmim.checkpoints import read_checkpoint
+from ddmim.checkpoints import DIGEST_KEY, payload_digest, read_checkpoint
 from ddmim.errors import UserError
 
 TMP_MARK = ".tmp-"
@@ -35,6 +35,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+        checkpoint[DIGEST_KEY] = payload_digest(checkpoint)  # checked whenever the file is read
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
@@ -52,11 +53,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def is_loadable(path: Path) -> bool:
+    return unusable(path) is None
+
+
+def unusable(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (it does not load, or it is damaged), or None."""
     try:
         read_checkpoint(path)
-        return True
-    except UserError:  # a checkpoint that does not load is not one to resume from
-        return False
+        return None
+    except UserError as exc:  # a checkpoint that does not load is not one to resume from
+        return str(exc)
 
 
 def resume_checkpoint(folder: Path, *, announce: bool = True) -> Path | None:
@@ -75,16 +81,18 @@ def resume_checkpoint(folder: Path, *, announce: bool = True) -> Path | None:
         return None
     unreadable = []
     for path in candidates:
-        if not is_loadable(path):
-            unreadable.append(path)
+        why = unusable(path)
+        if why is not None:
+            unreadable.append((path, why.split(": ", 1)[-1] if "damaged" in why else "it does not load"))
             continue
         if unreadable and announce:
-            for bad in unreadable:
+            for bad, _ in unreadable:
                 bad.rename(bad.with_name(bad.name + ".unreadable"))
-            print(f"set aside unreadable checkpoints (renamed *.unreadable): {', '.join(p.name for p in unreadable)}")
+            print("set aside unreadable checkpoints (renamed *.unreadable): "
+                  + "; ".join(f"{p.name} ({why})" for p, why in unreadable))
         return path
     raise UserError(f"--resume auto: none of the checkpoints in {folder} can be read "
-                    f"({', '.join(p.name for p in unreadable)}); move them away to start the run over")
+                    f"({', '.join(p.name for p, _ in unreadable)}); move them away to start the run over")
 
 
 def rng_state() -> dict:
