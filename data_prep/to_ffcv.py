@@ -2,10 +2,11 @@
 
     python data_prep/to_ffcv.py SRC DST [--max-resolution 512] [--jpeg-quality 90] [--write-mode jpg] ...
 
-DST/train.beton and DST/val.beton hold `image` (RGBImageField) and `label` (IntField). Each image is decoded
-once, inside FFCV's writer processes: a file that does not decode cannot be left out there (FFCV numbers the
-samples before writing them), so it is stored as an 8 x 8 black placeholder with label -1, listed in
-DST/skipped.tsv, and ddmim's loader never reads it.
+DST/train.beton and DST/val.beton hold `image` (RGBImageField) and `label` (IntField), and exactly the files
+that decode: any FFCV pipeline can read them. Each image is decoded once, inside FFCV's writer processes. A
+file that does not decode cannot be left out there (FFCV numbers the samples before writing them), so it is
+written as an 8 x 8 placeholder and listed in DST/skipped.tsv; before the file is published, its sample is
+taken out of the .beton's tables (`drop_samples`), leaving only unreferenced bytes in the data pages.
 
 Each .beton is written under a temporary name and renamed when complete, so an interrupted run leaves
 nothing that looks finished; an existing output is replaced only with --overwrite, and only once its
@@ -123,6 +124,36 @@ def run_writer(writer, dataset: DecodedImages, chunksize: int = 64) -> None:
         watcher.join()
 
 
+def drop_samples(path: Path, drop: set[int]) -> None:
+    """Takes samples out of a finished .beton in place: the header's count, the metadata table (one row per
+    sample, after the header and field descriptors) and the allocation table (sample id, pointer, size of each
+    piece of data, at the end of the file) are written again without them, the later samples renumbered.
+    Their image bytes stay in the data pages, which only the two tables point into."""
+    if not drop:
+        return
+    from ffcv.reader import Reader
+    from ffcv.types import HeaderType
+
+    reader = Reader(str(path))
+    keep = np.ones(int(reader.num_samples), dtype=bool)
+    keep[sorted(drop)] = False
+    renumber = np.cumsum(keep) - 1
+    table = reader.alloc_table[keep[reader.alloc_table["sample_id"]]].copy()
+    table["sample_id"] = renumber[table["sample_id"]]
+    header = np.array([reader.header], dtype=HeaderType)
+    header["num_samples"] = int(keep.sum())
+    with open(path, "r+b") as f:
+        f.seek(HeaderType.itemsize + reader.field_descriptors.nbytes)
+        f.write(reader.metadata[keep].tobytes())
+        f.seek(int(header["alloc_table_ptr"][0]))
+        f.write(table.tobytes())
+        f.truncate()
+        f.seek(0)
+        f.write(header.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_beton(path: Path, samples, args) -> SplitResult:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -143,6 +174,7 @@ def write_beton(path: Path, samples, args) -> SplitResult:
     finally:
         shutil.rmtree(logs, ignore_errors=True)
     skipped.sort(key=lambda row: int(row[0]))
+    drop_samples(path, {int(index) for index, _, _ in skipped})
     return SplitResult("", written=len(samples) - len(skipped), skipped=[(p, r) for _, p, r in skipped],
                        bytes=path.stat().st_size)
 

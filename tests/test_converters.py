@@ -86,6 +86,23 @@ def test_ffcv_converter_keeps_odd_images_and_reports_broken_ones(messy_source, t
     assert labels == [0, 0, 0, 1, 1, 1]
 
 
+def test_a_beton_holds_exactly_the_decodable_images_for_any_ffcv_reader(messy_source, tmp_path):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
+
+    assert to_ffcv.main([str(messy_source), str(tmp_path), "--workers", "2"]) == 0
+    reader = Reader(str(tmp_path / "train.beton"))  # 6 images decode of the 9 files: 6 samples, none 8 x 8
+    images = reader.metadata[f"f{reader.field_names.index('image')}"]
+    assert reader.num_samples == 6 and sorted(zip(images["height"], images["width"])) == [(30, 40)] * 3 + [(40, 50)] * 3
+    # a plain FFCV pipeline, as a user of the converted data set writes it: only real images, labels in range
+    loader = Loader(str(tmp_path / "train.beton"), batch_size=2, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    pipelines={"image": [CenterCropRGBImageDecoder((16, 16), 1.0)], "label": [IntDecoder()]})
+    labels = sorted(int(y) for _, batch in loader for y in batch.reshape(-1))
+    assert labels == [0, 0, 0, 1, 1, 1]
+
+
 @pytest.mark.parametrize("module, output", [(to_ffcv, "train.beton"), (to_dali, "train")])
 def test_existing_output_is_refused_and_kept(module, output, messy_source, tmp_path, capsys):
     assert module.main([str(messy_source), str(tmp_path), "--workers", "1"]) == 0
@@ -114,7 +131,7 @@ def test_bad_sources(module, tmp_path, capsys):
 ])
 def test_interrupted_conversion_leaves_nothing_a_loader_accepts(script, tmp_glob, final, tmp_path):
     from ddmim.data.dali_loader import list_shards
-    from ddmim.data.ffcv_loader import open_beton
+    from ddmim.data.ffcv_loader import readable_indices
     from ddmim.errors import UserError
 
     src = tmp_path / "src"
@@ -132,7 +149,7 @@ def test_interrupted_conversion_leaves_nothing_a_loader_accepts(script, tmp_glob
     assert list(dst.glob(tmp_glob)), "the converter was not caught while writing"
     assert not (dst / final).exists()
     with pytest.raises(UserError):
-        open_beton(dst / final) if final.endswith(".beton") else list_shards(dst / final)
+        readable_indices(dst / final) if final.endswith(".beton") else list_shards(dst / final)
 
 
 def _noise_source(root: Path, count: int, size: int = 96) -> Path:

@@ -4,7 +4,8 @@ Decoding, cropping and flipping run in FFCV's compiled (numba) pipeline. On CUDA
 to the GPU right after decoding (non-blocking) and is normalised there; on the CPU everything stays on
 the CPU, with normalisation before ToTensor (ffcv 1.0.2 never finishes compiling the opposite order there).
 The decoders check every JPEG (`ffcv_decoders`); a sample that does not decode is skipped by the policy of
-`ddmim.data.bad_samples`, and the placeholders a converter wrote for undecodable files (label -1) are never read.
+`ddmim.data.bad_samples`. Files of older converters held placeholders (label -1) for undecodable sources; they
+are never read.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ddmim.data import read_class_count
 from ddmim.data.bad_samples import SkippedSamples, fill_from_others
 from ddmim.errors import UserError
 
-PLACEHOLDER_LABEL = -1  # what data_prep/to_ffcv.py stores for a file that did not decode
+PLACEHOLDER_LABEL = -1  # what older versions of data_prep/to_ffcv.py left in a .beton for a file that did not decode
 
 
 def readable_indices(path: Path) -> np.ndarray:
@@ -35,11 +36,6 @@ def readable_indices(path: Path) -> np.ndarray:
     except Exception as exc:  # ffcv raises assorted errors for a file that is not a .beton
         raise UserError(f"{path} is not an FFCV .beton file ({type(exc).__name__}: {exc})") from None
     return np.flatnonzero(labels != PLACEHOLDER_LABEL)
-
-
-def open_beton(path: Path) -> int:
-    """Number of real samples in a .beton."""
-    return len(readable_indices(path))
 
 
 class CheckedBatches:
