@@ -67,7 +67,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(path: Path, first_key: int, samples, encoded) -> tuple[int, list[tuple[str, str]]]:
-    """One shard and its index, each complete or absent; returns (samples written, skipped)."""
+    """One shard and its index, each complete or absent (both absent when none of its files decodes); returns
+    (samples written, skipped)."""
     from wds2idx import IndexCreator  # shipped with DALI: its own index format, written by its own tool
 
     index = path.with_suffix(".idx")
@@ -83,10 +84,11 @@ def write_shard(path: Path, first_key: int, samples, encoded) -> tuple[int, list
                 _add(tar, f"{key}.jpg", data)
                 _add(tar, f"{key}.cls", struct.pack("<i", label))
                 written += 1
-        with IndexCreator(str(tmp), str(index_tmp), verbose=False) as creator:
-            creator.create_index()
-        os.replace(index_tmp, index)
-        os.replace(tmp, path)
+        if written:  # DALI's index tool refuses an empty tar, and a reader has nothing to read in one
+            with IndexCreator(str(tmp), str(index_tmp), verbose=False) as creator:
+                creator.create_index()
+            os.replace(index_tmp, index)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
         index_tmp.unlink(missing_ok=True)
@@ -122,8 +124,7 @@ def write_split(split: str, files: list, final: Path, args, pool) -> SplitResult
             "max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality, "seed": args.seed}
     work = open_partial(final, plan, args.overwrite)
     # a shard is done once its report is written, after its tar and index: a kill between the two redoes it
-    done = [i for i in range(len(shards)) if (work / f"shard-{i:06d}.json").is_file()
-            and (work / f"shard-{i:06d}.tar").is_file()]
+    done = [i for i in range(len(shards)) if (work / f"shard-{i:06d}.json").is_file()]
     if done:
         print(f"{split}: resuming a killed conversion, {len(done)} of {len(shards)} shards already written",
               file=sys.stderr)
@@ -139,7 +140,9 @@ def write_split(split: str, files: list, final: Path, args, pool) -> SplitResult
         counts = json.loads(report.read_text())
         result.written += counts["written"]
         result.skipped += [tuple(s) for s in counts["skipped"]]
-        result.bytes += path.stat().st_size
+        result.bytes += path.stat().st_size if path.exists() else 0
+    if not result.written:
+        raise ConversionError(f"none of the {len(files)} files of {split} decodes (their reasons: {work}/*.json)")
     for leftover in [work / OWNER, work / PLAN, *work.glob("shard-*.json")]:
         leftover.unlink()
     manifest = {"shuffled": split == "train", "seed": args.seed, "samples": result.written,

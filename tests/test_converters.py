@@ -71,6 +71,14 @@ def test_dali_converter_keeps_odd_images_and_reports_broken_ones(messy_source, t
     assert "wrote 6 images" in capsys.readouterr().out
 
 
+def test_dali_shards_whose_every_file_is_skipped_are_left_out(messy_source, tmp_path):
+    from ddmim.data.dali_loader import list_shards, sample_count
+
+    assert run_cli(to_dali.main, [str(messy_source), str(tmp_path), "--workers", "1", "--shard-size", "1"]) == 0
+    tars, indexes = list_shards(tmp_path / "train")
+    assert len(tars) == 6 and sample_count(indexes) == 6 and len(read_skipped(tmp_path)) == 3
+
+
 def test_ffcv_converter_keeps_odd_images_and_reports_broken_ones(messy_source, tmp_path):
     import torch
 

@@ -261,3 +261,19 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(pretrain_ckpt, tmp_path
     AtomicCheckpointIO().save_checkpoint(ckpt, tmp_path / "nan.ckpt")  # a sound file of unsound weights
     with pytest.raises(UserError, match=f"weights hold NaN or infinite values \\({name}"):
         read_checkpoint(tmp_path / "nan.ckpt")
+
+
+def test_resume_auto_on_a_folder_that_does_not_exist_yet_starts_the_run(sample_root, tmp_path, capsys):
+    # SLURM requeue scripts and torchrun --max-restarts run one command for the first launch and every restart
+    for out in (tmp_path / "new", tmp_path / "killed-in-its-first-second"):
+        if out.name.startswith("killed"):
+            out.mkdir()
+        assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(out), "--workers", "0",
+                     "--no-progress", "--max-steps", "2", "--epochs", "1", "--resume", "auto"]) == 0
+        assert "no checkpoint found" in capsys.readouterr().out
+        assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a run")
+    assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(tmp_path / "other"),
+                 "--resume", "auto"]) == 2
+    assert "holds files but is not a ddmim run folder" in capsys.readouterr().err

@@ -45,7 +45,12 @@ def resume_point(out: Path, cfg, fixed: tuple[str, ...]) -> Path | None:
     the config sections in `fixed` must be those it was started with."""
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
-        raise UserError(f"--resume auto: {out} is not a ddmim run folder (no config.yaml)")
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"--resume auto: {out} holds files but is not a ddmim run folder (no config.yaml)")
+        # a first launch (requeue scripts and torchrun --max-restarts run one command for every launch), or a run
+        # killed before it wrote anything
+        print(f"no checkpoint found in {out / 'checkpoints'}, starting from step 0")
+        return None
     saved = yaml.safe_load(saved_path.read_text())
     current = cfg.to_dict()
     for section in fixed:
@@ -67,7 +72,7 @@ def open_run_folder(out: Path, cfg, resume: bool, fixed: tuple[str, ...]) -> tup
         chosen = os.environ.get(RESUME_ENV)
         return run_dir, (Path(chosen) if chosen else resume_checkpoint(run_dir / "checkpoints", announce=False))
     ckpt = resume_point(out, cfg, fixed) if resume else None
-    if not resume:
+    if not resume or not (out / "config.yaml").is_file():
         prepare_run_dir(out)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.environ[RUN_DIR_ENV] = str(out.resolve())
