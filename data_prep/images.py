@@ -13,6 +13,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from ddmim.data import pixels
+
 try:
     import cv2
 except ImportError:  # the DALI converter alone does not need OpenCV
@@ -50,7 +52,7 @@ def decode(path: str, max_resolution: int) -> tuple[np.ndarray, bool]:
                 # libjpeg decodes directly at 1/2, 1/4 or 1/8 scale when that still covers the target
                 img.draft("RGB", size)
             img.load()  # the full decode: truncation shows here
-            rgb = img.convert("RGB")
+            rgb = pixels.rgb(img)
     except Exception as exc:  # PIL raises many types for bad files; each one is a reason to skip
         raise BadImage(_reason(exc)) from None
     return (np.asarray(rgb) if rgb.size == size else _shrink(rgb, size)), as_is

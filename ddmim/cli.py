@@ -244,16 +244,46 @@ HANDLERS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "vis
             "export": cmd_export, "demo": cmd_demo, "config": cmd_config}
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's own message. A DataLoader worker's error reaches this process with the worker's traceback
+    folded into its message: its last line is the message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(("Error", "Exception")) else last
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ddmim.train.launch import is_launched_worker
+
     args = build_parser().parse_args(argv)
     try:
         return HANDLERS[args.command](args)
     except UserError as exc:
-        print(f"ddmim: error: {exc}", file=sys.stderr)
+        print(f"ddmim: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ddmim: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if out_of_memory(exc):
+            print(f"ddmim: error: out of memory ({one_line(exc)[:200]}); lower --batch-size, or --workers for "
+                  "the loader's share", file=sys.stderr)
+            return 2
+        if is_launched_worker():  # another rank's failure ends this one in a collective: one line, not 90
+            import os
+
+            print(f"ddmim: error on rank {os.environ.get('RANK', os.environ.get('LOCAL_RANK', '?'))}: "
+                  f"{type(exc).__name__}: {one_line(exc)[:300]} (the first rank to fail says why)", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -288,6 +288,9 @@ def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
         at_least(f"train.{name}", getattr(train, name), 1)
     for name in ("ckpt_every_steps", "keep_checkpoints", "report_every"):
         at_least(f"train.{name}", getattr(train, name), 0)
+    if not 0 <= train.seed < 2**32:
+        raise UserError(f"train.seed must be in [0, 2^32), the range of the random generators it seeds, got "
+                        f"{train.seed}")
 
 
 def validate(cfg: Config) -> None:

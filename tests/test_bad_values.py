@@ -28,6 +28,11 @@ def one_line_error(capsys, argv) -> str:
     (["--set", "optim.lr=.nan"], "optim.lr must be a finite number"),
     (["--set", "optim.lr=.inf"], "optim.lr must be a finite number"),
     (["--set", "data.interpolation=nearest"], "data.interpolation must be bilinear or bicubic"),
+    (["--max-steps", "-7"], "--max-steps must be at least 1 (or -1: every epoch), got -7"),
+    (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--seed", "-1"], "train.seed must be in [0, 2^32)"),
+    (["--seed", str(2**32)], "train.seed must be in [0, 2^32)"),
+    (["--workers", "100000"], "data.num_workers 100000 is more than 4 per core"),
 ])
 def test_bad_training_values(option, expected, capsys, sample_root, tmp_path):
     err = one_line_error(capsys, ["train", "--data", str(sample_root), "--preset", "tiny", "--out",
@@ -107,3 +112,26 @@ def test_converted_data_without_its_library_is_one_line(capsys, converted, monke
     err = capsys.readouterr().err
     assert "reading FFCV data needs the ffcv package" in err and "pip install 'ddmim[ffcv]'" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_batch_too_large_for_memory_is_one_line(capsys, sample_root, tmp_path, monkeypatch):
+    from ddmim.models.ddmim import DDMIM
+
+    def no_memory(*args, **kwargs):  # what the CPU allocator raises for a batch that does not fit
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 94371840000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(DDMIM, "forward", no_memory)
+    err = one_line_error(capsys, ["train", "--data", str(sample_root), "--preset", "tiny", "--out",
+                                  str(tmp_path / "run"), "--workers", "0", "--no-progress"])
+    assert "out of memory" in err and "lower --batch-size" in err
+
+
+def test_undecodable_files_in_a_row_in_a_loader_worker_are_one_line(capsys, tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split / "junk").mkdir(parents=True)
+        for i in range(70):
+            (tmp_path / split / "junk" / f"{i:02d}.jpg").write_bytes(b"not an image")
+    err = one_line_error(capsys, ["train", "--data", str(tmp_path), "--preset", "tiny", "--batch-size", "4",
+                                  "--workers", "2", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "64 files in a row" in err and "Traceback" not in err

@@ -120,3 +120,34 @@ def test_bad_fast_format_paths(tmp_path, cfg, converted):
     (shards / "train" / "shard-000000.idx").unlink()
     with pytest.raises(UserError, match="holds no .tar shards"):
         make_datamodule(shards, cfg, "dali")
+
+
+def test_every_format_reads_the_same_odd_images_with_the_same_pixels(tmp_path):
+    """A 16-bit grey PNG (scaled, not clipped), a GIF, grey and CMYK JPEGs: in all three formats, same means."""
+    import numpy as np
+    from PIL import Image
+
+    from ddmim_data_prep import to_dali, to_ffcv
+
+    src = tmp_path / "src"
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)  # full 16-bit range: mean 0.5
+    files = {"a_grey16.png": Image.fromarray(ramp), "b_anim.gif": Image.new("P", (32, 32), 3),
+             "c_grey.jpg": Image.new("L", (32, 32), 60), "d_cmyk.jpg": Image.new("CMYK", (32, 32), (0, 100, 200, 0))}
+    for split in ("train", "val"):
+        (src / split / "odd").mkdir(parents=True)
+        for name, image in files.items():
+            image.save(src / split / "odd" / name)
+    assert to_ffcv.main([str(src), str(tmp_path / "ffcv"), "--workers", "1", "--write-mode", "raw"]) == 0
+    assert to_dali.main([str(src), str(tmp_path / "dali"), "--workers", "1"]) == 0
+    cfg = make_config("tiny", ["train.batch_size=4", "data.num_workers=0", "data.mean=[0,0,0]",
+                               "data.std=[1,1,1]"])
+    means = {
+        "folder": folder_batches(src, cfg, "val"),
+        "ffcv": ffcv_batches({"ffcv": tmp_path / "ffcv"}, cfg, split="val", batch_size=4),
+        "dali": dali_batches({"dali": tmp_path / "dali"}, cfg, split="val"),
+    }
+    means = {fmt: torch.cat([x for x, _ in batches]).mean(dim=(2, 3)) for fmt, batches in means.items()}
+    assert all(m.shape == (4, 3) for m in means.values())  # the GIF in every format, none left out
+    assert abs(float(means["folder"][0].mean()) - 0.5) < 0.02  # the 16-bit ramp scaled: mid-grey on average
+    for fmt in ("ffcv", "dali"):
+        torch.testing.assert_close(means[fmt], means["folder"], atol=0.02, rtol=0, msg=fmt)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,28 @@ def read_class_count(root: Path) -> int:
         raise UserError(f"{path} is missing or unreadable (the converters in data_prep/ write it)") from None
 
 
+def check_workers(workers: int) -> None:
+    """More loader processes than 4 per core cannot help and, in the thousands, exhaust the machine (a typo
+    like --workers 100000 forked 1,169 processes before it hung)."""
+    limit = 4 * (os.cpu_count() or 1)
+    if workers > limit:
+        raise UserError(f"data.num_workers {workers} is more than 4 per core of this machine ({limit}); use at most "
+                        f"{limit}")
+
+
+_capped: set[int] = set()
+
+
+def loader_threads(workers: int) -> int:
+    """FFCV's and DALI's workers are threads of one process, which numba and DALI cap at the core count."""
+    cores = os.cpu_count() or 1
+    if workers > cores and workers not in _capped:
+        _capped.add(workers)
+        print(f"ddmim: data.num_workers {workers} is more than this machine's {cores} cores; FFCV and DALI run "
+              f"{cores} threads", file=sys.stderr)
+    return max(1, min(workers, cores))
+
+
 def require(fmt: str) -> None:
     """One line, not a traceback, when the library of a converted data set's format is not installed."""
     import importlib
@@ -49,6 +73,7 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data path {root} does not exist or is not a folder")
+    check_workers(cfg.data.num_workers)
     if fmt == "auto":
         fmt = detect_format(root)
     if fmt == "folder":

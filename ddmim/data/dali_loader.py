@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 
 from ddmim.config import Config
-from ddmim.data import read_class_count
+from ddmim.data import loader_threads, read_class_count
 from ddmim.data.bad_samples import SkippedSamples
 from ddmim.errors import UserError
 
@@ -113,7 +113,7 @@ def build_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, shard_i
             labels = labels.gpu()
         return images, labels
 
-    pipe = pipeline(batch_size=batch_size, num_threads=threads or max(1, cfg.data.num_workers),
+    pipe = pipeline(batch_size=batch_size, num_threads=threads or loader_threads(cfg.data.num_workers),
                     device_id=torch.cuda.current_device() if gpu else None, seed=cfg.train.seed + shard_id,
                     prefetch_queue_depth=2)
     pipe.build()

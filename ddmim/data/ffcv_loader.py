@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from ddmim.config import Config
-from ddmim.data import read_class_count
+from ddmim.data import loader_threads, read_class_count
 from ddmim.data.bad_samples import SkippedSamples, fill_from_others
 from ddmim.errors import UserError
 
@@ -96,7 +96,7 @@ def make_loader(path: Path, cfg: Config, *, train: bool, device: torch.device, d
         raise UserError("ffcv quasi_random order does not support data-parallel training; use order random")
     indices = readable_indices(path)
     loader = Loader(str(path), batch_size=batch_size or cfg.train.batch_size,
-                    num_workers=max(1, cfg.data.num_workers), order=traversal, os_cache=os_cache,
+                    num_workers=loader_threads(cfg.data.num_workers), order=traversal, os_cache=os_cache,
                     drop_last=train if drop_last is None else drop_last, distributed=distributed,
                     indices=indices, seed=cfg.train.seed,
                     pipelines={"image": image_pipeline(decoder, cfg, device, train), "label": label_pipeline(device)})

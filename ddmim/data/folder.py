@@ -12,10 +12,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ddmim.data.bad_samples import SkippedSamples
 from ddmim.data.layout import list_split, train_classes
+from ddmim.data.pixels import EXTENSIONS, load_rgb
 from ddmim.data.transforms import train_transform, val_transform
 from ddmim.errors import UserError
 
@@ -28,7 +28,7 @@ class ClassFolder(ImageFolder):
 
     def __init__(self, root: Path, split: str, classes: list[str], transform):
         self._classes, self._split = classes, split
-        super().__init__(str(Path(root) / split), transform=transform)
+        super().__init__(str(Path(root) / split), transform=transform, loader=load_rgb)
         self.skipped = SkippedSamples(len(self.samples))
 
     def find_classes(self, directory):
@@ -36,7 +36,7 @@ class ClassFolder(ImageFolder):
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         try:
-            listing = list_split(Path(directory).parent, self._split, self._classes, tuple(IMG_EXTENSIONS))
+            listing = list_split(Path(directory).parent, self._split, self._classes, EXTENSIONS)
         except UserError as exc:
             raise ValueError(str(exc)) from None  # ImageFolder's constructor passes it on; open_split reports it
         if listing.ignored:

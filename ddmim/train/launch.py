@@ -40,6 +40,8 @@ def resolve_launch(launch: Launch) -> Launch:
         accelerator = "gpu" if cuda else "cpu"
     if launch.devices < 1 or launch.num_nodes < 1:
         raise UserError("--devices and --num-nodes must be at least 1")
+    if launch.max_steps == 0 or launch.max_steps < -1:
+        raise UserError(f"--max-steps must be at least 1 (or -1: every epoch), got {launch.max_steps}")
     if accelerator == "gpu" and launch.devices > torch.cuda.device_count():
         raise UserError(f"--devices {launch.devices} asks for more GPUs than this machine has "
                         f"({torch.cuda.device_count()})")
