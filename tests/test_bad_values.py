@@ -100,8 +100,12 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_earlier_ones(sample_ro
                           timeout=300, preexec_fn=small_files)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("ddmim: error: writing checkpoint") and "already on disk are intact" in last
+    assert last.startswith("ddmim: error: writing checkpoint") and "already on disk are intact (" in last
+    assert "the disk is full, or a file-size limit was reached" in last and "enforce fail" not in last
     assert {p.name: p.read_bytes() for p in (out / "checkpoints").glob("*.ckpt")} == before
+    fresh = subprocess.run([*cmd[:9], str(tmp_path / "fresh"), *cmd[10:], "--max-steps", "2"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert "no earlier checkpoint of this run exists" in fresh.stderr.strip().splitlines()[-1]
 
 
 def test_converted_data_without_its_library_is_one_line(capsys, converted, monkeypatch):

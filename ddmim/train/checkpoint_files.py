@@ -7,8 +7,10 @@ and is renamed over it, which is atomic on POSIX filesystems.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +45,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-            raise UserError(f"writing checkpoint {path} failed ({str(exc).splitlines()[0]}); the checkpoints "
-                            "already on disk are intact") from None
+            raise UserError(f"writing checkpoint {path} failed ({write_failure(exc, path.parent)}); "
+                            f"{earlier_checkpoints(path)}") from None
         finally:
             tmp.unlink(missing_ok=True)
         if self.keep > 0:
             for old in sorted(path.parent.glob(f"{STEP_PREFIX}*.ckpt"))[:-self.keep]:
                 old.unlink(missing_ok=True)
+
+
+def write_failure(exc: BaseException, folder: Path) -> str:
+    """What went wrong, in words: torch.save's zip writer reports a full disk as '[enforce fail at
+    inline_container.cc:...] unexpected pos' or 'file write failed', without the system's reason."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"{exc.strerror}: the disk is full, or a file-size limit was reached"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "unexpected pos" in text or "file write failed" in text:
+        free = shutil.disk_usage(folder).free
+        return f"the disk is full, or a file-size limit was reached ({free / 2**20:.0f} MiB free there)"
+    return text
+
+
+def earlier_checkpoints(path: Path) -> str:
+    others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path and TMP_MARK not in p.name)
+    if not others:
+        return "no earlier checkpoint of this run exists"
+    return f"the checkpoints already on disk are intact ({', '.join(others[:4])}{', ...' if len(others) > 4 else ''})"
 
 
 def is_loadable(path: Path) -> bool:
