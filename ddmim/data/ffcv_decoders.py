@@ -14,7 +14,7 @@ from ffcv.fields.rgb_image import (
     CenterCropRGBImageDecoder,
     RandomResizedCropRGBImageDecoder,
 )
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import ctypes_imdecode, resize_crop
 from ffcv.pipeline.compiler import Compiler
 
 MARK = (7, 251, 19)  # the top half of a failed sample's image
@@ -27,7 +27,6 @@ class _CheckedDecode:
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         loop = Compiler.get_iterator()
-        decode_c = Compiler.compile(imdecode)
         resize_c = Compiler.compile(resize_crop)
         crop_c = Compiler.compile(self.get_crop_generator)
         scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
@@ -44,7 +43,11 @@ class _CheckedDecode:
                 failed = False
                 if field["mode"] == jpg:
                     pixels = temp_storage[dst_ix]
-                    failed = decode_c(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False) != 0
+                    # libjpeg-turbo through FFCV's C function itself (numba calls ctypes functions directly): a
+                    # numba dispatcher of FFCV's Python wrapper per loader had its signature cache corrupted
+                    # (KeyError in the finalizer of every run, and in the next loader's compilation)
+                    failed = ctypes_imdecode(data.ctypes.data, data.size, height, width, pixels.ctypes.data, height,
+                                             width, 0, 0, 1, 1, False, False) != 0
                     pixels = pixels.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     pixels = data.reshape(height, width, 3)
