@@ -120,3 +120,71 @@ def test_training_goes_on_past_a_bad_sample_and_stops_past_the_limit(fmt, colour
     assert main([*base, "--out", str(tmp_path / "strict"), "--set", "data.max_bad_samples=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("ddmim: error: stopped: 1 samples could not be decoded, more than data.max_bad_samples")
+
+
+def _dali_rank(rank: int, port: int, root: str, out: str) -> None:
+    import json as jsonlib
+    import os
+
+    import torch.distributed as dist
+
+    from ddmim.data.bad_samples import SkippedSamples
+    from ddmim.data.dali_loader import list_shards, open_loader, sample_count
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    cfg = make_config("tiny", ["train.batch_size=5", "data.num_workers=1"])
+    folder = Path(root) / "train"
+    skipped = SkippedSamples(sample_count(list_shards(folder)[1]))
+    loader = open_loader(folder, cfg, train=True, gpu=False, skipped=skipped, shard_id=rank, num_shards=2,
+                         group=dist.new_group(backend="gloo"))
+    counts = [sum(1 for _ in loader) for _ in range(3)]
+    lists = [Path(i).read_text() for i in loader.shards[1]] if loader.shards else None
+    Path(out, f"rank{rank}.json").write_text(jsonlib.dumps({"counts": counts, "indexes": lists,
+                                                            "failed": skipped.failed()}))
+    dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_repair_a_dali_split_together(converted, tmp_path):
+    """The rank that meets the bad JPEG and the one that does not: same step, same filtered list, same counts."""
+    import json as jsonlib
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root, where = corrupt_shard(converted, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dali_rank, args=(port, str(root), str(tmp_path)), nprocs=2, join=True)
+    ranks = [jsonlib.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["counts"] == ranks[1]["counts"] and len(set(ranks[0]["counts"])) == 1
+    assert ranks[0]["indexes"] is not None and ranks[0]["indexes"] == ranks[1]["indexes"]
+    assert ranks[0]["failed"] == ranks[1]["failed"] and len(ranks[0]["failed"]) == 1  # one sample, on both
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["folder", "ffcv", "dali"])
+def test_a_bad_sample_under_data_parallel_training_neither_hangs_nor_counts_twice(fmt, coloured_source, converted,
+                                                                                  tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    root = {"folder": lambda: corrupt_folder(coloured_source, tmp_path)[0],
+            "ffcv": lambda: corrupt_beton(converted, tmp_path),
+            "dali": lambda: corrupt_shard(converted, tmp_path)[0]}[fmt]()
+    cmd = [sys.executable, "-m", "ddmim", "train", "--data", str(root), "--preset", "tiny", "--batch-size", "4",
+           "--workers", "1", "--epochs", "3", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
+           "--no-progress", "--set", "train.log_every=1"]
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = [float(r["data/skipped_samples"]) for r in csv.DictReader(open(tmp_path / "run" / "logs" /
+                                                                            "metrics.csv"))
+              if r.get("data/skipped_samples")]
+    assert counts and max(counts) == 1.0  # both ranks read the sample over three epochs: one sample, counted once
+    strict = subprocess.run([*cmd, "--out", str(tmp_path / "strict"), "--set", "data.max_bad_samples=0"],
+                            capture_output=True, text=True, timeout=600)
+    assert strict.returncode != 0 and "Traceback" not in strict.stderr, strict.stderr[-3000:]
+    errors = [line for line in strict.stderr.splitlines() if line.startswith("ddmim: error")]
+    assert errors and all("1 samples could not be decoded" in e or "rank" in e for e in errors), errors

@@ -277,3 +277,17 @@ def test_resume_auto_on_a_folder_that_does_not_exist_yet_starts_the_run(sample_r
     assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(tmp_path / "other"),
                  "--resume", "auto"]) == 2
     assert "holds files but is not a ddmim run folder" in capsys.readouterr().err
+
+
+def test_resuming_from_an_end_of_epoch_checkpoint_numbers_every_row_as_the_uninterrupted_run(sample_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    base = ["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(out), "--workers", "0",
+            "--no-progress", "--set", "train.log_every=1", "--set", "train.report_every=0"]
+    assert main([*base, "--max-steps", "22"]) == 0  # one whole epoch of the digits at batch 64: last.ckpt at its end
+    assert main([*base, "--max-steps", "30", "--resume", "auto"]) == 0
+    assert _train_steps(out) == list(range(30))  # step 22 neither missing nor every later one a step too high
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(30))

@@ -3,7 +3,9 @@
 The sample is left out (its place in the batch goes to another sample), it is named on stderr the first
 time it fails (its path, its shard and key, or its .beton index), and each distinct one is counted. The run
 logs the count as `data/skipped_samples` and stops with one line once it exceeds `data.max_bad_samples`:
-past that, the data set itself is damaged and needs converting again.
+past that, the data set itself is damaged and needs converting again (`ddmim.train.bad_sample_guard`).
+Under data-parallel training the ranks exchange what they found, so a sample is counted once in all and a
+rank that meets a sample another rank named skips it without a word.
 """
 from __future__ import annotations
 
@@ -11,11 +13,7 @@ import ctypes
 import multiprocessing as mp
 import sys
 
-import pytorch_lightning as pl
 import torch
-
-from ddmim.errors import UserError
-from ddmim.train.callbacks import write_row
 
 
 class SkippedSamples:
@@ -26,12 +24,27 @@ class SkippedSamples:
         self._count = mp.Value(ctypes.c_int64, 0)
 
     def record(self, index: int, where: str, reason: str) -> None:
+        if self._mark(index):
+            print(f"ddmim: skipping a sample that cannot be decoded: {where} ({reason})", file=sys.stderr, flush=True)
+
+    def _mark(self, index: int) -> bool:
         if self._failed[index]:
-            return
+            return False
         self._failed[index] = True
         with self._count.get_lock():
             self._count.value += 1
-        print(f"ddmim: skipping a sample that cannot be decoded: {where} ({reason})", file=sys.stderr, flush=True)
+        return True
+
+    def is_failed(self, index: int) -> bool:
+        return bool(self._failed[index])
+
+    def failed(self) -> list[int]:
+        return [i for i, bad in enumerate(self._failed) if bad]
+
+    def mark(self, indices) -> None:
+        """Samples another rank found (and named): counted here too, and skipped without a word."""
+        for index in indices:
+            self._mark(index)
 
     @property
     def count(self) -> int:
@@ -48,29 +61,3 @@ def fill_from_others(images: torch.Tensor, labels: torch.Tensor, bad: list[int])
         images[position] = images[good[k % len(good)]]
         labels[position] = labels[good[k % len(good)]]
     return True
-
-
-class BadSampleGuard(pl.Callback):
-    """Logs the data module's count of skipped samples and stops the run past `limit`."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.seen = 0
-
-    def _check(self, trainer, pl_module) -> None:
-        count = getattr(trainer.datamodule, "skipped_samples", lambda: 0)()
-        if trainer.world_size > 1:  # every rank reads other samples: the total decides, and every rank stops
-            total = torch.tensor(float(count), device=pl_module.device)
-            count = int(trainer.strategy.reduce(total, reduce_op="sum").item())
-        if count != self.seen:
-            self.seen = count
-            write_row(trainer, {"data/skipped_samples": float(count)})
-        if count > self.limit:
-            raise UserError(f"stopped: {count} samples could not be decoded, more than data.max_bad_samples = "
-                            f"{self.limit}; the data set looks damaged (the lines above name the samples)")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._check(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._check(trainer, pl_module)

@@ -125,11 +125,17 @@ class DaliLoader:
 
     `make_pipe(shards)` builds the pipeline, over the given (tars, filtered indexes) or, with None, the
     folder's own shards. When a batch fails to decode, the split is searched for the samples that cannot be
-    decoded; they are recorded in `skipped`, the pipeline is rebuilt without them, and the epoch goes on."""
+    decoded; they are recorded in `skipped`, the pipeline is rebuilt without them, and the epoch goes on.
 
-    def __init__(self, make_pipe, *, train: bool, channels_last: bool, folder: Path, skipped: SkippedSamples):
+    Under data-parallel training (`group`, a gloo group of every rank) the ranks tell each other after every
+    batch whether theirs failed: a host-side exchange of one number, no device synchronisation. When one
+    failed, every rank takes the union of what the failing ranks found, rebuilds its pipeline over the same
+    filtered sample list at that same step, and keeps the epoch's batch count, so no rank waits for another."""
+
+    def __init__(self, make_pipe, *, train: bool, channels_last: bool, folder: Path, skipped: SkippedSamples,
+                 group=None):
         self.make_pipe, self.train, self.channels_last = make_pipe, train, channels_last
-        self.folder, self.skipped, self.shards = folder, skipped, None
+        self.folder, self.skipped, self.shards, self.group = folder, skipped, None, group
         self.iterator = self._iterator()
 
     def _iterator(self):
@@ -142,8 +148,8 @@ class DaliLoader:
     def __len__(self) -> int:
         return len(self.iterator)
 
-    def _repair(self, error: RuntimeError) -> None:
-        from ddmim.data.dali_repair import filtered_shards, undecodable_samples
+    def _find_bad(self, error: RuntimeError) -> list[tuple[int, str, str]]:
+        from ddmim.data.dali_repair import undecodable_samples
 
         own = list_shards(self.folder)
         tars, indexes = self.shards or own
@@ -153,34 +159,72 @@ class DaliLoader:
                             f"{str(error).strip().splitlines()[-1]}") from None
         for ordinal, where, reason in bad:
             self.skipped.record(ordinal, where, reason)
+        return bad
+
+    def _repair(self, bad: list[tuple[int, str, str]]) -> None:
+        from ddmim.data.dali_repair import filtered_shards
+
+        tars, indexes = self.shards or list_shards(self.folder)
         self.shards = filtered_shards(tars, indexes, {where for _, where, _ in bad})
         if not self.shards[0]:
             raise UserError(f"no sample of {self.folder} can be decoded")
         self.iterator = self._iterator()
 
+    def _agreed_failures(self, error: RuntimeError | None) -> list[tuple[int, str, str]]:
+        """The samples to leave out, the same on every rank; [] when no rank's batch failed."""
+        bad = self._find_bad(error) if error is not None else []
+        if self.group is None:
+            return bad
+        import torch.distributed as dist
+
+        failed = torch.tensor([int(error is not None)])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if not failed.item():  # a CPU tensor of the gloo group: no device synchronisation
+            return []
+        found = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(found, bad, group=self.group)
+        union = {entry[1]: entry for entry in sum(found, [])}
+        self.skipped.mark(ordinal for ordinal, _, _ in union.values())
+        return sorted(union.values())
+
+    def _next(self, stream):
+        """One batch from `stream`; (None, error) when DALI failed to decode it; (None, None) at its end."""
+        try:
+            return next(stream), None
+        except StopIteration:
+            return None, None
+        except RuntimeError as error:  # DALI's decoders fail the whole batch, naming no sample
+            return None, error
+
     def __iter__(self):
         remaining, repaired = len(self.iterator), False
+        stream = iter(self.iterator)
         while remaining > 0:
-            try:
-                for out in self.iterator:
-                    images, labels = out[0]["images"], out[0]["labels"].reshape(-1).long()
-                    if self.channels_last:  # HWC batches viewed as NCHW tensors in channels-last memory
-                        images = images.permute(0, 3, 1, 2)
-                    remaining -= 1
-                    yield images, labels
-                    if remaining == 0 and repaired:
-                        # a repaired epoch ends on the count it started with, mid-way through the rebuilt
-                        # pipeline's pass: the next epoch starts a fresh one
-                        self.iterator = self._iterator()
-                        return
+            out, error = self._next(stream)
+            if out is None and error is None:
                 return
-            except RuntimeError as error:  # DALI's decoders fail the whole batch, naming no sample
-                self._repair(error)
-                repaired = True
+            bad = self._agreed_failures(error) if error is not None or self.group is not None else []
+            if bad:
+                self._repair(bad)
+                repaired, stream = True, iter(self.iterator)
+                if out is None:
+                    out, error = self._next(stream)
+                    if error is not None:
+                        raise UserError(f"DALI failed on {self.folder} again after leaving out the samples that "
+                                        f"do not decode: {str(error).strip().splitlines()[-1]}") from None
+            images, labels = out[0]["images"], out[0]["labels"].reshape(-1).long()
+            if self.channels_last:  # HWC batches viewed as NCHW tensors in channels-last memory
+                images = images.permute(0, 3, 1, 2)
+            remaining -= 1
+            yield images, labels
+        if repaired:
+            # a repaired epoch ends on the count it started with, mid-way through the rebuilt pipeline's pass: the
+            # next epoch starts a fresh one
+            self.iterator = self._iterator()
 
 
 def open_loader(folder: Path, cfg: Config, *, train: bool, gpu: bool, channels_last: bool = False,
-                skipped: SkippedSamples | None = None, **pipeline_options) -> DaliLoader:
+                skipped: SkippedSamples | None = None, group=None, **pipeline_options) -> DaliLoader:
     """The loader of one split folder; `pipeline_options` go to `build_pipeline` (shard_id, batch_size, ...)."""
     if skipped is None:
         skipped = SkippedSamples(sample_count(list_shards(folder)[1]))
@@ -189,7 +233,8 @@ def open_loader(folder: Path, cfg: Config, *, train: bool, gpu: bool, channels_l
         return build_pipeline(folder, cfg, train=train, gpu=gpu, channels_last=channels_last, shards=shards,
                               **pipeline_options)
 
-    return DaliLoader(make_pipe, train=train, channels_last=channels_last, folder=folder, skipped=skipped)
+    return DaliLoader(make_pipe, train=train, channels_last=channels_last, folder=folder, skipped=skipped,
+                      group=group)
 
 
 class DALIDataModule(pl.LightningDataModule):
@@ -204,16 +249,21 @@ class DALIDataModule(pl.LightningDataModule):
             self.skipped[split] = SkippedSamples(sample_count(indexes))
         check_shuffled(self.root / "train")
         self.num_classes = read_class_count(self.root)
+        self.group = None
 
-    def skipped_samples(self) -> int:
-        return sum(s.count for s in self.skipped.values())
+    def setup(self, stage: str) -> None:
+        import torch.distributed as dist
+
+        if self.group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo")  # every rank calls setup: the group is made collectively
+
 
     def _loader(self, split: str, train: bool) -> DaliLoader:
         trainer = self.trainer
         gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return open_loader(self.root / split, self.cfg, train=train, gpu=gpu, channels_last=self.channels_last,
-                           skipped=self.skipped[split], shard_id=rank, num_shards=world)
+                           skipped=self.skipped[split], shard_id=rank, num_shards=world, group=self.group)
 
     def train_dataloader(self) -> DaliLoader:
         return self._loader("train", train=True)

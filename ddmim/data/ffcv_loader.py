@@ -124,8 +124,6 @@ class FFCVDataModule(pl.LightningDataModule):
                            distributed=distributed, order=self.cfg.data.ffcv_order,
                            os_cache=self.cfg.data.ffcv_os_cache, skipped=self.skipped[split])
 
-    def skipped_samples(self) -> int:
-        return sum(s.count for s in self.skipped.values())
 
     def train_dataloader(self):
         return self._loader("train", train=True)

@@ -49,6 +49,8 @@ class ClassFolder(ImageFolder):
     def __getitem__(self, index: int):
         for attempt in range(MAX_ATTEMPTS):
             i = (index + attempt) % len(self.samples)
+            if self.skipped.is_failed(i):  # found before, here or by another rank: no second decode or notice
+                continue
             path, label = self.samples[i]
             try:
                 image = self.loader(path)  # opens and converts to RGB: the full decode
@@ -87,8 +89,9 @@ class FolderDataModule(pl.LightningDataModule):
             raise UserError(f"{self.root}/train holds {len(self.train_set)} images, fewer than one batch "
                             f"of {cfg.train.batch_size} (set train.batch_size lower)")
 
-    def skipped_samples(self) -> int:
-        return self.train_set.skipped.count + self.val_set.skipped.count
+    @property
+    def skipped(self) -> dict:
+        return {"train": self.train_set.skipped, "val": self.val_set.skipped}
 
     def _loader(self, dataset: ClassFolder, train: bool) -> DataLoader:
         workers = self.cfg.data.num_workers

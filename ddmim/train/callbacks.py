@@ -10,11 +10,24 @@ import torch
 from ddmim.machine import peak_flops, peak_memory_gib
 
 
+def logged_step(trainer: pl.Trainer) -> int:
+    """The step Lightning numbers its log rows with. It is private (`_batches_that_stepped` of the training epoch
+    loop, checked against pytorch-lightning 2.6.6): read and set here only."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def align_logged_step(trainer: pl.Trainer) -> None:
+    """Lightning adds one to its row counter when it restarts from an end-of-epoch checkpoint, so every later row
+    was numbered one too high; without gradient accumulation it equals the optimiser step, which is restored
+    exactly."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+
 def write_row(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     """One row of the loggers now, at the step Lightning itself would use. Callbacks run before Lightning's
     checkpoint callbacks, so a row written here is on disk before a checkpoint of the same step: a run killed
     just after that checkpoint and resumed from it loses no row."""
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    step = logged_step(trainer)
     for logger in trainer.loggers:
         logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=step)
         logger.save()
@@ -25,10 +38,16 @@ class StepRows(pl.Callback):
 
     def __init__(self, every: int):
         self.every = max(1, every)
+        self._aligned = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self._aligned:  # after Lightning's restart logic, which runs once the epoch loop starts
+            align_logged_step(trainer)
+            self._aligned = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = getattr(pl_module, "step_metrics", None)
-        if metrics and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % self.every == 0:
+        if metrics and (logged_step(trainer) + 1) % self.every == 0:
             write_row(trainer, {name: float(value) for name, value in metrics.items()})
 
 

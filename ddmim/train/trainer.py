@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.strategies import DDPStrategy
 
-from ddmim.data.bad_samples import BadSampleGuard
+from ddmim.train.bad_sample_guard import BadSampleGuard
 from ddmim.train.callbacks import StepRows, ThroughputReport, ValLossHistory
 from ddmim.train.checkpoint_files import STEP_PREFIX, AtomicCheckpointIO
 from ddmim.train.history import HistoryCSVLogger, HistoryTensorBoardLogger
@@ -65,8 +65,8 @@ def build_trainer(run_dir: Path, cfg, launch: Launch, *, monitor: tuple[str, str
         # no_grad, not inference_mode, for validation: FFCV's loader thread writes in place into batch
         # buffers allocated during validation, which inference tensors forbid (the loader then hangs)
         inference_mode=False,
-        callbacks=[StepRows(t.log_every), throughput, BadSampleGuard(cfg.data.max_bad_samples), history, recent,
-                   best, LearningRateMonitor(logging_interval="epoch")],
+        callbacks=[StepRows(t.log_every), throughput, BadSampleGuard(cfg.data.max_bad_samples, t.log_every), history,
+                   recent, best, LearningRateMonitor(logging_interval="epoch")],
         plugins=[AtomicCheckpointIO(keep=getattr(t, "keep_checkpoints", 3))],
         logger=loggers,
         enable_progress_bar=launch.progress_bar,
