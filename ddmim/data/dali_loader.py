@@ -7,7 +7,8 @@ the random crop window (`fn.decoders.image_random_crop`), then resizes, flips an
 Batches mix classes because the converter shuffles the samples before cutting shards; the reader's
 shuffle buffer then only has to vary the order between epochs. Under data-parallel training DALI gives
 each rank its own part of the samples (`shard_id`/`num_shards`) and moves every rank on to the next part
-after each epoch (`stick_to_shard=False`); `pad_last_batch` keeps every rank at the same batch count.
+after each epoch (`stick_to_shard=False`); the ranks agree on each epoch's batch count (parts can differ by a
+sample).
 
 A JPEG that does not decode fails the whole DALI batch. The loader then finds every such sample of the
 split (`dali_repair`), leaves them out through filtered copies of the indexes, and goes on with the epoch.
@@ -188,25 +189,38 @@ class DaliLoader:
         return sorted(union.values())
 
     def _next(self, stream):
-        """One batch from `stream`; (None, error) when DALI failed to decode it; (None, None) at its end."""
-        try:
-            return next(stream), None
-        except StopIteration:
-            return None, None
-        except RuntimeError as error:  # DALI's decoders fail the whole batch, naming no sample
-            return None, error
+        """One batch from `stream`; (None, error) when DALI failed to decode it. A pass of the reader that ends
+        within an epoch (a rank whose part is a batch longer than another's leaves it unread, so its passes
+        and the epochs drift apart) goes on with the next pass."""
+        for _ in range(2):
+            try:
+                return next(stream), None
+            except StopIteration:  # auto_reset: the next call starts the next pass
+                continue
+            except RuntimeError as error:  # DALI's decoders fail the whole batch, naming no sample
+                return None, error
+        raise UserError(f"DALI's reader of {self.folder} yields no batch")
+
+    def epoch_batches(self) -> int:
+        """Batches of this epoch: the fewest of any rank (one exchange an epoch), so that every rank steps
+        as often; DALI gives ranks whose parts differ by a sample different counts."""
+        count = len(self.iterator)
+        if self.group is not None:
+            import torch.distributed as dist
+
+            agreed = torch.tensor([count])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
+            count = int(agreed.item())
+        return count
 
     def __iter__(self):
-        remaining, repaired = len(self.iterator), False
-        stream = iter(self.iterator)
-        while remaining > 0:
+        stream, repaired = iter(self.iterator), False
+        for _ in range(self.epoch_batches()):
             out, error = self._next(stream)
-            if out is None and error is None:
-                return
             bad = self._agreed_failures(error) if error is not None or self.group is not None else []
             if bad:
                 self._repair(bad)
-                repaired, stream = True, iter(self.iterator)
+                stream, repaired = iter(self.iterator), True
                 if out is None:
                     out, error = self._next(stream)
                     if error is not None:
@@ -215,11 +229,8 @@ class DaliLoader:
             images, labels = out[0]["images"], out[0]["labels"].reshape(-1).long()
             if self.channels_last:  # HWC batches viewed as NCHW tensors in channels-last memory
                 images = images.permute(0, 3, 1, 2)
-            remaining -= 1
             yield images, labels
-        if repaired:
-            # a repaired epoch ends on the count it started with, mid-way through the rebuilt pipeline's pass: the
-            # next epoch starts a fresh one
+        if repaired:  # the rebuilt pipeline's pass began mid-epoch: the next epoch starts a pass of its own
             self.iterator = self._iterator()
 
 
