@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -98,3 +99,25 @@ def test_cli_fine_tunes_on_two_cpu_processes_with_one_summary(sample_root, tmp_p
     """The shared run flow: rank 1 joins rank 0's run folder instead of refusing it as not empty."""
     summary = _two_cpu_processes("finetune", sample_root, tmp_path / "ft", steps=3)
     assert summary["world_size"] == 2 and summary["steps"] == 3 and 0 <= summary["val_top1"] <= 100
+
+
+@pytest.mark.slow
+def test_two_nodes_under_torchrun_share_one_run_folder(sample_root, tmp_path):
+    """Node-rank handling, as on a cluster: two torchrun "nodes" of one process each on this machine (gloo,
+    localhost rendezvous) make one run folder, one summary and one set of checkpoints."""
+    port, out = _free_port(), tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "ddmim", "train", "--data", str(sample_root), "--preset", "tiny", "--devices", "1",
+                               "--num-nodes", "2", "--strategy", "ddp", "--accelerator", "cpu", "--max-steps", "3",
+                               "--epochs", "1", "--workers", "0", "--out", str(out), "--no-progress"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs[0] and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1]
+    assert [p.name for p in out.glob("summary*.json")] == ["summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert "last.ckpt" in {p.name for p in (out / "checkpoints").glob("*.ckpt")}
+    assert not [p for p in out.iterdir() if p.name not in ("checkpoints", "logs", "tensorboard", "config.yaml",
+                                                           "summary.json")]
