@@ -51,7 +51,7 @@ class StepClock(pl.Callback):
 def lightning_step_seconds(spec: str, variant: str, batch: int, args, sync) -> float:
     v = VARIANTS[variant]
     preset, overrides = parse_spec(spec)
-    values = with_overrides(preset_values(preset, overrides), typed={
+    values = with_overrides(preset_values(preset, overrides + v.get("set", [])), typed={
         "train.batch_size": batch, "train.kernels": v["kernels"], "train.compile": v["compile"],
         "train.compile_backend": args.compile_backend})
     cfg = config_from_dict(values)

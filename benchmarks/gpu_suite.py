@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Callable
 
 # the uncompiled variants share one process (one start-up); each compiled one has its own, and its own limit
-SEED_STEPS = {"seed-eager": ("eager", "channels_last", "torch_kernels"), "seed-compile_fused": ("compile_fused",),
+SEED_STEPS = {"seed-eager": ("eager", "channels_last", "torch_kernels", "timm_attention"),
+              "seed-compile_fused": ("compile_fused",),
               "seed-compile": ("compile",)}
 NO_DALI = ("NVIDIA DALI is not installed here; its wheel (about 480 MB) cannot travel in a device call (64 MiB "
            "a call), so the DALI steps run only where DALI is installed")
@@ -54,6 +55,7 @@ MODES = {
         "kernel_tests": ["tests/test_kernel_masked_loss.py", "tests/test_kernel_masks.py",
                          "tests/test_kernel_dispatch.py"],
         "bench_kernels": ["--batch", "128"], "profile": ["--batch", "128"], "lightning": ["--batch", "128"],
+        "attention": ["--batch", "128", "--dtype", "bf16"],
         "budget": 420, "best": None,
     },
     True: {  # the CPU rehearsal
@@ -62,6 +64,7 @@ MODES = {
         "backend": "aot_eager", "photos": ("48", "16"), "workers": "2", "e2e_steps": "3", "e2e_batch": "8",
         "kernel_tests": ["tests/test_kernel_dispatch.py"],
         "bench_kernels": ["--batch", "2", "--size", "32", "--dtypes", "fp32"],
+        "attention": ["--batch", "1", "--dtype", "fp32"],
         "profile": ["--batch", "8", "--steps", "2", "--profile-steps", "1", "--warmup", "1"],
         "lightning": ["--batch", "8", "--steps", "3", "--warmup", "1", "--rounds", "1"],
         # the steps that take the best variant would compile again on the CPU, where it is the slow part
@@ -98,7 +101,8 @@ class Suite:
     def variant_flags(self, variant: str) -> list[str]:
         """`ddmim train` options of a variant (benchmarks/train_steps.py)."""
         flags = {"eager": ["--kernels", "auto"], "channels_last": ["--kernels", "auto", "--channels-last"],
-                 "torch_kernels": ["--kernels", "torch"]}
+                 "torch_kernels": ["--kernels", "torch"],
+                 "timm_attention": ["--kernels", "auto", "--set", "model.fused_attention=false"]}
         return flags[variant]
 
 
@@ -184,6 +188,8 @@ STEPS = [
     Step("bench-kernels", lambda s, name: [py(s, "benchmarks/bench_kernels.py", *s.mode["bench_kernels"],
                                               "--compile-backend", s.mode["backend"], "--json", str(s.json(name)))],
          60, 150),
+    Step("bench-attention", lambda s, name: [py(s, "benchmarks/bench_attention.py", *s.mode["attention"],
+                                                "--json", str(s.json(name)))], 20, 90),
     *[Step(name, train_bench(("seed",), lambda s, v=variants: list(v)), 140 if len(variants) == 1 else 25,
            240 if len(variants) == 1 else 90) for name, variants in SEED_STEPS.items()],
     Step("e2e-folder", lambda s, name: [photos(s), benchmark_run(s, s.work / "photos", name)], 45, 120,
@@ -292,6 +298,8 @@ def headline(name: str, r: dict) -> str:
             parts.append(f"{row['preset']} {row['variant']} b{row['batch']} {row['images_per_s']:.0f} img/s{mfu}"
                          f"{compiled}")
         return ", ".join(parts)
+    if name == "bench-attention":
+        return f"fused window attention {r['total_speedup']:.2f}x timm's time ({r['dtype']}, batch {r['batch']})"
     if name == "profile":
         return f"{r['variant']}: {100 * r['outside_model_share']:.1f}% of the step outside the model; top: " \
                f"{r['top'][0]['name'][:60] if r['top'] else '-'}"

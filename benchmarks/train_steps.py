@@ -8,6 +8,7 @@ Variants (the GPU suite's comparisons):
   compile        torch.compile of the model with the PyTorch reference kernels (inductor fuses them itself)
   compile_fused  torch.compile with the fused Triton kernels
   torch_kernels  the PyTorch reference kernels, no compilation
+  timm_attention as eager, with timm's own SwinV2 window attention instead of the fused one
 A pretraining step is what DDMIMModule does: masks of the step's draw, forward (student, teacher, decoder,
 losses), backward, fused AdamW on CUDA, and the EMA update on the preset's schedule. A fine-tuning step:
 forward, cross-entropy (mixup/cutmix and label smoothing as the preset says), backward, timm's AdamW.
@@ -33,6 +34,8 @@ VARIANTS = {
     "compile": {"kernels": "torch", "compile": True, "channels_last": False},
     "compile_fused": {"kernels": "triton", "compile": True, "channels_last": False},
     "torch_kernels": {"kernels": "torch", "compile": False, "channels_last": False},
+    "timm_attention": {"kernels": "triton", "compile": False, "channels_last": False,
+                       "set": ["model.fused_attention=false"]},
 }
 
 
@@ -98,7 +101,7 @@ def pretrain_step(spec: str, variant: str, batch: int, device: torch.device, pre
                   compile_backend: str = "inductor") -> Step:
     v = VARIANTS[variant]
     preset, overrides = parse_spec(spec)
-    cfg = make_config(preset, overrides)
+    cfg = make_config(preset, overrides + v.get("set", []))
     check_kernels(v["kernels"])
     torch.manual_seed(0)
     model = pretraining_model(cfg, kernels=resolve_kernels(v["kernels"], cuda=device.type == "cuda")).to(device)
@@ -157,7 +160,7 @@ def finetune_step(spec: str, variant: str, batch: int, device: torch.device, pre
 
     v = VARIANTS[variant]
     preset, overrides = parse_spec(spec)
-    cfg = make_finetune_config(preset, overrides)
+    cfg = make_finetune_config(preset, overrides + v.get("set", []))
     a = cfg.augment
     torch.manual_seed(0)
     net = build_classifier(cfg.model, num_classes, cfg.head.kind, cfg.head.hidden, a.drop_path).to(device)

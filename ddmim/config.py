@@ -35,6 +35,7 @@ class ModelConfig:
     proj_hidden: int = 512
     proj_out: int = 512
     perceptual_tap: str = "after_next_merge"  # or stage_output; see ddmim/models/swin.py
+    fused_attention: bool = True  # SwinV2 window attention through scaled_dot_product_attention (same math)
     mask_token: bool = False  # a learned token replaces masked tokens entering stage 0 (SimMIM) instead of zeros
     decoder_dim: int = 512  # mae: the light decoder's width, depth and heads (MAE's defaults)
     decoder_depth: int = 8

@@ -39,7 +39,8 @@ def test_the_dry_run_rehearses_every_step(tmp_path):
     assert tests["tests"] > 0 and tests["failures"] == tests["errors"] == 0
     rows = [row for name in ("seed-eager", "seed-compile_fused", "seed-compile")
             for row in json.loads((out / f"{name}.json").read_text())["rows"]]
-    assert {r["variant"] for r in rows} == {"eager", "channels_last", "torch_kernels", "compile_fused", "compile"}
+    assert {r["variant"] for r in rows} == {"eager", "channels_last", "torch_kernels", "timm_attention",
+                                            "compile_fused", "compile"}
     for r in rows:
         assert "error" not in r and r["images_per_s"] > 0 and r["flops_per_image"] > 0
         assert r["compile"] == ("on" if r["variant"].startswith("compile") else "off"), r

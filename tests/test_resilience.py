@@ -178,7 +178,8 @@ class _Batches(pl.LightningDataModule):
 
 
 def _fit(images, max_bad_steps: int, steps: int, tmp_path):
-    cfg = make_config("tiny", [f"train.max_bad_steps={max_bad_steps}", "train.batch_size=4"])
+    # the counters live on the device and are read every log_every steps: here every step
+    cfg = make_config("tiny", [f"train.max_bad_steps={max_bad_steps}", "train.batch_size=4", "train.log_every=1"])
     module = DDMIMModule(cfg.to_dict())
     before = {k: v.clone() for k, v in module.model.student.state_dict().items()}
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,

@@ -49,7 +49,7 @@ def architecture(model) -> dict:
     return {"img_size": model.img_size, "patch_size": model.patch_size, "embed_dim": model.embed_dim,
             "depths": list(model.depths), "num_heads": list(model.num_heads), "window_size": model.window_size,
             "mlp_ratio": model.mlp_ratio, "drop_path_rate": model.drop_path_rate, "head_dim": model.head_dim,
-            "perceptual_tap": model.perceptual_tap}
+            "perceptual_tap": model.perceptual_tap, "fused_attention": model.fused_attention}
 
 
 def plain_backbone(model, **changes) -> nn.Module:

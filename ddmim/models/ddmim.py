@@ -119,5 +119,5 @@ class DDMIM(nn.Module):
         """The decoder's image for masked input (for pictures and the reconstruction report)."""
         return self.forward_decoder(self.forward_encoder(images, stage_masks(base_mask, self.mask_cfg.ratios))[-1])
 
-    def update_teacher(self, decay: float) -> None:
-        ema_update_(self.teacher, self.student.stages, decay)
+    def update_teacher(self, decay: float, skip=None) -> None:
+        ema_update_(self.teacher, self.student.stages, decay, skip)

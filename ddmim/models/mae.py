@@ -57,6 +57,8 @@ class MAE(nn.Module):
                                               for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
+        units = (grid // mask.patch) ** 2  # the masks are drawn with an exact count of masked units per image
+        self.visible_count = grid * grid - round(mask.ratios[0] * units) * mask.patch ** 2
 
     @classmethod
     def from_config(cls, cfg, kernels: KernelOps | None = None) -> "MAE":
@@ -69,7 +71,7 @@ class MAE(nn.Module):
 
     uses_teacher = False
 
-    def update_teacher(self, decay: float) -> None:
+    def update_teacher(self, decay: float, skip=None) -> None:
         """MAE has no teacher."""
 
     def draw_masks(self, batch: int, *, device=None, seed: int = 0, index: int = 0):
@@ -78,7 +80,7 @@ class MAE(nn.Module):
                                        index=index, device=device, patch=m.patch)
 
     def forward_encoder(self, images: torch.Tensor, base_mask: torch.Tensor):
-        return self.student.forward_visible(images, base_mask)
+        return self.student.forward_visible(images, base_mask, self.visible_count)
 
     def forward_decoder(self, latent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Predicted pixels of every patch (B, N, patch * patch * 3)."""

@@ -17,6 +17,8 @@ import torch
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch import nn
 
+from ddmim.models.window_attention import use_fused_attention
+
 
 def stage_taps(stages: nn.Sequential, tokens: torch.Tensor, masks: list[torch.Tensor | None], tap: str,
                mask_token: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -47,12 +49,15 @@ class MaskedSwin(nn.Module):
     timm_name = "swinv2_tiny_window8_256"  # a registered Swin V2; the keyword arguments set every shape
 
     def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depths, num_heads, window_size: int,
-                 mlp_ratio: float, drop_path_rate: float, head_dim: int, perceptual_tap: str):
+                 mlp_ratio: float, drop_path_rate: float, head_dim: int, perceptual_tap: str,
+                 fused_attention: bool = True):
         super().__init__()
         self.timm_kwargs = {"img_size": img_size, "patch_size": patch_size, "embed_dim": embed_dim,
                             "depths": tuple(depths), "num_heads": tuple(num_heads), "window_size": window_size,
                             "mlp_ratio": mlp_ratio}
         self.net = SwinTransformerV2(**self.timm_kwargs, drop_path_rate=drop_path_rate, num_classes=head_dim)
+        if fused_attention:
+            use_fused_attention(self.net)
         self.tap = perceptual_tap
         self.grid = img_size // patch_size  # tokens per side of the base mask
         self.stride = patch_size * 2 ** (len(depths) - 1)  # pixels per last-stage token

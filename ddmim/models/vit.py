@@ -34,12 +34,15 @@ class MaskedViT(nn.Module):
         self.net.pos_embed.data.copy_(sincos_with_class_slot(self.grid, embed_dim))
         self.net.pos_embed.requires_grad_(False)  # fixed, as in MAE's pretraining
 
-    def forward_visible(self, images: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_visible(self, images: torch.Tensor, visible: torch.Tensor,
+                        count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoded class token + visible patches (B, 1 + V, C), indices of the visible patches (B, V)).
-        `visible`: (B, grid, grid), 1 = visible, the same count in every image."""
+        `visible`: (B, grid, grid), 1 = visible, `count` of them in every image. The indices come from a stable
+        sort (visible first, in patch order): unlike `nonzero`, the shapes are known without reading the mask on
+        the host, so the step neither waits for the device nor breaks a compiled graph."""
         x = self.net.patch_embed(images) + self.net.pos_embed[:, 1:]
-        keep = visible.flatten(1).bool()
-        ids = keep.nonzero()[:, 1].view(len(images), -1)
+        hidden = 1 - visible.flatten(1).to(torch.int8)
+        ids = torch.argsort(hidden, dim=1, stable=True)[:, :count]
         x = x.gather(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.net.cls_token + self.net.pos_embed[:, :1]).expand(len(images), -1, -1)
         x = self.net.blocks(torch.cat([cls, x], dim=1))

@@ -57,6 +57,11 @@ class ThroughputReport(pl.Callback):
     The first `warmup` batches (worker start-up, allocator and kernel warm-up) are not counted. Time between
     an epoch's start and its first batch counts as data wait. Every `report_every` steps the figures since
     the previous report are printed (rank 0) and logged, with the peak device (or process) memory.
+
+    The host waits for the device here only at a report, at the end of the warm-up and of each epoch: between
+    two waits, the wall time of the steps is the device's, however far the host ran ahead. Data wait is the time
+    the host spent waiting for the loader; while the device still works through queued steps, part of it
+    costs the device nothing, so the share is an upper bound of the device's idle time for data.
     """
 
     def __init__(self, warmup: int = 5, report_every: int = 0):
@@ -84,14 +89,17 @@ class ThroughputReport(pl.Callback):
         self._mark = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._sync(trainer)
+        reporting = self.report_every and trainer.global_step % self.report_every == 0
+        last = trainer.global_step == trainer.max_steps or batch_idx + 1 == trainer.num_training_batches
+        if reporting or last or self.seen + 1 == self.warmup:
+            self._sync(trainer)  # the warm-up's, a report's and an epoch's queued work: the time is the device's
         now = time.perf_counter()
         if self.seen >= self.warmup:
             self.step_s += now - self._mark
             self.images += len(batch[0])
         self.seen += 1
         self._mark = now
-        if self.report_every and trainer.global_step % self.report_every == 0 and self.images:
+        if reporting and self.images:
             self._report(trainer, pl_module)
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -38,7 +38,8 @@ def make_optimizer(net, o, lr: float) -> torch.optim.Optimizer:
     scale of layer_decay^(depth from the top) per group (one layer per transformer block, patch embedding
     below them, final norm and head at the top)."""
     return create_optimizer_v2(net, opt="adamw", lr=lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
-                               layer_decay=o.layer_decay if o.layer_decay < 1 else None)
+                               layer_decay=o.layer_decay if o.layer_decay < 1 else None,
+                               fused=True)  # its found_inf skips a non-finite step (NonFiniteGuard)
 
 
 class FinetuneModule(NonFiniteGuard, pl.LightningModule):
@@ -57,7 +58,7 @@ class FinetuneModule(NonFiniteGuard, pl.LightningModule):
         self.randaugment = (BatchRandAugment(a.randaugment, self.cfg.data.mean, self.cfg.data.std)
                             if batch_randaugment and a.randaugment else None)
         self.soft_ce = SoftTargetCrossEntropy()
-        self.max_bad_steps = self.cfg.train.max_bad_steps
+        self.max_bad_steps, self.check_every = self.cfg.train.max_bad_steps, self.cfg.train.log_every
         self._val_sums = torch.zeros(3)
         # a plain object, not a module attribute: the network's weights stay registered once
         self.compiled = CompiledForward(self.net, self.cfg.train.compile_backend) if self.cfg.train.compile else None
@@ -93,7 +94,8 @@ class FinetuneModule(NonFiniteGuard, pl.LightningModule):
             loss = self.soft_ce(self(images), targets)
         else:
             loss = F.cross_entropy(self(images), labels, label_smoothing=self.cfg.augment.label_smoothing)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels), logger=False)
+        if (self.global_step + 1) % self.check_every == 0:  # Lightning reads a logged value on the host
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels), logger=False)
         self.step_metrics = {"train/loss": loss.detach()}  # written by the StepRows callback
         return loss
 

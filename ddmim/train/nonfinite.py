@@ -1,5 +1,16 @@
-"""Skipping optimiser steps whose loss or gradients are not finite, and stopping after too many in a row."""
+"""Skipping optimiser steps whose loss or gradients are not finite, and stopping after too many in a row, without
+making the host wait for the device on every step.
+
+The check stays on the device: a flag (GradScaler's own kernel over the gradients, and the loss) goes to the
+fused AdamW as `found_inf`, which then leaves the weights and its step count as they were, and the EMA update
+uses it to leave the teacher too. The counters are device tensors, read every `check_every` steps (the
+logging cadence): a run of bad steps is reported and, past `max_bad_steps` in a row, stops training there.
+A skipped step still counts as a step (its lr and mask draws advance), since only the device knows it was
+skipped.
+"""
 from __future__ import annotations
+
+from collections import defaultdict
 
 import torch
 
@@ -10,35 +21,73 @@ class NonFiniteTraining(UserError):
     pass
 
 
+def nonfinite_flag(loss: torch.Tensor | None, params) -> torch.Tensor:
+    """A 0-dim float32 tensor on the loss's device: 1 when the loss or any gradient holds NaN or inf, else 0."""
+    grads = defaultdict(list)
+    for p in params:
+        if p.grad is not None:
+            grads[(p.grad.device, p.grad.dtype)].append(p.grad)
+    device = loss.device if loss is not None else next(iter(grads), (torch.device("cpu"),))[0]
+    found = torch.zeros((), dtype=torch.float32, device=device)
+    if loss is None:
+        return found + 1
+    one = torch.ones((), dtype=torch.float32, device=device)
+    for group in grads.values():  # GradScaler's check, with a scale of 1: no gradient changes
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
+    return torch.maximum(found, (~torch.isfinite(loss.detach())).all().float())
+
+
 class NonFiniteGuard:
-    """Mixin for a LightningModule with automatic optimisation. Gradients are all-reduced before this check
-    under data-parallel training, so every rank takes the same decision."""
+    """Mixin for a LightningModule with automatic optimisation and a fused torch optimiser. Gradients are
+    all-reduced before the check under data-parallel training, so every rank takes the same decision."""
 
     max_bad_steps: int = 20
-    skipped_steps: int = 0
-    bad_in_a_row: int = 0
+    check_every: int = 50
 
-    def _finite(self, loss) -> bool:
-        if loss is None or not torch.isfinite(loss).all():
-            return False
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+    def _guard_state(self) -> dict:
+        if not hasattr(self, "_nonfinite"):
+            zero = torch.zeros((), dtype=torch.float32, device=self.device)
+            self._nonfinite = {"skipped": zero.clone(), "in_a_row": zero.clone(), "last": zero.clone(),
+                               "reported": 0}
+        return self._nonfinite
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self._guard_state()["skipped"].item())
+
+    @property
+    def step_skipped(self) -> torch.Tensor:
+        """This step's flag (a device tensor): 1 when its update was skipped."""
+        return self._guard_state()["last"]
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         loss = optimizer_closure()  # forward and backward
-        if self._finite(loss):
-            self.bad_in_a_row = 0
+        state = self._guard_state()
+        flag = nonfinite_flag(loss, self.parameters())
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.found_inf = flag  # the fused optimiser skips its update where the flag is set (as under GradScaler)
+        try:
             optimizer.step(closure=lambda: loss)  # the closure already ran: hand its loss back
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self.bad_in_a_row += 1
-            self.print(f"step {self.global_step}: non-finite loss or gradient, optimiser step skipped "
-                       f"({self.bad_in_a_row} in a row, {self.skipped_steps} in all)")
-            if self.bad_in_a_row >= self.max_bad_steps:
-                last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
-                raise NonFiniteTraining(f"training stopped at step {self.global_step}: {self.bad_in_a_row} "
-                                        f"consecutive non-finite steps; last good checkpoint: {last}")
+        finally:
+            del inner.found_inf
+        state["last"] = flag
+        state["skipped"] += flag
+        state["in_a_row"] = (state["in_a_row"] + flag) * flag
         metrics = getattr(self, "step_metrics", None)  # this step's row (written by the StepRows callback)
         if metrics is not None:
-            metrics["train/skipped_steps"] = float(self.skipped_steps)
+            metrics["train/skipped_steps"] = state["skipped"]
+        if (self.global_step + 1) % self.check_every == 0:  # the step index: Lightning counts it after this hook
+            self._check_nonfinite()
+
+    def _check_nonfinite(self) -> None:
+        """Reads the counters (a synchronisation: only every `check_every` steps)."""
+        state = self._guard_state()
+        skipped, in_a_row = int(state["skipped"].item()), int(state["in_a_row"].item())
+        if skipped > state["reported"]:
+            self.print(f"step {self.global_step}: {skipped - state['reported']} optimiser steps skipped for a "
+                       f"non-finite loss or gradient since the last check ({in_a_row} in a row, {skipped} in all)")
+            state["reported"] = skipped
+        if in_a_row >= self.max_bad_steps:
+            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise NonFiniteTraining(f"training stopped at step {self.global_step}: {in_a_row} consecutive "
+                                    f"non-finite steps; last good checkpoint: {last}")

@@ -28,7 +28,7 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         self.model = pretraining_model(self.cfg, kernels=resolve_kernels(self.cfg.train.kernels, cuda=cuda))
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.max_bad_steps = self.cfg.train.max_bad_steps
+        self.max_bad_steps, self.check_every = self.cfg.train.max_bad_steps, self.cfg.train.log_every
         self.ema_updates = 0
         # a plain object, not a module attribute: the model's weights stay registered once
         self.compiled = CompiledForward(self.model, self.cfg.train.compile_backend) if self.cfg.train.compile else None
@@ -88,7 +88,9 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
     def _log_losses(self, prefix: str, losses: dict[str, torch.Tensor], batch_size: int, on_step: bool) -> None:
         if on_step:  # the loggers get these rows from the StepRows callback; Lightning shows the progress bar
             self.step_metrics = {f"{prefix}/{name}": value.detach() for name, value in losses.items()}
-            self.log(f"{prefix}/loss", losses["loss"].detach(), batch_size=batch_size, prog_bar=True, logger=False)
+            if (self.global_step + 1) % self.check_every == 0:  # Lightning reads a logged value on the host
+                self.log(f"{prefix}/loss", losses["loss"].detach(), batch_size=batch_size, prog_bar=True,
+                         logger=False)
             return
         for name, value in losses.items():
             self.log(f"{prefix}/{name}", value.detach(), batch_size=batch_size, on_epoch=True, prog_bar=name == "loss",
@@ -111,7 +113,7 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         counter = batch_idx if ema.count == "epoch_batches" else self.global_step
         if counter % ema.every == 0:
             copy = ema.first_copy and self.ema_updates == 0
-            self.model.update_teacher(0.0 if copy else ema.decay)
+            self.model.update_teacher(0.0 if copy else ema.decay, skip=self.step_skipped)
             self.ema_updates += 1
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -129,7 +131,7 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=scaled_lr(o.lr, o.lr_batch, self.global_batch),
                                       weight_decay=o.weight_decay, betas=tuple(o.betas),
-                                      fused=self.device.type == "cuda")
+                                      fused=True)  # on the CPU too: its found_inf skips a non-finite step
         if o.schedule == "step" and not o.warmup_epochs:  # the original: torch's StepLR, stepped per epoch
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,177 @@
+"""Is a training step ready for a GPU? Counts the host-device synchronisations of real Lightning steps, and the
+graphs and graph breaks torch.compile would make of the training forward.
+
+    python benchmarks/check_step.py --preset seed [--finetune] [--steps 4] [--json PATH]
+
+1. Syncs: `ddmim train`'s Trainer (its callbacks, loggers and checkpoints) runs the preset's module on a
+   synthetic batch already on the device, with logging and throughput reports far apart. During every step
+   that neither logs nor reports, each call that would make the host wait for a GPU is counted, at the Python
+   level: Tensor.item, __bool__, __float__, __int__, tolist, cpu, numpy, nonzero (and torch.nonzero), boolean-
+   mask indexing, torch.cuda.synchronize. On a CPU they cost nothing, but they are the same calls.
+2. Graphs: `torch._dynamo.explain` of the training forward: graphs, breaks (with reasons), ops per graph.
+Prints and writes one JSON object (benchmarks/results/check-step-<device>.json, or --json).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from ddmim.config import config_from_dict, preset_values, with_overrides
+from ddmim.finetune_config import finetune_config_from_dict
+from ddmim.train.launch import Launch, resolve_launch
+from ddmim.train.speed_test import OnDevice
+from ddmim.train.trainer import build_trainer
+from ddmim_benchmarks.common import write_results
+
+BLOCKING_METHODS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy", "nonzero")
+
+
+class SyncCounter:
+    """Counts blocking calls while `active`; patches torch at the Python level for the `patched()` block."""
+
+    def __init__(self):
+        self.calls: Counter = Counter()
+        self.active = False
+
+    def _count(self, name: str, original):
+        def wrapper(*args, **kwargs):
+            if self.active:
+                self.calls[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    @contextlib.contextmanager
+    def patched(self):
+        saved = [(torch.Tensor, name, getattr(torch.Tensor, name)) for name in BLOCKING_METHODS]
+        saved += [(torch, "nonzero", torch.nonzero), (torch.cuda, "synchronize", torch.cuda.synchronize),
+                  (torch.Tensor, "__getitem__", torch.Tensor.__getitem__)]
+        getitem = torch.Tensor.__getitem__
+
+        def indexing(tensor, index):
+            parts = index if isinstance(index, tuple) else (index,)
+            if self.active and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
+                self.calls["boolean-mask indexing"] += 1
+            return getitem(tensor, index)
+
+        try:
+            for owner, name, original in saved[:-1]:
+                label = f"torch.{name}" if owner is torch else ("torch.cuda.synchronize" if owner is torch.cuda
+                                                                else f"Tensor.{name}")
+                setattr(owner, name, self._count(label, original))
+            torch.Tensor.__getitem__ = indexing
+            yield self
+        finally:
+            for owner, name, original in saved:
+                setattr(owner, name, original)
+
+
+class CountQuietSteps(pl.Callback):
+    """Counts during the steps from `first` on that neither log nor report, one window per step (from the start of
+    one training batch to the start of the next: the step, its backward, optimiser step and callbacks)."""
+
+    def __init__(self, counter: SyncCounter, first: int, log_every: int, last: int):
+        self.counter, self.first, self.log_every, self.last = counter, first, log_every, last
+        self.steps = 0
+        self._before: Counter = Counter()
+
+    def _close(self) -> None:
+        if self.counter.active:
+            self.counter.active = False
+            self.steps += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._close()
+        step = trainer.global_step
+        quiet = (step + 1) % self.log_every != 0 and step + 1 < self.last
+        if step >= self.first and quiet:
+            self.counter.active = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close()
+
+
+def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: list[str]) -> dict:
+    from ddmim.train.finetune import FinetuneModule
+    from ddmim.train.pretrain_module import DDMIMModule
+
+    first, log_every = 3, 10_000  # the first steps compile, count FLOPs and warm up
+    typed = {"train.batch_size": batch, "train.log_every": log_every, "train.report_every": 0,
+             "data.num_workers": 0}
+    values = with_overrides(preset_values(preset, overrides, kind="finetune" if finetune else "pretrain"),
+                            typed=typed)
+    cfg = (finetune_config_from_dict if finetune else config_from_dict)(values)
+    launch = resolve_launch(Launch(max_steps=first + steps, progress_bar=False))
+    module = (FinetuneModule(cfg.to_dict(), num_classes=10) if finetune
+              else DDMIMModule(cfg.to_dict(), cuda=launch.accelerator == "gpu"))
+    counter = SyncCounter()
+    counting = CountQuietSteps(counter, first, log_every, first + steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = build_trainer(Path(tmp), cfg, launch)
+        run.trainer.callbacks.append(counting)
+        device = run.trainer.strategy.root_device
+        size = cfg.model.img_size
+        synthetic = (torch.randn(batch, 3, size, size, device=device), torch.arange(batch, device=device) % 10)
+        with counter.patched():
+            run.trainer.fit(module, train_dataloaders=OnDevice(synthetic, first + steps))
+    total = sum(counter.calls.values())
+    return {"steps_counted": counting.steps, "syncs_per_step": total / max(1, counting.steps),
+            "calls": dict(counter.calls)}
+
+
+def explain_forward(preset: str, finetune: bool, batch: int, overrides: list[str]) -> dict:
+    from ddmim.config import make_config
+    from ddmim.finetune_config import make_finetune_config
+    from ddmim.models.backbones import pretraining_model
+    from ddmim.models.classifier import build_classifier
+
+    torch._dynamo.reset()
+    if finetune:
+        cfg = make_finetune_config(preset, overrides)
+        model = build_classifier(cfg.model, 10, cfg.head.kind, cfg.head.hidden, cfg.augment.drop_path)
+        size = cfg.model.img_size
+        args = (torch.randn(batch, 3, size, size),)
+    else:
+        cfg = make_config(preset, overrides)
+        model = pretraining_model(cfg)
+        size = cfg.model.img_size
+        base, masks = model.draw_masks(batch, seed=0)
+        args = (torch.randn(batch, 3, size, size), base, masks)
+    model.train()
+    explained = torch._dynamo.explain(model)(*args)
+    return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
+            "break_reasons": [str(b.reason)[:200] for b in explained.break_reasons],
+            "ops_per_graph": [sum(1 for n in g.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+                              for g in explained.graphs]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="seed")
+    parser.add_argument("--finetune", action="store_true", help="a fine-tuning preset")
+    parser.add_argument("--steps", type=int, default=3, help="quiet steps counted")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    result = {"preset": args.preset, "kind": "finetune" if args.finetune else "pretrain",
+              **count_syncs(args.preset, args.finetune, args.steps, args.batch, args.overrides),
+              **explain_forward(args.preset, args.finetune, args.batch, args.overrides)}
+    print(f"{result['kind']} {args.preset}: {result['syncs_per_step']:g} syncs per quiet step "
+          f"({result['calls'] or 'none'}); {result['graphs']} graph(s), {result['graph_breaks']} break(s), "
+          f"ops per graph {result['ops_per_graph']}")
+    for reason in result["break_reasons"]:
+        print(f"  break: {reason}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"wrote {write_results('check-step', {'device': device, **result}, args.json)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
