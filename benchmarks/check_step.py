@@ -107,11 +107,12 @@ def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: 
     values = with_overrides(preset_values(preset, overrides, kind="finetune" if finetune else "pretrain"),
                             typed=typed)
     cfg = (finetune_config_from_dict if finetune else config_from_dict)(values)
-    launch = resolve_launch(Launch(max_steps=first + steps, progress_bar=False))
+    total = first + steps + 1  # the last step ends an epoch, where the throughput report waits for the device
+    launch = resolve_launch(Launch(max_steps=total, progress_bar=False))
     module = (FinetuneModule(cfg.to_dict(), num_classes=10) if finetune
               else DDMIMModule(cfg.to_dict(), cuda=launch.accelerator == "gpu"))
     counter = SyncCounter()
-    counting = CountQuietSteps(counter, first, log_every, first + steps)
+    counting = CountQuietSteps(counter, first, log_every, total)
     with tempfile.TemporaryDirectory() as tmp:
         run = build_trainer(Path(tmp), cfg, launch)
         run.trainer.callbacks.append(counting)
@@ -119,9 +120,9 @@ def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: 
         size = cfg.model.img_size
         synthetic = (torch.randn(batch, 3, size, size, device=device), torch.arange(batch, device=device) % 10)
         with counter.patched():
-            run.trainer.fit(module, train_dataloaders=OnDevice(synthetic, first + steps))
-    total = sum(counter.calls.values())
-    return {"steps_counted": counting.steps, "syncs_per_step": total / max(1, counting.steps),
+            run.trainer.fit(module, train_dataloaders=OnDevice(synthetic, total))
+    calls = sum(counter.calls.values())
+    return {"steps_counted": counting.steps, "syncs_per_step": calls / max(1, counting.steps),
             "calls": dict(counter.calls)}
 
 

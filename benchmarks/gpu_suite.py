@@ -287,6 +287,8 @@ def headline(name: str, r: dict) -> str:
     if name == "bench-kernels":
         return "; ".join(f"{row['case']} {row['dtype']}: {row['speedup_vs_eager']:.2f}x eager, "
                          f"{row['speedup_vs_compile']:.2f}x compile" for row in r["loss_rows"][:1])
+    if name == "bench-attention":
+        return f"fused window attention {r['total_speedup']:.2f}x the speed of timm's ({r['dtype']}, batch {r['batch']})"
     if "rows" in r:
         parts = []
         for row in r["rows"]:
@@ -298,8 +300,6 @@ def headline(name: str, r: dict) -> str:
             parts.append(f"{row['preset']} {row['variant']} b{row['batch']} {row['images_per_s']:.0f} img/s{mfu}"
                          f"{compiled}")
         return ", ".join(parts)
-    if name == "bench-attention":
-        return f"fused window attention {r['total_speedup']:.2f}x timm's time ({r['dtype']}, batch {r['batch']})"
     if name == "profile":
         return f"{r['variant']}: {100 * r['outside_model_share']:.1f}% of the step outside the model; top: " \
                f"{r['top'][0]['name'][:60] if r['top'] else '-'}"

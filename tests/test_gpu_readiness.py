@@ -1,0 +1,71 @@
+"""The training step is ready for a GPU, checked on the CPU: no host-device synchronisation in steps that neither
+log nor report, one compiled graph per training forward, and the fused window attention equal to timm's."""
+import pytest
+import torch
+
+from ddmim.config import make_config, preset_names
+from ddmim.models.swin import MaskedSwin
+from ddmim_benchmarks.bench_attention import relative_error, stage_cases
+from ddmim_benchmarks.check_step import count_syncs, explain_forward
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, finetune", [("seed", False), ("simmim", False), ("mae_vit_s16", False),
+                                              ("seed", True)])
+def test_a_quiet_training_step_never_makes_the_host_wait(preset, finetune):
+    result = count_syncs(preset, finetune, steps=2, batch=2, overrides=[])
+    assert result["steps_counted"] == 2
+    assert result["syncs_per_step"] == 0, result["calls"]
+
+
+def test_the_sync_count_sees_a_planted_sync(monkeypatch):
+    from ddmim.train.pretrain_module import DDMIMModule
+
+    step = DDMIMModule.training_step
+
+    def reads_the_loss(self, batch, batch_idx):
+        loss = step(self, batch, batch_idx)
+        loss.item()  # what a per-step print of the loss would do
+        return loss
+
+    monkeypatch.setattr(DDMIMModule, "training_step", reads_the_loss)
+    result = count_syncs("tiny", False, steps=2, batch=4, overrides=[])
+    assert result["calls"].get("Tensor.item") == 2 and result["syncs_per_step"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, finetune", [(p, False) for p in preset_names("pretrain")] +
+                         [(p, True) for p in preset_names("finetune")])
+def test_every_preset_traces_its_training_forward_as_one_graph(preset, finetune):
+    result = explain_forward(preset, finetune, batch=2, overrides=[])
+    assert (result["graphs"], result["graph_breaks"]) == (1, 0), result["break_reasons"]
+
+
+def test_the_fused_window_attention_equals_timms_at_every_stage_shape():
+    """Swin-T at 224 px, each stage's first block (plain windows) and second (shifted, where the grid is wider
+    than a window): outputs and every gradient within 1e-5 of the largest value, fp32."""
+    cases = 0
+    for stage, shifted, timm_attn, fused, x, mask in stage_cases(batch=1, device=torch.device("cpu")):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_a, out_b = timm_attn(xa, mask), fused(xb, mask)
+        grad = torch.randn_like(out_a)
+        grads_a = torch.autograd.grad(out_a, [xa, *timm_attn.parameters()], grad)
+        grads_b = torch.autograd.grad(out_b, [xb, *fused.parameters()], grad)
+        assert relative_error(out_a, out_b) < 1e-5, (stage, shifted)
+        assert max(relative_error(a, b) for a, b in zip(grads_a, grads_b)) < 1e-5, (stage, shifted)
+        cases += 1
+    assert cases == 8
+
+
+def test_the_fused_attention_changes_no_weight_and_no_output():
+    cfg = make_config("tiny").model
+    args = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depths=cfg.depths,
+                num_heads=cfg.num_heads, window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio, drop_path_rate=0.0,
+                head_dim=cfg.head_dim, perceptual_tap=cfg.perceptual_tap)
+    torch.manual_seed(0)
+    fused = MaskedSwin(**args, fused_attention=True).eval()
+    plain = MaskedSwin(**args, fused_attention=False).eval()
+    plain.load_state_dict(fused.state_dict(), strict=True)  # the same parameters and buffers, by name
+    images = torch.randn(2, 3, cfg.img_size, cfg.img_size)
+    for a, b in zip(fused.forward_features(images), plain.forward_features(images)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
