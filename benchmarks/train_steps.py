@@ -106,7 +106,7 @@ def pretrain_step(spec: str, variant: str, batch: int, device: torch.device, pre
     torch.manual_seed(0)
     model = pretraining_model(cfg, kernels=resolve_kernels(v["kernels"], cuda=device.type == "cuda")).to(device)
     if v["channels_last"]:
-        model.to(memory_format=torch.channels_last)
+        model.to_channels_last()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     size = cfg.model.img_size

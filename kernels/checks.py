@@ -27,8 +27,8 @@ def check_loss_inputs(pred, target, mask, *, mode: str, normalize: str, modes) -
         raise ValueError(f"pred has dtype {pred.dtype}; expected one of float32, bfloat16, float16")
     if target.shape != pred.shape:
         raise ValueError(f"target has shape {tuple(target.shape)} but pred has {tuple(pred.shape)}")
-    if target.dtype != pred.dtype:
-        raise ValueError(f"target has dtype {target.dtype} but pred has {pred.dtype}")
+    if target.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"target has dtype {target.dtype}; expected one of float32, bfloat16, float16")
     if target.device != pred.device:
         raise ValueError(f"target is on {target.device} but pred is on {pred.device}")
     check_device("pred", pred)
@@ -38,11 +38,9 @@ def check_loss_inputs(pred, target, mask, *, mode: str, normalize: str, modes) -
         return
     if pred.dim() != 4:
         raise ValueError(f"pred must be (B, C, H, W) when a mask is given, got shape {tuple(pred.shape)}")
-    if not (pred.is_contiguous() or pred.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError("pred must be contiguous or channels-last")
-    if pred.stride() != target.stride():
-        raise ValueError(f"target's memory layout (strides {target.stride()}) differs from pred's "
-                         f"({pred.stride()}); make both contiguous or both channels-last")
+    for name, x in (("pred", pred), ("target", target)):
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError(f"{name} must be contiguous or channels-last (strides {x.stride()})")
     if mask.dim() != 3 or mask.shape[0] != pred.shape[0]:
         raise ValueError(f"mask must be (B, h, w) with B={pred.shape[0]}, got shape {tuple(mask.shape)}")
     if mask.device != pred.device:

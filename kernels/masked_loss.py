@@ -26,14 +26,29 @@ BLOCK = 2048
 def _masked_loss_kernel(
     pred_ptr, target_ptr, mask_ptr, grad_ptr, partial_ptr, scale_ptr,
     n_elements, C, H, W, mask_h, mask_w, patch_h, patch_w, beta,
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr, CHANNELS_LAST: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    MODE: tl.constexpr, HAS_MASK: tl.constexpr, CHANNELS_LAST: tl.constexpr, TARGET_CHANNELS_LAST: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n_elements
+    t_offs = offs
+    if HAS_MASK:  # (B, C, H, W): memory offset -> (b, c, y, x) of the element, in pred's own layout
+        if CHANNELS_LAST:
+            c = offs % C
+            x = (offs // C) % W
+            y = (offs // (C * W)) % H
+        else:
+            x = offs % W
+            y = (offs // W) % H
+            c = (offs // (H * W)) % C
+        b = offs // (C * H * W)
+        if TARGET_CHANNELS_LAST and not CHANNELS_LAST:
+            t_offs = ((b * H + y) * W + x) * C + c
+        if CHANNELS_LAST and not TARGET_CHANNELS_LAST:
+            t_offs = ((b * C + c) * H + y) * W + x
     p = tl.load(pred_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    t = tl.load(target_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    t = tl.load(target_ptr + t_offs, mask=valid, other=0.0).to(tl.float32)  # in its own dtype: fp32 stays fp32
     d = p - t
     if MODE == 0:
         ad = tl.abs(d)
@@ -48,14 +63,6 @@ def _masked_loss_kernel(
         grad = 2.0 * d
     # NaN/inf in an input propagate (loss * 0 is NaN), as in the reference's product with (1 - m)
     if HAS_MASK:
-        # memory offset -> (b, y, x) of the element, in the tensor's own layout
-        if CHANNELS_LAST:
-            x = (offs // C) % W
-            y = (offs // (C * W)) % H
-        else:
-            x = offs % W
-            y = (offs // W) % H
-        b = offs // (C * H * W)
         m = tl.load(mask_ptr + (b * mask_h + y // patch_h) * mask_w + x // patch_w, mask=valid, other=1)
         hidden = (m == 0).to(tl.float32)
         loss = loss * hidden
@@ -99,8 +106,8 @@ def masked_loss_forward(pred, target, mask, *, mode, beta, normalize, write_grad
     _masked_loss_kernel[grid](
         pred, target, mask_u8, grad, partials, scale,
         n, C, H, W, mh, mw, ph, pw, float(beta),
-        MODE=MODES[mode], HAS_MASK=mask is not None, CHANNELS_LAST=channels_last, WRITE_GRAD=write_grad,
-        BLOCK=BLOCK, num_warps=8,
+        MODE=MODES[mode], HAS_MASK=mask is not None, CHANNELS_LAST=channels_last,
+        TARGET_CHANNELS_LAST=_layout(target), WRITE_GRAD=write_grad, BLOCK=BLOCK, num_warps=8,
     )
     loss = partials.sum() * scale[0]
     return loss, (grad if write_grad else None)
@@ -146,7 +153,8 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | N
                 mode: str = "smooth_l1", beta: float = 1.0, normalize: str = "all") -> torch.Tensor:
     """Fused loss between `pred` and `target` over the pixels whose token is masked (mask == 0).
 
-    pred, target: (B, C, H, W), contiguous or channels-last, fp32/bf16/fp16; or, with mask=None, any
+    pred, target: (B, C, H, W), each contiguous or channels-last and each fp32/bf16/fp16 (read in its own layout
+    and dtype: no copy, and an fp32 target stays fp32 beside a bf16 prediction); or, with mask=None, any
     contiguous shape (e.g. (B, L, D) or (B, H, W, D) features). mask: (B, h, w) bool/uint8/float with
     H/h and W/w integers (the patch size). beta=0 gives L1; mode "l2" the squared error.
     normalize "all": divide by B*C*H*W (seed); "masked": by the number of masked pixels * C (SimMIM).

@@ -137,11 +137,11 @@ def test_result_is_deterministic():
 
 @pytest.mark.parametrize("change, message", [
     (lambda p, t, m: (p, t[:, :, :-4], m), "target has shape"),
-    (lambda p, t, m: (p, t.double(), m), "target has dtype"),
+    (lambda p, t, m: (p, t.double(), m), "target has dtype torch.float64; expected one of"),
     (lambda p, t, m: (p, t, m[:, :, :-1]), "does not divide the image size"),
     (lambda p, t, m: (p, t, m[:1]), "mask must be"),
     (lambda p, t, m: (p.long(), t.long(), m), "pred has dtype"),
-    (lambda p, t, m: (p, t.contiguous(memory_format=torch.channels_last), m), "memory layout"),
+    (lambda p, t, m: (p, t.transpose(2, 3), m), "target must be contiguous or channels-last"),
 ])
 def test_bad_arguments_raise_value_error_naming_the_argument(change, message):
     pred, target, mask = make_inputs((2, 3, 16, 16, 4), torch.float32, False, 0.5)
@@ -155,6 +155,25 @@ def test_cpu_tensors_are_refused_without_the_interpreter(monkeypatch):
     pred, target, mask = make_inputs((1, 3, 8, 8, 4), torch.float32, False, 0.5)
     with pytest.raises(ValueError, match="pred is on cpu.*needs CUDA tensors"):
         masked_loss(pred, target, mask)
+
+
+@pytest.mark.parametrize("pred_cl, target_cl", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("pred_dtype", [torch.float32, torch.bfloat16])
+def test_each_input_is_read_in_its_own_layout_and_dtype(pred_cl, target_cl, pred_dtype):
+    """What the decoder and the loader produce: a bf16 prediction beside fp32 images, in either layout: no copy,
+    and the loss against the fp32 target (the reference's), not a target rounded to bf16."""
+    pred, _, mask = make_inputs((2, 3, 20, 28, 4), pred_dtype, pred_cl, 0.5)
+    _, target, _ = make_inputs((2, 3, 20, 28, 4), torch.float32, target_cl, 0.5, seed=7)
+    pred.requires_grad_()
+    loss = masked_loss(pred, target, mask)
+    loss.backward()
+    ref_in = pred.detach().double().requires_grad_()
+    ref = reference(ref_in, target.contiguous(), mask, "smooth_l1", 1.0, "all")
+    ref.backward()
+    tol = TOL[pred_dtype] if pred_dtype != torch.float32 else 1e-5
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-8)  # fp32 arithmetic either way
+    assert pred.grad.stride() == pred.stride()
+    torch.testing.assert_close(pred.grad.double(), ref_in.grad, rtol=tol, atol=tol * ref_in.grad.abs().max().item())
 
 
 def test_second_backward_is_refused_not_wrong():

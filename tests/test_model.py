@@ -83,6 +83,10 @@ def test_channels_last_gives_the_same_loss(tiny_cfg):
     model = DDMIM.from_config(tiny_cfg).eval()
     images, mask = _batch(tiny_cfg), model.draw_masks(4)[0]
     reference = model(images, mask)["loss"]
-    model.to(memory_format=torch.channels_last)
-    fast = model(images.contiguous(memory_format=torch.channels_last), mask)["loss"]
+    assert model.reconstruct(images, mask).is_contiguous()  # no layout copy before the loss
+    model.to_channels_last()
+    cl_images = images.contiguous(memory_format=torch.channels_last)
+    fast = model(cl_images, mask)["loss"]
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    recon = model.reconstruct(cl_images, mask)
+    assert recon.is_contiguous(memory_format=torch.channels_last) and not recon.is_contiguous()

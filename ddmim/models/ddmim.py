@@ -51,6 +51,11 @@ class DDMIM(nn.Module):
                    head_dim=m.head_dim, mask_token=m.mask_token, teacher_mode=cfg.ema.teacher_mode,
                    kernels=kernels)
 
+    def to_channels_last(self) -> None:
+        """Channels-last weights, and reconstructions in the channels-last layout of the images."""
+        self.to(memory_format=torch.channels_last)
+        self.decoder.memory_format = torch.channels_last
+
     @property
     def uses_teacher(self) -> bool:
         return self.loss_cfg.contrastive_weight != 0 or any(f != 0 for f in self.loss_cfg.perceptual_weights)

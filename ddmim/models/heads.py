@@ -17,7 +17,10 @@ class PixelDecoder(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_dim, stride * stride * out_chans, kernel_size=1)
         self.shuffle = nn.PixelShuffle(stride)
+        # the tokens come channels-last, so the image would too; the loss is cheapest in the images' own layout
+        self.memory_format = torch.contiguous_format
 
     def forward(self, normed_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, h, w, C) normalised last-stage tokens -> (B, 3, h*stride, w*stride)."""
-        return self.shuffle(self.conv(normed_tokens.permute(0, 3, 1, 2)))
+        """(B, h, w, C) normalised last-stage tokens -> (B, 3, h*stride, w*stride), in `memory_format`."""
+        x = normed_tokens.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
+        return self.shuffle(self.conv(x)).contiguous(memory_format=self.memory_format)

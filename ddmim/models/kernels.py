@@ -32,19 +32,14 @@ def check_kernels(choice: str) -> None:
 def _triton_recon_loss(pred, target, token_mask, *, beta: float, normalize: str) -> torch.Tensor:
     from ddmim_kernels.masked_loss import masked_loss
 
-    # the kernel reads pred and target in one layout and dtype; under autocast the target joins pred's dtype
-    target = target.to(pred.dtype)
-    if pred.stride() != target.stride():
-        pred = pred.contiguous(memory_format=torch.channels_last if not target.is_contiguous()
-                               else torch.contiguous_format)
+    # the kernel reads each in its own layout and dtype: no copy, and the fp32 images stay fp32 under autocast
     return masked_loss(pred, target, token_mask, beta=beta, normalize=normalize)
 
 
 def _triton_stage_losses(student: list[torch.Tensor], teacher: list[torch.Tensor], *, beta: float):
     from ddmim_kernels.masked_loss import masked_loss
 
-    return [masked_loss(s.contiguous(), t.detach().to(s.dtype).contiguous(), None, beta=beta)
-            for s, t in zip(student, teacher)]
+    return [masked_loss(s.contiguous(), t.detach().contiguous(), None, beta=beta) for s, t in zip(student, teacher)]
 
 
 def _base_masks(batch: int, grid: int, ratio: float, *, exact_count: bool, seed: int, index: int,

@@ -71,6 +71,10 @@ class MAE(nn.Module):
 
     uses_teacher = False
 
+    def to_channels_last(self) -> None:
+        """Channels-last weights (the patch embedding); the reconstruction is unpatchified, contiguous."""
+        self.to(memory_format=torch.channels_last)
+
     def update_teacher(self, decay: float, skip=None) -> None:
         """MAE has no teacher."""
 

@@ -27,7 +27,7 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         self.channels_last = channels_last
         self.model = pretraining_model(self.cfg, kernels=resolve_kernels(self.cfg.train.kernels, cuda=cuda))
         if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            self.model.to_channels_last()
         self.max_bad_steps, self.check_every = self.cfg.train.max_bad_steps, self.cfg.train.log_every
         self.ema_updates = 0
         # a plain object, not a module attribute: the model's weights stay registered once
