@@ -8,6 +8,12 @@ times from `triton.testing.do_bench`, bytes that must move, achieved GB/s agains
 bandwidth, and peak memory beyond the inputs. On a CPU the same cases run at small shapes (default batch 2,
 32 px) with the kernels in Triton's interpreter: a rehearsal of the script, whose timings say nothing of a GPU.
 Ratios come from the same run. Writes benchmarks/results/kernels-<device>.json, or --json.
+
+    python benchmarks/bench_kernels.py --aot [--presets seed simmim mae_vit_s16] [--batch 128] [--arch 90]
+
+No GPU needed: every kernel specialisation those presets launch (bf16 and fp32, contiguous and channels-last,
+training and validation) compiled ahead of time for cuda sm_<arch> by Triton's compiler and bundled ptxas, with
+the registers, spills and shared memory of each. Writes benchmarks/results/kernels-aot-sm<arch>.json, or --json.
 """
 from __future__ import annotations
 
@@ -17,14 +23,15 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():
+AOT = "--aot" in sys.argv  # compiling for a GPU needs the real JIT, not the interpreter
+if not torch.cuda.is_available() and not AOT:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 
 import torch.nn.functional as F  # noqa: E402
 
 from ddmim.models.losses import reconstruction_loss  # noqa: E402
 from ddmim.models.masking import base_token_mask, stage_masks  # noqa: E402
-from ddmim_benchmarks.common import median_seconds, write_results  # noqa: E402
+from ddmim_benchmarks.common import RESULTS, median_seconds, write_results  # noqa: E402
 from ddmim_kernels.mask_gen import fused_masks  # noqa: E402
 from ddmim_kernels.masked_loss import masked_loss  # noqa: E402
 
@@ -138,7 +145,36 @@ def bench_masks(batch, grid, device):
             for name, fn in (("torch", reference), ("triton", fused))]
 
 
+def aot(argv: list[str]) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("--aot compiles with Triton's real JIT: run it without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    from ddmim_benchmarks.aot_launches import aot_rows
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--aot", action="store_true")
+    parser.add_argument("--presets", nargs="+", default=["seed", "simmim", "mae_vit_s16"])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability: 90 is Hopper (H100, H200)")
+    parser.add_argument("--json", help="results file (default benchmarks/results/kernels-aot-sm<arch>.json)")
+    args = parser.parse_args(argv)
+    rows = aot_rows(args.presets, args.batch, args.arch)
+    print(f"{'kernel':26} {'regs':>4} {'spill B':>7} {'smem B':>6}  first made by")
+    for r in rows:
+        print(f"{r['kernel']:26} {r['registers']:4d} {r['spill_stores'] + r['spill_loads']:7d} "
+              f"{r['shared_bytes']:6d}  {r['label']}")
+    payload = {"presets": args.presets, "batch": args.batch, "arch": rows[0]["arch"] if rows else None,
+               "specialisations": len(rows), "rows": rows}
+    path = write_results("kernels-aot", payload, args.json or RESULTS / f"kernels-aot-sm{args.arch}.json")
+    print(f"{len(rows)} specialisations, {sum(r['spill_stores'] + r['spill_loads'] > 0 for r in rows)} with "
+          f"spills; wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--aot" in argv:
+        return aot(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--batch", type=int, default=128 if cuda else 2)

@@ -288,7 +288,8 @@ def headline(name: str, r: dict) -> str:
         return "; ".join(f"{row['case']} {row['dtype']}: {row['speedup_vs_eager']:.2f}x eager, "
                          f"{row['speedup_vs_compile']:.2f}x compile" for row in r["loss_rows"][:1])
     if name == "bench-attention":
-        return f"fused window attention {r['total_speedup']:.2f}x the speed of timm's ({r['dtype']}, batch {r['batch']})"
+        return f"fused window attention {r['total_speedup']:.2f}x the speed of timm's " \
+               f"({r['dtype']}, batch {r['batch']})"
     if "rows" in r:
         parts = []
         for row in r["rows"]:
