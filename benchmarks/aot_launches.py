@@ -94,7 +94,9 @@ def _key(launch: Launch) -> tuple:
     def kind(v):
         if isinstance(v, torch.Tensor):
             return ("tensor", v.dtype)
-        return ("int", v % 16 == 0, v == 1, v >= 2 ** 31) if isinstance(v, int) and not isinstance(v, bool) else type(v).__name__
+        if isinstance(v, int) and not isinstance(v, bool):  # what Triton specialises an integer on
+            return ("int", v % 16 == 0, v == 1, v >= 2 ** 31)
+        return type(v).__name__
     return (launch.kernel.__name__, tuple(kind(a) for a in launch.args), tuple(sorted(launch.kwargs.items())))
 
 
