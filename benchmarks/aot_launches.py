@@ -16,7 +16,7 @@ import torch
 from ddmim.config import make_config
 from ddmim.models.backbones import pretraining_model
 from ddmim.models.kernels import KernelOps, resolve_kernels
-from ddmim_kernels.aot import Launch, compile_launch, record_launches
+from ddmim_kernels.aot import Launch, compile_launch, record_launches, specialisation_key
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -72,9 +72,10 @@ def _replay(calls, batch: int, train: bool) -> None:
                              **kwargs)
 
 
-def preset_launches(presets, batch: int, dtypes=("bf16", "fp32"), layouts=(False, True)) -> list[Launch]:
-    """The distinct launches (by kernel, argument types and constants) of the presets' training and validation
-    steps; each labelled with the first preset, dtype, layout and step that makes it."""
+def preset_launches(presets, batch: int, dtypes=("bf16", "fp32"), layouts=(False, True),
+                    capability: int = 90) -> list[Launch]:
+    """The distinct launches (one per binary Triton would build for sm_<capability>) of the presets' training and
+    validation steps; each labelled with the first preset, dtype, layout and step that makes it."""
     launches: dict[tuple, Launch] = {}
     for preset in presets:
         for dtype in dtypes:
@@ -86,20 +87,10 @@ def preset_launches(presets, batch: int, dtypes=("bf16", "fp32"), layouts=(False
                     with record_launches(label) as found, torch.set_grad_enabled(train):
                         _replay(calls, batch, train)
                     for launch in found:
-                        launches.setdefault(_key(launch), replace(launch, label=label))
+                        launches.setdefault(specialisation_key(launch, capability), replace(launch, label=label))
     return list(launches.values())
-
-
-def _key(launch: Launch) -> tuple:
-    def kind(v):
-        if isinstance(v, torch.Tensor):
-            return ("tensor", v.dtype)
-        if isinstance(v, int) and not isinstance(v, bool):  # what Triton specialises an integer on
-            return ("int", v % 16 == 0, v == 1, v >= 2 ** 31)
-        return type(v).__name__
-    return (launch.kernel.__name__, tuple(kind(a) for a in launch.args), tuple(sorted(launch.kwargs.items())))
 
 
 def aot_rows(presets, batch: int, capability: int = 90) -> list[dict]:
     """Each distinct launch of the presets compiled for cuda sm_<capability>: registers, spills, shared memory."""
-    return [compile_launch(launch, capability) for launch in preset_launches(presets, batch)]
+    return [compile_launch(launch, capability) for launch in preset_launches(presets, batch, capability=capability)]

@@ -96,20 +96,33 @@ def ptxas_usage(ptx: str, arch: str) -> dict:
             "stack_bytes": int(stack[1])}
 
 
-def compile_launch(launch: Launch, capability: int = 90, warp_size: int = 32) -> dict:
-    """Compiles the launch's specialisation for `cuda` sm_<capability>; returns what it takes of the GPU."""
-    target = GPUTarget("cuda", capability, warp_size)
+def _specialise(launch: Launch, target: GPUTarget):
+    """What Triton's JIT derives from the launch's arguments on `target`: bound arguments, options, signature,
+    constants and attributes (alignment, divisibility)."""
     backend = make_backend(target)
     kernel = launch.kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, launch.kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+    return (bound, *kernel._pack_args(backend, launch.kwargs, bound, specialization, options))
+
+
+def specialisation_key(launch: Launch, capability: int = 90, warp_size: int = 32) -> str:
+    """Equal for two launches that Triton would compile into one binary on that GPU."""
+    _, options, signature, constexprs, attrs = _specialise(launch, GPUTarget("cuda", capability, warp_size))
+    return repr((launch.kernel.__name__, signature, sorted(constexprs.items()), sorted(attrs.items()),
+                 sorted(options.__dict__.items())))
+
+
+def compile_launch(launch: Launch, capability: int = 90, warp_size: int = 32) -> dict:
+    """Compiles the launch's specialisation for `cuda` sm_<capability>; returns what it takes of the GPU."""
+    target = GPUTarget("cuda", capability, warp_size)
+    bound, options, signature, constexprs, attrs = _specialise(launch, target)
+    compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
                               options=options.__dict__)
     arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"  # as Triton's own ptxas call
     usage = ptxas_usage(compiled.asm["ptx"], arch)
     pointers = {k: v for k, v in signature.items() if v.startswith("*")}
     constants = {k: v for k, v in bound.items() if signature.get(k) == "constexpr"}
-    return {"kernel": kernel.__name__, "label": launch.label, "arch": arch, "pointers": pointers,
+    return {"kernel": launch.kernel.__name__, "label": launch.label, "arch": arch, "pointers": pointers,
             "constants": {k: (v if isinstance(v, (int, float, bool, str)) else str(v)) for k, v in constants.items()},
             "num_warps": compiled.metadata.num_warps, "shared_bytes": compiled.metadata.shared, **usage}

@@ -22,5 +22,5 @@ class PixelDecoder(nn.Module):
 
     def forward(self, normed_tokens: torch.Tensor) -> torch.Tensor:
         """(B, h, w, C) normalised last-stage tokens -> (B, 3, h*stride, w*stride), in `memory_format`."""
-        x = normed_tokens.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
-        return self.shuffle(self.conv(x)).contiguous(memory_format=self.memory_format)
+        # the 1x1 conv and the pixel shuffle keep their input's layout
+        return self.shuffle(self.conv(normed_tokens.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)))
