@@ -47,7 +47,7 @@ def stage_cases(batch: int, device: torch.device):
             yield stage, mask is not None, attn, fused, x, mask
 
 
-def time_fwd_bwd(module, x, mask, dtype, device) -> float:
+def time_fwd_bwd(module, x, mask, dtype, device, repeats: int = 7) -> float:
     x = x.detach().requires_grad_()
 
     def step():
@@ -59,7 +59,7 @@ def time_fwd_bwd(module, x, mask, dtype, device) -> float:
         from triton.testing import do_bench
 
         return do_bench(step, return_mode="median")
-    return 1000 * median_seconds(step, warmup=2, repeats=7, sync=lambda: None)[0]
+    return 1000 * median_seconds(step, warmup=2, repeats=repeats, sync=lambda: None)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     parser.add_argument("--batch", type=int, default=128 if cuda else 2)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats on the CPU (a GPU uses do_bench)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     device, dtype = torch.device("cuda" if cuda else "cpu"), DTYPES[args.dtype]
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         grad = torch.randn_like(out_a)
         grads_a = torch.autograd.grad(out_a, [xa, *timm_attn.parameters()], grad)
         grads_b = torch.autograd.grad(out_b, [xb, *fused.parameters()], grad)
-        timm_ms = time_fwd_bwd(timm_attn, x, mask, dtype, device)
-        fused_ms = time_fwd_bwd(fused, x, mask, dtype, device)
+        timm_ms = time_fwd_bwd(timm_attn, x, mask, dtype, device, args.repeats)
+        fused_ms = time_fwd_bwd(fused, x, mask, dtype, device, args.repeats)
         rows.append({"stage": stage, "shifted": shifted, "windows": x.shape[0], "dim": timm_attn.dim,
                      "heads": timm_attn.num_heads, "timm_ms": timm_ms, "fused_ms": fused_ms,
                      "speedup": timm_ms / fused_ms, "forward_rel_err": relative_error(out_a, out_b),
