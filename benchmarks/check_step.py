@@ -7,7 +7,8 @@ graphs and graph breaks torch.compile would make of the training forward.
    synthetic batch already on the device, with logging and throughput reports far apart. During every step
    that neither logs nor reports, each call that would make the host wait for a GPU is counted, at the Python
    level: Tensor.item, __bool__, __float__, __int__, tolist, cpu, numpy, nonzero (and torch.nonzero), boolean-
-   mask indexing, torch.cuda.synchronize. On a CPU they cost nothing, but they are the same calls.
+   mask indexing, torch.cuda.synchronize. On a CPU they cost nothing, but they are the same calls. Fine-tuning
+   runs the batch RandAugment of the FFCV and DALI loaders where the preset sets one.
 2. Graphs: `torch._dynamo.explain` of the training forward: graphs, breaks (with reasons), ops per graph.
 Prints and writes one JSON object (benchmarks/results/check-step-<device>.json, or --json).
 """
@@ -109,7 +110,7 @@ def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: 
     cfg = (finetune_config_from_dict if finetune else config_from_dict)(values)
     total = first + steps + 1  # the last step ends an epoch, where the throughput report waits for the device
     launch = resolve_launch(Launch(max_steps=total, progress_bar=False))
-    module = (FinetuneModule(cfg.to_dict(), num_classes=10) if finetune
+    module = (FinetuneModule(cfg.to_dict(), num_classes=10, batch_randaugment=True) if finetune
               else DDMIMModule(cfg.to_dict(), cuda=launch.accelerator == "gpu"))
     counter = SyncCounter()
     counting = CountQuietSteps(counter, first, log_every, total)

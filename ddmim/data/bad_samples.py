@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 import sys
+from typing import Callable
 
 import torch
 
@@ -22,6 +23,8 @@ class SkippedSamples:
     def __init__(self, size: int):
         self._failed = mp.Array(ctypes.c_bool, max(1, size), lock=False)
         self._count = mp.Value(ctypes.c_int64, 0)
+        self._on_device: torch.Tensor | None = None  # failures a loader found on the device, not yet recorded
+        self._describe: Callable[[int], tuple[str, str]] | None = None
 
     def record(self, index: int, where: str, reason: str) -> None:
         if self._mark(index):
@@ -38,7 +41,25 @@ class SkippedSamples:
     def is_failed(self, index: int) -> bool:
         return bool(self._failed[index])
 
+    def note(self, failed: torch.Tensor, indices: torch.Tensor, describe: Callable[[int], tuple[str, str]]) -> None:
+        """Failures a loader found on the device ((B,) flags and sample indices, device tensors), kept there and
+        recorded (named, counted) when the count or the list is next read, on the steps that log: finding
+        them never makes the host wait. `describe(index)` gives (where, reason)."""
+        if self._on_device is None:
+            self._on_device = torch.zeros(len(self._failed), dtype=torch.uint8, device=failed.device)
+            self._describe = describe
+        safe = indices.clamp(0, len(self._failed) - 1)  # the index read from an image that did not fail is noise
+        self._on_device.scatter_reduce_(0, safe, failed.to(torch.uint8), reduce="amax")
+
+    def _settle(self) -> None:
+        if self._on_device is None:
+            return
+        for index in self._on_device.nonzero().flatten().tolist():
+            self.record(index, *self._describe(index))
+        self._on_device.zero_()
+
     def failed(self) -> list[int]:
+        self._settle()
         return [i for i, bad in enumerate(self._failed) if bad]
 
     def mark(self, indices) -> None:
@@ -48,16 +69,22 @@ class SkippedSamples:
 
     @property
     def count(self) -> int:
+        self._settle()
         return int(self._count.value)
 
 
-def fill_from_others(images: torch.Tensor, labels: torch.Tensor, bad: list[int]) -> bool:
-    """Gives each bad position of the batch a good sample of the same batch, in place; False if none is good."""
-    failed = set(bad)
-    good = [i for i in range(len(images)) if i not in failed]
-    if not good:
-        return False
-    for k, position in enumerate(bad):
-        images[position] = images[good[k % len(good)]]
-        labels[position] = labels[good[k % len(good)]]
-    return True
+def fill_from_others(images: torch.Tensor, labels: torch.Tensor, failed: torch.Tensor, spare: tuple) -> tuple:
+    """(images, labels) where each failed position (a (B,) bool device tensor) holds a good sample of the same
+    batch, or `spare` ((3, H, W) image, label: a good sample of an earlier batch) when none is good. Computed on
+    the device without the host reading `failed`, so every batch pays one gather. Also returns a new spare."""
+    positions = torch.arange(len(failed), device=failed.device)
+    good_first = torch.argsort(failed.to(torch.int8), stable=True)
+    good = (~failed).sum()
+    nth_failed = torch.cumsum(failed, 0) - 1
+    source = torch.where(failed, good_first[nth_failed.clamp(min=0) % good.clamp(min=1)], positions)
+    none_good = (good == 0).view(1)
+    use_spare = failed & none_good
+    images = torch.where(use_spare.view(-1, 1, 1, 1), spare[0].unsqueeze(0), images[source])
+    labels = torch.where(use_spare, spare[1], labels[source])
+    spare = (torch.where(none_good.view(1, 1, 1), spare[0], images[0]), torch.where(none_good[0], spare[1], labels[0]))
+    return images, labels, spare

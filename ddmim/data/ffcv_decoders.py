@@ -3,7 +3,7 @@
 FFCV's own decoders ignore libjpeg-turbo's return code, so damaged bytes in a .beton become a garbage
 image that trains silently. These decoders check it. A sample that fails comes out as a marker image: its
 top half one fixed colour, its bottom half the sample's index in base 256 (R + 256 G + 65536 B). Both
-survive flips and normalisation, so `find_failures` can name the sample from the finished batch.
+survive flips and normalisation, so `MarkReader` can name the sample from the finished batch.
 """
 from __future__ import annotations
 
@@ -75,15 +75,26 @@ class CheckedCenterCrop(_CheckedDecode, CenterCropRGBImageDecoder):
     pass
 
 
-def find_failures(images: torch.Tensor, mean: list[float], std: list[float]) -> dict[int, int]:
-    """{position in the batch: .beton sample index} of the marker images in a normalised (B, 3, H, W) batch."""
-    corners = images[:, :, [0, -1], 0].float()  # (B, 3, 2): top-left and bottom-left pixels
-    m = torch.tensor(mean, device=images.device).view(1, 3, 1) * 255
-    s = torch.tensor(std, device=images.device).view(1, 3, 1) * 255
-    pixels = (corners * s + m).round().cpu()
-    marked = (pixels[:, :, 0] == torch.tensor(MARK, dtype=pixels.dtype)).all(dim=1)
-    found = {}
-    for position in marked.nonzero().flatten().tolist():
-        r, g, b = pixels[position, :, 1].long().tolist()
-        found[position] = r + 256 * g + 65536 * b
-    return found
+class MarkReader:
+    """Reads the marker images of normalised (B, 3, H, W) batches on their own device, so that checking a batch
+    never makes the host wait: (failed (B,) bool, .beton sample index (B,) long, meaningful where failed)."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        self.mean, self.std = mean, std
+        self._constants: dict = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # made once per device: a tensor built from Python values is a blocking copy on a GPU
+        if device not in self._constants:
+            self._constants[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1) * 255,
+                                       torch.tensor(self.std, device=device).view(1, 3, 1) * 255,
+                                       torch.tensor(MARK, dtype=torch.float32, device=device).view(1, 3))
+        return self._constants[device]
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std, mark = self._on(images.device)
+        corners = images[:, :, [0, -1], 0].float()  # (B, 3, 2): top-left and bottom-left pixels
+        pixels = (corners * std + mean).round()
+        failed = (pixels[:, :, 0] == mark).all(dim=1)
+        rgb = pixels[:, :, 1].long()
+        return failed, rgb[:, 0] + 256 * rgb[:, 1] + 65536 * rgb[:, 2]

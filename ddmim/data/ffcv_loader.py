@@ -39,23 +39,33 @@ def readable_indices(path: Path) -> np.ndarray:
 
 
 class CheckedBatches:
-    """An FFCV loader whose batches lose the samples that failed to decode (see `ffcv_decoders`)."""
+    """An FFCV loader whose batches lose the samples that failed to decode (see `ffcv_decoders`): each one's
+    place goes to another sample, found and filled on the batch's device; they are named and counted on the
+    steps that log (`SkippedSamples.note`)."""
 
     def __init__(self, loader, path: Path, cfg: Config, skipped: SkippedSamples):
-        self.loader, self.path, self.cfg, self.skipped = loader, path, cfg, skipped
+        from ddmim.data.ffcv_decoders import MarkReader
+
+        self.loader, self.path, self.skipped = loader, path, skipped
+        self.read_marks = MarkReader(cfg.data.mean, cfg.data.std)
+        self.spare = None  # a good (image, label) on the device, for a batch in which no sample decodes
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self):
-        from ddmim.data.ffcv_decoders import find_failures
+    def _describe(self, index: int) -> tuple[str, str]:
+        return f"{self.path} sample {index}", "its JPEG data does not decode"
 
+    def __iter__(self):
         for images, labels in self.loader:
-            failed = find_failures(images, self.cfg.data.mean, self.cfg.data.std)
-            for index in failed.values():
-                self.skipped.record(index, f"{self.path} sample {index}", "its JPEG data does not decode")
-            if failed and not fill_from_others(images, labels, list(failed)):
-                continue
+            failed, samples = self.read_marks(images)
+            self.skipped.note(failed, samples, self._describe)
+            if self.spare is None:  # the host looks until it has kept a good sample: once per loader, mostly
+                good = (~failed).nonzero()
+                if len(good) == 0:
+                    continue
+                self.spare = (images[good[0, 0]].clone(), labels[good[0, 0]].clone())
+            images, labels, self.spare = fill_from_others(images, labels, failed, self.spare)
             yield images, labels
 
 

@@ -1,9 +1,10 @@
 """Stopping a run whose data set is damaged: past `data.max_bad_samples` samples that do not decode.
 
-The data module's `skipped` ({split: SkippedSamples}) says which samples failed on this rank. Under
-data-parallel training the ranks exchange those lists every `every` steps and at the end of each validation,
-at the same steps on every rank: each one then counts the union (a sample two ranks met is one sample), and
-every rank takes the same decision to stop. A single process counts on every step, with no exchange.
+The data module's `skipped` ({split: SkippedSamples}) says which samples failed on this rank. It is read every
+`every` steps (the steps that log) and at the end of each validation: a loader that checks its batches on the
+device (FFCV) makes the host wait only then. Under data-parallel training the ranks exchange those lists at
+those steps, the same on every rank: each one then counts the union (a sample two ranks met is one sample),
+and every rank takes the same decision to stop.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class BadSampleGuard(pl.Callback):
                             f"{self.limit}; the data set looks damaged (the lines above name the samples)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.world_size == 1 or trainer.global_step % self.every == 0:
+        if trainer.global_step % self.every == 0:
             self._check(trainer)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
