@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"ms/step: {head_s / base_s:.2f}x", flush=True)
     payload = {"device": "cpu", "base": args.base, "this_tree": head.stdout.strip(), "steps": args.steps,
                "warmup": args.warmup, "rows": rows}
-    print(f"wrote {write_results('commit-compare-cpu', payload, Path(args.json) if args.json else None)}")
+    print(f"wrote {write_results('commit-compare', payload, Path(args.json) if args.json else None)}")
     return 0
 
 

@@ -177,9 +177,10 @@ class _Batches(pl.LightningDataModule):
         return DataLoader(TensorDataset(self.images, torch.zeros(len(self.images), dtype=torch.long)), batch_size=4)
 
 
-def _fit(images, max_bad_steps: int, steps: int, tmp_path):
-    # the counters live on the device and are read every log_every steps: here every step
-    cfg = make_config("tiny", [f"train.max_bad_steps={max_bad_steps}", "train.batch_size=4", "train.log_every=1"])
+def _fit(images, max_bad_steps: int, steps: int, tmp_path, log_every: int = 1):
+    # the counters live on the device and are read every log_every steps: by default every step
+    cfg = make_config("tiny", [f"train.max_bad_steps={max_bad_steps}", "train.batch_size=4",
+                               f"train.log_every={log_every}"])
     module = DDMIMModule(cfg.to_dict())
     before = {k: v.clone() for k, v in module.model.student.state_dict().items()}
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
@@ -210,6 +211,16 @@ def test_too_many_non_finite_steps_stop_training(tmp_path):
     message = "stopped at step 2: 3 consecutive non-finite steps; last good checkpoint"
     with pytest.raises(NonFiniteTraining, match=message):
         trainer.fit(module, datamodule=_Batches(nan_only))
+
+
+def test_a_run_of_non_finite_steps_between_checks_stops_training(tmp_path):
+    """Three bad steps, then a good one, then the check: the run of three is not forgotten."""
+    images = torch.randn(16, 3, 32, 32)
+    images[:12, 0, 0, 0] = float("nan")
+    module, _, trainer = _fit(images, max_bad_steps=3, steps=8, tmp_path=tmp_path, log_every=4)
+    with pytest.raises(NonFiniteTraining, match="stopped at step 3: 3 consecutive non-finite steps"):
+        trainer.fit(module, datamodule=_Batches(images))
+    assert module.skipped_steps == 3
 
 
 def _train_losses(run: Path) -> list[float]:

@@ -4,7 +4,9 @@ making the host wait for the device on every step.
 The check stays on the device: a flag (GradScaler's own kernel over the gradients, and the loss) goes to the
 fused AdamW as `found_inf`, which then leaves the weights and its step count as they were, and the EMA update
 uses it to leave the teacher too. The counters are device tensors, read every `check_every` steps (the
-logging cadence): a run of bad steps is reported and, past `max_bad_steps` in a row, stops training there.
+logging cadence): bad steps are reported and, if a run of `max_bad_steps` in a row happened since the last
+check (the longest run is kept on the device, so one good step before the check does not hide it), training
+stops there.
 A skipped step still counts as a step (its lr and mask draws advance), since only the device knows it was
 skipped.
 """
@@ -47,8 +49,8 @@ class NonFiniteGuard:
     def _guard_state(self) -> dict:
         if not hasattr(self, "_nonfinite"):
             zero = torch.zeros((), dtype=torch.float32, device=self.device)
-            self._nonfinite = {"skipped": zero.clone(), "in_a_row": zero.clone(), "last": zero.clone(),
-                               "reported": 0}
+            self._nonfinite = {"skipped": zero.clone(), "in_a_row": zero.clone(), "longest": zero.clone(),
+                               "last": zero.clone(), "reported": 0}
         return self._nonfinite
 
     @property
@@ -73,6 +75,7 @@ class NonFiniteGuard:
         state["last"] = flag
         state["skipped"] += flag
         state["in_a_row"] = (state["in_a_row"] + flag) * flag
+        state["longest"] = torch.maximum(state["longest"], state["in_a_row"])
         metrics = getattr(self, "step_metrics", None)  # this step's row (written by the StepRows callback)
         if metrics is not None:
             metrics["train/skipped_steps"] = state["skipped"]
@@ -82,12 +85,14 @@ class NonFiniteGuard:
     def _check_nonfinite(self) -> None:
         """Reads the counters (a synchronisation: only every `check_every` steps)."""
         state = self._guard_state()
-        skipped, in_a_row = int(state["skipped"].item()), int(state["in_a_row"].item())
+        skipped, longest = int(state["skipped"].item()), int(state["longest"].item())
+        state["longest"] = state["in_a_row"].clone()  # the next check looks at the runs from here on
         if skipped > state["reported"]:
             self.print(f"step {self.global_step}: {skipped - state['reported']} optimiser steps skipped for a "
-                       f"non-finite loss or gradient since the last check ({in_a_row} in a row, {skipped} in all)")
+                       f"non-finite loss or gradient since the last check ({longest} in a row at most, "
+                       f"{skipped} in all)")
             state["reported"] = skipped
-        if in_a_row >= self.max_bad_steps:
+        if longest >= self.max_bad_steps:
             last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
-            raise NonFiniteTraining(f"training stopped at step {self.global_step}: {in_a_row} consecutive "
+            raise NonFiniteTraining(f"training stopped at step {self.global_step}: {longest} consecutive "
                                     f"non-finite steps; last good checkpoint: {last}")
