@@ -313,7 +313,6 @@ def validate(cfg: Config) -> None:
         raise UserError(f"ema.decay must be in [0, 1] and ema.every >= 1, got {cfg.ema.decay}, {cfg.ema.every}")
     choices = {"ema.count": (cfg.ema.count, ("epoch_batches", "optimizer_steps")),
                "model.method": (cfg.model.method, ("ddmim", "mae")),
-               "optim.schedule": (cfg.optim.schedule, ("step", "cosine")),
                "ema.teacher_mode": (cfg.ema.teacher_mode, ("train", "eval")),
                "model.perceptual_tap": (cfg.model.perceptual_tap, ("after_next_merge", "stage_output"))}
     for where, (value, allowed) in choices.items():
@@ -323,21 +322,29 @@ def validate(cfg: Config) -> None:
         raise UserError("train.batch_size must be at least 2 (the contrastive loss needs negatives)")
     if cfg.train.kernels not in KERNEL_CHOICES:
         raise UserError(f"train.kernels must be one of {', '.join(KERNEL_CHOICES)}, got '{cfg.train.kernels}'")
-    o = cfg.optim
-    if o.lr <= 0 or o.weight_decay < 0 or o.gamma <= 0:
-        raise UserError(f"optim.lr and optim.gamma must be positive and optim.weight_decay not negative, got "
-                        f"{o.lr}, {o.gamma} and {o.weight_decay}")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        raise UserError(f"optim.betas needs two values in [0, 1), got {o.betas}")
-    at_least("optim.step_size", o.step_size, 1)
-    at_least("optim.warmup_epochs", o.warmup_epochs, 0)
+    validate_optim(cfg.optim)
     if cfg.model.method == "ddmim" and cfg.model.head_dim < 1:
         raise UserError("model.head_dim must be at least 1: DDMIM's projection head reads the pooled head")
     if cfg.model.method == "mae" and cfg.model.backbone != "vit":
         raise UserError(f"model.method mae needs model.backbone vit, got '{cfg.model.backbone}'")
     if cfg.model.method == "mae" and cfg.model.decoder_dim % max(cfg.model.decoder_heads, 1):
         raise UserError("model.decoder_dim must be divisible by model.decoder_heads")
+
+
+def validate_optim(o: OptimConfig) -> None:
+    """The optimiser section, the same for pretraining and fine-tuning."""
+    if o.lr <= 0 or o.weight_decay < 0 or o.gamma <= 0:
+        raise UserError(f"optim.lr and optim.gamma must be positive and optim.weight_decay not negative, got "
+                        f"{o.lr}, {o.gamma} and {o.weight_decay}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise UserError(f"optim.betas needs two values in [0, 1), got {o.betas}")
+    if o.schedule not in ("step", "cosine"):
+        raise UserError(f"optim.schedule must be one of step, cosine, got '{o.schedule}'")
+    at_least("optim.step_size", o.step_size, 1)
+    at_least("optim.warmup_epochs", o.warmup_epochs, 0)
     at_least("optim.lr_batch", o.lr_batch, 0)
+    if o.min_lr < 0:
+        raise UserError(f"optim.min_lr must not be negative, got {o.min_lr}")
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -8,11 +8,13 @@ from typing import Any
 from ddmim.config import (
     DataConfig,
     ModelConfig,
+    OptimConfig,
     TrainConfig,
     build_dataclass,
     preset_values,
     validate_data_and_train,
     validate_model,
+    validate_optim,
 )
 from ddmim.errors import UserError
 
@@ -25,17 +27,11 @@ class HeadConfig:
 
 
 @dataclass
-class FinetuneOptimConfig:
-    lr: float = 5e-3
-    lr_batch: int = 52  # lr is given for this global batch and scaled linearly to the real one (0: no scaling)
-    weight_decay: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+class FinetuneOptimConfig(OptimConfig):
+    """Pretraining's optimiser section with fine-tuning's defaults, plus layer-wise lr decay."""
+    step_size: int = 30
+    min_lr: float = 1e-6
     layer_decay: float = 1.0  # lr multiplier per layer from the head down (1.0: none)
-    schedule: str = "step"  # step | cosine
-    step_size: int = 30  # step: epochs between decays
-    gamma: float = 0.1  # step: decay factor
-    warmup_epochs: int = 0
-    min_lr: float = 1e-6  # cosine: final lr
 
 
 @dataclass
@@ -67,12 +63,11 @@ def finetune_config_from_dict(values: dict[str, Any]) -> FinetuneConfig:
     validate_data_and_train(cfg.data, cfg.train)
     if cfg.head.kind not in ("bn_mlp", "linear"):
         raise UserError(f"head.kind must be bn_mlp or linear, got '{cfg.head.kind}'")
-    if cfg.optim.schedule not in ("step", "cosine"):
-        raise UserError(f"optim.schedule must be step or cosine, got '{cfg.optim.schedule}'")
+    validate_optim(cfg.optim)
     if not 0 < cfg.optim.layer_decay <= 1:
         raise UserError(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
-    if cfg.train.batch_size < 1 or cfg.optim.lr <= 0 or cfg.optim.weight_decay < 0:
-        raise UserError("train.batch_size must be at least 1, optim.lr positive and optim.weight_decay not negative")
+    if cfg.train.batch_size < 1:
+        raise UserError("train.batch_size must be at least 1")
     a = cfg.augment
     if min(a.mixup, a.cutmix, a.drop_path) < 0 or not 0 <= a.label_smoothing < 1 or a.drop_path >= 1:
         raise UserError("augment.mixup and augment.cutmix must not be negative, augment.label_smoothing and "

@@ -8,12 +8,11 @@ from unittest import mock
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler
 
 from ddmim.config import make_config
 from ddmim.data.dali_loader import open_loader
 from ddmim.data.ffcv_loader import make_loader
-from ddmim.data.folder import open_split
+from ddmim.data.folder import open_split, train_loader
 from ddmim.data.transforms import train_transform
 
 CLASSES, PER_CLASS = 10, 400
@@ -59,12 +58,12 @@ def cfg_for(batch: int):
 def train_batches(fmt: str, root: Path, cfg, rank: int = 0, world: int = 1, epochs: int = 1):
     """The training batches of `epochs` epochs that rank `rank` of `world` reads."""
     if fmt == "folder":
-        dataset = open_split(root, "train", train_transform(cfg.model.img_size, cfg.data))
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=cfg.train.seed)  # as Lightning's
+        loader = train_loader(open_split(root, "train", train_transform(cfg.model.img_size, cfg.data)), cfg,
+                              rank=rank, world=world)
         out = []
         for epoch in range(epochs):
-            sampler.set_epoch(epoch)
-            out.append(list(DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True)))
+            loader.sampler.set_epoch(epoch)  # as Lightning does
+            out.append(list(loader))
         return out
     if fmt == "ffcv":
         with mock.patch("torch.distributed.is_available", return_value=True), \

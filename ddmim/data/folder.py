@@ -2,6 +2,7 @@
 
 Which files count follows `ddmim.data.layout` (files directly in a class folder; labels from train's
 classes, also for val). A file that does not decode is skipped by the policy of `ddmim.data.bad_samples`.
+Training batches come from a `ResumableSampler`: a run resumed mid-epoch reads on exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torchvision.datasets import ImageFolder
 from ddmim.data.bad_samples import SkippedSamples
 from ddmim.data.layout import list_split, train_classes
 from ddmim.data.pixels import EXTENSIONS, load_rgb
+from ddmim.data.resumable import ResumableSampler, seeded_visit
 from ddmim.data.transforms import train_transform, val_transform
 from ddmim.errors import UserError
 
@@ -46,7 +48,14 @@ class ClassFolder(ImageFolder):
             raise FileNotFoundError(f"no image files in the class folders of {directory}")
         return listing.files
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item):
+        """item: an index, or (index, visit seed) from a `ResumableSampler`."""
+        if isinstance(item, tuple):
+            with seeded_visit(item[1]):
+                return self._read(item[0])
+        return self._read(item)
+
+    def _read(self, index: int):
         for attempt in range(MAX_ATTEMPTS):
             i = (index + attempt) % len(self.samples)
             if self.skipped.is_failed(i):  # found before, here or by another rank: no second decode or notice
@@ -93,13 +102,27 @@ class FolderDataModule(pl.LightningDataModule):
     def skipped(self) -> dict:
         return {"train": self.train_set.skipped, "val": self.val_set.skipped}
 
-    def _loader(self, dataset: ClassFolder, train: bool) -> DataLoader:
-        workers = self.cfg.data.num_workers
-        return DataLoader(dataset, batch_size=self.cfg.train.batch_size, shuffle=train, drop_last=train,
-                          num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        trainer = self.trainer
+        if trainer is None:
+            return train_loader(self.train_set, self.cfg)
+        return train_loader(self.train_set, self.cfg, rank=trainer.global_rank, world=trainer.world_size,
+                            global_step=trainer.global_step)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        workers = self.cfg.data.num_workers
+        return DataLoader(self.val_set, batch_size=self.cfg.train.batch_size, num_workers=workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                          generator=torch.Generator().manual_seed(self.cfg.train.seed))  # as train_loader's
+
+
+def train_loader(dataset: ClassFolder, cfg, *, rank: int = 0, world: int = 1, global_step: int = 0) -> DataLoader:
+    """Rank `rank`'s training batches, from the batch after `global_step` on (the step a run resumed at).
+    The loader's own generator gives its workers' base seeds, so it draws nothing from the training streams."""
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=cfg.train.seed,
+                               batch_size=cfg.train.batch_size)
+    sampler.resume_at(global_step)
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(cfg.train.seed))

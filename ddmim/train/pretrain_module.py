@@ -106,11 +106,17 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         self._log_losses("train", losses, images.shape[0], on_step=True)
         return losses["loss"]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # here, not in on_train_batch_end: Lightning runs the callbacks' on_train_batch_end (the step
+        # checkpoints) before the module's, so a checkpoint would miss its own step's teacher update
+        self.ema_step(batch_idx)
+
+    def ema_step(self, batch_idx: int) -> None:
         ema = self.cfg.ema
         # the original counts the batches of each epoch (updating after batch 0, 32, ...); the alternative
-        # counts optimiser steps over the run (global_step has already advanced past this batch's step)
-        counter = batch_idx if ema.count == "epoch_batches" else self.global_step
+        # counts optimiser steps over the run (this step's included: Lightning advances global_step after it)
+        counter = batch_idx if ema.count == "epoch_batches" else self.global_step + 1
         if counter % ema.every == 0:
             copy = ema.first_copy and self.ema_updates == 0
             self.model.update_teacher(0.0 if copy else ema.decay, skip=self.step_skipped)

@@ -1,0 +1,62 @@
+"""Exact resumption of a folder run killed mid-epoch: the resumed run reads and augments what the run that
+was never stopped would have.
+
+Two things make a torch DataLoader's epoch depend on more than the run's seed: the random streams of its
+workers (which samples each worker drew before, and the base seed the loader takes from the main process's
+generator at every `iter()`), and where in the epoch it starts. `ResumableSampler` deals out this rank's
+share of a seeded shuffle per epoch (DistributedSampler's), paired with a seed for each visit, and starts a
+resumed epoch at the batch the run stopped at, without reading the ones before. `seeded_visit` runs one
+sample's decode and augmentation under that seed (torch, numpy and Python streams), restoring the caller's
+streams afterwards, so a worker, or the main process with no workers, gives the same pixels either way.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+
+def visit_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded_visit(seed: int):
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+
+
+class ResumableSampler(DistributedSampler):
+    """Yields (sample index, visit seed). Lightning leaves a DistributedSampler as it is and sets its epoch."""
+
+    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int, batch_size: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self._resume = (0, 0)  # (epoch, batches of it already trained)
+
+    def batches_per_epoch(self) -> int:
+        return len(self) // self.batch_size  # the loader drops the last partial batch
+
+    def resume_at(self, global_step: int) -> None:
+        """Where a run resumed at `global_step` (optimiser steps, one batch each) goes on. The epoch is set here
+        too: Lightning draws the first batch of a resumed epoch before it sets the sampler's epoch."""
+        self._resume = divmod(global_step, self.batches_per_epoch())
+        self.set_epoch(self._resume[0])
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        epoch, done = self._resume
+        if self.epoch == epoch:
+            indices = indices[done * self.batch_size:]
+        return iter([(i, visit_seed(self.seed, self.epoch, i)) for i in indices])

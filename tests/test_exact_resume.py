@@ -1,0 +1,55 @@
+"""A run SIGKILLed mid-epoch and resumed ends bit-identical to the run that was never stopped (folder data, CPU,
+fp32, loader workers): same data order, augmentations, masks, EMA schedule and random streams."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_resilience import _kill_when, _newest_step
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 30  # an epoch of the digits is 22 batches at batch 64: the kills fall in both epochs
+
+
+def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ddmim", "train", "--data", str(data), "--preset", "tiny", "--out", str(out),
+            "--max-steps", str(STEPS), "--no-progress", "--workers", "2", "--set", "train.ckpt_every_steps=1",
+            "--set", "train.keep_checkpoints=2", "--set", "train.report_every=0", *extra]
+
+
+def _final_state(run: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the final checkpoint that training changes: weights, teacher, optimiser moments."""
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == STEPS
+    tensors = {f"model.{k}": v for k, v in ckpt["state_dict"].items()}
+    for i, state in enumerate(ckpt["optimizer_states"]):
+        for param, moments in state["state"].items():
+            tensors.update({f"optim{i}.{param}.{k}": v for k, v in moments.items() if torch.is_tensor(v)})
+    return tensors
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_three_steps_ends_as_the_run_never_stopped(sample_root, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(_cmd(sample_root, tmp_path / "whole"), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    resumed_at = []
+    for attempt, step in enumerate((5, 17, 26)):  # each killed once a checkpoint of that step is complete
+        cmd = _cmd(sample_root, out, *(["--resume", "auto"] if attempt else []))
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _kill_when(proc, lambda: _newest_step(out / "checkpoints") >= step, deadline_s=900), step
+        resumed_at.append(_newest_step(out / "checkpoints"))
+    done = subprocess.run(_cmd(sample_root, out, "--resume", "auto"), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stdout
+
+    whole, killed = _final_state(tmp_path / "whole"), _final_state(out)
+    assert whole.keys() == killed.keys() and len(whole) > 100
+    differ = [k for k in whole if not torch.equal(whole[k], killed[k])]
+    assert not differ, f"{len(differ)} of {len(whole)} tensors differ after resuming at {resumed_at}: {differ[:5]}"
