@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from ddmim.config import make_config
-from ddmim.models.backbones import pretraining_model
+from ddmim.models.factory import pretraining_model
 from ddmim.models.kernels import KernelOps, resolve_kernels
 from ddmim_kernels.aot import Launch, compile_launch, record_launches, specialisation_key
 

@@ -57,7 +57,7 @@ def lightning_step_seconds(spec: str, variant: str, batch: int, args, sync) -> f
     cfg = config_from_dict(values)
     launch = resolve_launch(Launch(precision=args.precision, channels_last=v["channels_last"],
                                    max_steps=args.warmup + args.steps, progress_bar=False))
-    module = DDMIMModule(cfg.to_dict(), channels_last=v["channels_last"], cuda=launch.accelerator == "gpu")
+    module = DDMIMModule(cfg, channels_last=v["channels_last"], cuda=launch.accelerator == "gpu")
     clock = StepClock(args.warmup, args.steps, sync)
     with tempfile.TemporaryDirectory() as tmp:
         run = build_trainer(Path(tmp), cfg, launch)

@@ -110,8 +110,8 @@ def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: 
     cfg = (finetune_config_from_dict if finetune else config_from_dict)(values)
     total = first + steps + 1  # the last step ends an epoch, where the throughput report waits for the device
     launch = resolve_launch(Launch(max_steps=total, progress_bar=False))
-    module = (FinetuneModule(cfg.to_dict(), num_classes=10, batch_randaugment=True) if finetune
-              else DDMIMModule(cfg.to_dict(), cuda=launch.accelerator == "gpu"))
+    module = (FinetuneModule(cfg, num_classes=10, batch_randaugment=True) if finetune
+              else DDMIMModule(cfg, cuda=launch.accelerator == "gpu"))
     counter = SyncCounter()
     counting = CountQuietSteps(counter, first, log_every, total)
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,8 +130,8 @@ def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: 
 def explain_forward(preset: str, finetune: bool, batch: int, overrides: list[str]) -> dict:
     from ddmim.config import make_config
     from ddmim.finetune_config import make_finetune_config
-    from ddmim.models.backbones import pretraining_model
     from ddmim.models.classifier import build_classifier
+    from ddmim.models.factory import pretraining_model
 
     torch._dynamo.reset()
     if finetune:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ddmim.config import make_config
 from ddmim.finetune_config import make_finetune_config
-from ddmim.models.backbones import pretraining_model
+from ddmim.models.factory import pretraining_model
 from ddmim.models.kernels import check_kernels, resolve_kernels
 from ddmim.train.compile import CompiledForward, compile_report
 

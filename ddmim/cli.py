@@ -235,7 +235,10 @@ def cmd_config(args) -> int:
 
         cfg = make_finetune_config(args.preset, args.overrides)
     else:
+        from ddmim.models.factory import check_pretraining
+
         cfg = make_config(args.preset, args.overrides)
+        check_pretraining(cfg)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
 

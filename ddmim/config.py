@@ -22,7 +22,7 @@ KERNEL_CHOICES = ("auto", "triton", "torch")
 @dataclass
 class ModelConfig:
     method: str = "ddmim"  # ddmim (DDMIM and SimMIM, by their loss weights) | mae (needs the vit backbone)
-    backbone: str = "swin_v2"  # a name registered in ddmim/models/backbones.py (swin_v2 | vit)
+    backbone: str = "swin_v2"  # a name in ddmim/models/factory.py's table (swin_v2 | vit)
     img_size: int = 224
     patch_size: int = 4
     embed_dim: int = 96
@@ -120,6 +120,15 @@ class TrainConfig:
 @dataclass
 class PretrainConfig(TrainConfig):
     kernels: str = "auto"  # auto | triton | torch: fused Triton kernels or the PyTorch references
+
+
+class RunConfig(typing.Protocol):
+    """What the shared run flow reads of a pretraining or fine-tuning config."""
+    name: str
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -295,6 +304,7 @@ def validate_data_and_train(data: DataConfig, train: TrainConfig) -> None:
 
 
 def validate(cfg: Config) -> None:
+    """The checks every method shares; a method's own (`model.method`, `model.backbone`) are the model factory's."""
     validate_model(cfg.model)
     validate_data_and_train(cfg.data, cfg.train)
     n = len(cfg.model.depths)
@@ -312,7 +322,6 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.ema.decay <= 1.0 or cfg.ema.every < 1:
         raise UserError(f"ema.decay must be in [0, 1] and ema.every >= 1, got {cfg.ema.decay}, {cfg.ema.every}")
     choices = {"ema.count": (cfg.ema.count, ("epoch_batches", "optimizer_steps")),
-               "model.method": (cfg.model.method, ("ddmim", "mae")),
                "ema.teacher_mode": (cfg.ema.teacher_mode, ("train", "eval")),
                "model.perceptual_tap": (cfg.model.perceptual_tap, ("after_next_merge", "stage_output"))}
     for where, (value, allowed) in choices.items():
@@ -323,12 +332,6 @@ def validate(cfg: Config) -> None:
     if cfg.train.kernels not in KERNEL_CHOICES:
         raise UserError(f"train.kernels must be one of {', '.join(KERNEL_CHOICES)}, got '{cfg.train.kernels}'")
     validate_optim(cfg.optim)
-    if cfg.model.method == "ddmim" and cfg.model.head_dim < 1:
-        raise UserError("model.head_dim must be at least 1: DDMIM's projection head reads the pooled head")
-    if cfg.model.method == "mae" and cfg.model.backbone != "vit":
-        raise UserError(f"model.method mae needs model.backbone vit, got '{cfg.model.backbone}'")
-    if cfg.model.method == "mae" and cfg.model.decoder_dim % max(cfg.model.decoder_heads, 1):
-        raise UserError("model.decoder_dim must be divisible by model.decoder_heads")
 
 
 def validate_optim(o: OptimConfig) -> None:

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from ddmim.config import make_config
-from ddmim.models.ddmim import DDMIM
+from ddmim.models.factory import pretraining_model
 
 WORLD, GLOBAL_BATCH, STEPS = 2, 8, 3
 DETERMINISTIC = ["recon", "perceptual_0", "perceptual_1", "perceptual_2", "perceptual_3"]
@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 def _setup():
     torch.manual_seed(0)
-    model = DDMIM.from_config(make_config("tiny"))
+    model = pretraining_model(make_config("tiny"))
     images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     base, masks = model.draw_masks(GLOBAL_BATCH, seed=5)  # fixed masks: the deterministic parts are comparable
     return model, images, base, masks

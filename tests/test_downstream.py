@@ -16,8 +16,8 @@ from ddmim.eval.features import load_backbone, pooled_features
 from ddmim.eval.frozen import evaluate_backbone, knn_predict
 from ddmim.eval.reconstruction import PANELS, visualize
 from ddmim.finetune_config import make_finetune_config
-from ddmim.models.backbones import plain_backbone
-from ddmim.models.classifier import build_classifier, load_encoder_weights
+from ddmim.models.classifier import load_encoder_weights
+from ddmim.models.factory import classifier, plain_backbone
 from ddmim.train.finetune import make_optimizer, make_scheduler
 
 TINY_SHAPE = ["model.img_size=32", "model.patch_size=2", "model.embed_dim=32", "model.depths=[1,1,2,1]",
@@ -49,7 +49,7 @@ def test_finetune_loads_every_encoder_weight_and_drops_the_rest(pretrain_ckpt, h
     pre_cfg, state = load_pretraining(pretrain_ckpt)
     raw = torch.load(pretrain_ckpt, weights_only=False)["state_dict"]
     assert any(k.startswith(("model.teacher.", "model.decoder.", "model.proj.")) for k in raw)
-    net = build_classifier(pre_cfg.model, 10, head, 64, 0.0)
+    net = classifier(pre_cfg.model, 10, head, 64, 0.0)
     loaded = load_encoder_weights(net, state, head)
     target = net.state_dict()
     encoder_keys = [k for k in state if not k.startswith("head.")]
@@ -63,7 +63,7 @@ def test_finetune_loads_every_encoder_weight_and_drops_the_rest(pretrain_ckpt, h
 
 def test_layer_decay_gives_each_depth_its_learning_rate():
     cfg = make_finetune_config("mim", TINY_SHAPE)
-    net = build_classifier(cfg.model, 10, "linear", 0, 0.0)
+    net = classifier(cfg.model, 10, "linear", 0, 0.0)
     optimizer = make_optimizer(net, cfg.optim, cfg.optim.lr)
     cfg.optim.warmup_epochs = 0
     make_scheduler(optimizer, cfg.optim, cfg.optim.lr, epochs=10, steps_per_epoch=5).step_update(0)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ddmim.config import make_config, preset_names
-from ddmim.models.ddmim import DDMIM
+from ddmim.models.factory import pretraining_model
 from ddmim.models.losses import reconstruction_loss
 
 
@@ -35,7 +35,7 @@ def _seed_shaped_small():
 def test_perceptual_terms_read_where_the_original_reads():
     torch.manual_seed(0)
     cfg = _seed_shaped_small()
-    model = DDMIM.from_config(cfg).eval()  # drop path off: both sides deterministic
+    model = pretraining_model(cfg).eval()  # drop path off: both sides deterministic
     with torch.no_grad():  # a teacher away from the student, as after some training
         for p in model.teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -58,7 +58,7 @@ def test_perceptual_terms_read_where_the_original_reads():
         merging = [p.grad for p in model.student.stages[i].downsample.parameters()]
         assert merging and all(g is not None and g.abs().sum() > 0 for g in merging), i
 
-    other = DDMIM.from_config(make_config("tiny", ["model.perceptual_tap=stage_output"])).eval()
+    other = pretraining_model(make_config("tiny", ["model.perceptual_tap=stage_output"])).eval()
     other.load_state_dict(model.state_dict())
     assert not torch.allclose(other(images, base, masks)["perceptual_0"], out["perceptual_0"])
 
@@ -67,7 +67,7 @@ def test_perceptual_terms_read_where_the_original_reads():
 def test_the_seed_teacher_runs_with_drop_path_unless_told_otherwise(mode, differ):
     torch.manual_seed(0)
     cfg = make_config("seed", [f"ema.teacher_mode={mode}"])
-    model = DDMIM.from_config(cfg).train()  # what Lightning does before every training epoch
+    model = pretraining_model(cfg).train()  # what Lightning does before every training epoch
     with torch.no_grad():  # Swin V2 starts its residual branches at zero, where drop path changes nothing
         for p in model.teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -100,7 +100,7 @@ def test_the_first_ema_update_copies_and_the_counter_restarts_each_epoch():
 def test_simmim_has_a_learned_mask_token_and_plain_l1_over_the_masked_pixels():
     torch.manual_seed(0)
     cfg = make_config("simmim", ["model.img_size=64", "model.window_size=2"])
-    model = DDMIM.from_config(cfg)
+    model = pretraining_model(cfg)
     images = _images(cfg)
     base, masks = model.draw_masks(2, seed=1)
     out = model(images, base, masks)

@@ -5,11 +5,12 @@ import torch
 from ddmim.config import make_config
 from ddmim.errors import UserError
 from ddmim.models.ddmim import DDMIM
+from ddmim.models.factory import pretraining_model
 from ddmim.models.kernels import check_kernels, resolve_kernels
 
 
 def _model(kernels: str) -> DDMIM:
-    return DDMIM.from_config(make_config("tiny"), kernels=resolve_kernels(kernels, cuda=False))
+    return pretraining_model(make_config("tiny"), kernels=resolve_kernels(kernels, cuda=False))
 
 
 def _losses_and_grads(kernels, images, base, masks):

@@ -8,12 +8,13 @@ from safetensors.torch import load_file
 
 from ddmim.cli import main
 from ddmim.config import make_config
+from ddmim.models.factory import pretraining_model
 from ddmim.models.mae import MAE, masked_patch_loss, normalise_patches, patchify
 
 
 def _mae(norm_pix: bool = True) -> MAE:
     torch.manual_seed(0)
-    return MAE.from_config(make_config("tiny_mae", [f"loss.norm_pix={str(norm_pix).lower()}"]))
+    return pretraining_model(make_config("tiny_mae", [f"loss.norm_pix={str(norm_pix).lower()}"]))
 
 
 def test_the_encoder_sees_only_the_visible_quarter_plus_the_class_token():

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ddmim.config import make_config
-from ddmim.models.ddmim import DDMIM
+from ddmim.models.factory import pretraining_model
 from ddmim.models.masking import base_token_mask, pixel_mask, stage_masks
 
 
@@ -42,7 +42,7 @@ def test_pixel_mask_upsamples_nearest():
 
 def test_masked_stage_input_tokens_are_exactly_zero():
     cfg = make_config("tiny")
-    model = DDMIM.from_config(cfg).eval()
+    model = pretraining_model(cfg).eval()
     # Swin V2 zero-initialises its residual post-norms, so at init masked tokens would stay zero through
     # the blocks on their own; unit norms make the blocks mix tokens as a trained model does
     for module in model.student.modules():

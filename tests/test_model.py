@@ -3,8 +3,8 @@ import copy
 import torch
 
 from ddmim.config import make_config
-from ddmim.models.ddmim import DDMIM
 from ddmim.models.ema import ema_update_
+from ddmim.models.factory import pretraining_model
 
 
 def _batch(cfg, n=4, seed=0):
@@ -14,7 +14,7 @@ def _batch(cfg, n=4, seed=0):
 
 def test_seed_preset_shapes_and_parameter_count():
     cfg = make_config("seed")
-    model = DDMIM.from_config(cfg)
+    model = pretraining_model(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 28_000_000 <= trainable <= 32_000_000
     with torch.no_grad():
@@ -28,7 +28,7 @@ def test_seed_preset_shapes_and_parameter_count():
 
 
 def test_teacher_starts_as_copy_and_gets_no_gradients(tiny_cfg):
-    model = DDMIM.from_config(tiny_cfg)
+    model = pretraining_model(tiny_cfg)
     for t, s in zip(model.teacher.parameters(), model.student.stages.parameters()):
         assert torch.equal(t, s)
     images = _batch(tiny_cfg)
@@ -38,7 +38,7 @@ def test_teacher_starts_as_copy_and_gets_no_gradients(tiny_cfg):
 
 
 def test_every_student_parameter_receives_gradients(tiny_cfg):
-    model = DDMIM.from_config(tiny_cfg)
+    model = pretraining_model(tiny_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images = _batch(tiny_cfg)
     # Swin V2 zero-initialises its residual post-norms, which blocks gradients to attention and MLP
@@ -54,7 +54,7 @@ def test_every_student_parameter_receives_gradients(tiny_cfg):
 
 
 def test_ema_update_matches_formula(tiny_cfg):
-    model = DDMIM.from_config(tiny_cfg)
+    model = pretraining_model(tiny_cfg)
     with torch.no_grad():
         for p in model.student.stages.parameters():
             p.add_(torch.randn_like(p))
@@ -72,7 +72,7 @@ def test_ema_update_matches_formula(tiny_cfg):
 def test_loss_combines_terms_with_stagefactor_and_alpha(tiny_cfg):
     tiny_cfg.loss.contrastive_weight = 0.5
     tiny_cfg.loss.perceptual_weights = [1.0, 0.5, 0.25, 0.1]
-    model = DDMIM.from_config(tiny_cfg)
+    model = pretraining_model(tiny_cfg)
     out = model(_batch(tiny_cfg), model.draw_masks(4)[0])
     expected = out["recon"] + 0.5 * out["contrastive"] + sum(
         f * out[f"perceptual_{i}"] for i, f in enumerate(tiny_cfg.loss.perceptual_weights))
@@ -80,7 +80,7 @@ def test_loss_combines_terms_with_stagefactor_and_alpha(tiny_cfg):
 
 
 def test_channels_last_gives_the_same_loss(tiny_cfg):
-    model = DDMIM.from_config(tiny_cfg).eval()
+    model = pretraining_model(tiny_cfg).eval()
     images, mask = _batch(tiny_cfg), model.draw_masks(4)[0]
     reference = model(images, mask)["loss"]
     assert model.reconstruct(images, mask).is_contiguous()  # no layout copy before the loss

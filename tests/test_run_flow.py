@@ -8,7 +8,7 @@ from torch import nn
 from conftest import QUIET_STEPS
 from ddmim.cli import main
 from ddmim.config import make_config
-from ddmim.models import backbones
+from ddmim.models import factory
 from ddmim.models.swin import MaskedSwin
 
 
@@ -48,7 +48,7 @@ class ToyEncoder(nn.Module):
 def test_a_new_backbone_is_one_registry_entry(sample_root, tmp_path, monkeypatch):
     from ddmim.train.pretrain import pretrain
 
-    monkeypatch.setitem(backbones.BACKBONES, "toy", ToyEncoder)
+    monkeypatch.setitem(factory.BACKBONES, "toy", ToyEncoder)
     cfg = make_config("tiny", ["model.backbone=toy", "model.depths=[1,1]", "model.num_heads=[1,2]",
                                "mask.ratios=[0.5,0.0]", "loss.perceptual_weights=[1.0,0.1]",
                                "data.num_workers=0", "train.epochs=1"])

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from ddmim.checkpoints import load_pretraining
 from ddmim.errors import UserError
-from ddmim.models.backbones import headless_export
+from ddmim.models.factory import headless_export
 
 
 def timm_call(name: str, kwargs: dict, weights: Path) -> str:

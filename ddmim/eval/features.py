@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ddmim.checkpoints import load_pretraining
-from ddmim.models.backbones import plain_backbone
+from ddmim.models.factory import plain_backbone
 
 
 def load_backbone(ckpt: Path | None, fallback, seed: int = 0) -> tuple[nn.Module, object]:

@@ -11,9 +11,7 @@ from ddmim.checkpoints import read_pretraining
 from ddmim.config import Config
 from ddmim.data import eval_batches
 from ddmim.errors import UserError
-from ddmim.models.backbones import pretraining_model
-from ddmim.models.losses import reconstruction_loss
-from ddmim.models.mae import masked_patch_loss
+from ddmim.models.factory import pretraining_model
 from ddmim.models.masking import pixel_mask
 
 PANELS = ("original", "masked input", "reconstruction", "reconstruction in the masked pixels")
@@ -27,37 +25,15 @@ def load_model(ckpt: Path) -> tuple[nn.Module, Config]:
     return model.eval(), cfg
 
 
-def mean_visible_colour(images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """The trivial baseline: every pixel predicted as its image's mean visible colour."""
-    visible = pixel_mask(base, images.shape[-1] // base.shape[-1])
-    mean = (images * visible).sum(dim=(2, 3), keepdim=True) / visible.sum(dim=(2, 3), keepdim=True).clamp_min(1)
-    return mean.expand_as(images)
-
-
-def _losses(model: nn.Module, images: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
-    """(the model's masked reconstruction loss, the trivial baseline's) for one batch."""
-    if getattr(model, "norm_pix", False):  # MAE on normalised patches: the trivial guess is each patch's mean
-        pred = model.forward_decoder(*model.forward_encoder(images, base))
-        target, visible = model.targets(images), base.flatten(1)
-        return (masked_patch_loss(pred, target, visible).item(),
-                masked_patch_loss(torch.zeros_like(pred), target, visible).item())
-    own = getattr(model, "loss_cfg", None)
-    kwargs = dict(beta=own.recon_beta, normalize=own.recon_normalize) if own else dict(beta=1.0, normalize="masked")
-    pred = model.reconstruct(images, base)
-    return (reconstruction_loss(pred, images, base, **kwargs).item(),
-            reconstruction_loss(mean_visible_colour(images, base), images, base, **kwargs).item())
-
-
 @torch.no_grad()
 def reconstruction_report(model: nn.Module, batches, seed: int = 0) -> dict:
-    """Masked reconstruction loss against a trivial baseline: the model's own reconstruction term against
-    predicting each image's mean visible colour (DDMIM, SimMIM, MAE on raw pixels), or MAE's loss on
-    normalised patches against predicting each masked patch's mean."""
+    """Masked reconstruction loss against a trivial baseline, both as the model computes them
+    (`reconstruction_losses`): e.g. DDMIM's own term against predicting each image's mean visible colour."""
     loss = baseline = 0.0
     n = 0
     for index, (images, _) in enumerate(batches):
         base, _ = model.draw_masks(len(images), seed=seed, index=index)
-        ours, trivial = _losses(model, images, base)
+        ours, trivial = (value.item() for value in model.reconstruction_losses(images, base))
         loss, baseline, n = loss + ours * len(images), baseline + trivial * len(images), n + len(images)
     return {"recon_loss": loss / n, "baseline_loss": baseline / n, "ratio": loss / baseline}
 

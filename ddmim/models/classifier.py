@@ -9,21 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ddmim.config import ModelConfig
 from ddmim.errors import UserError
-from ddmim.models.backbones import plain_backbone
 
 
-def build_classifier(model: ModelConfig, num_classes: int, head_kind: str, hidden: int,
-                     drop_path: float) -> nn.Module:
-    if head_kind == "linear":
-        return plain_backbone(model, drop_path_rate=drop_path, head_dim=num_classes)
-    net = plain_backbone(model, drop_path_rate=drop_path)
+def add_bn_mlp_head(net: nn.Module, embed_dim: int, hidden: int, num_classes: int, backbone: str) -> nn.Module:
+    """`net` (a plain timm model whose pooled head `head.fc` gives `embed_dim` features) with the bn_mlp
+    classifier appended inside `head.fc`."""
     if not hasattr(net.head, "fc"):
-        raise UserError(f"head.kind bn_mlp builds on a pooled head of the {model.backbone} backbone's kind that it "
+        raise UserError(f"head.kind bn_mlp builds on a pooled head of the {backbone} backbone's kind that it "
                         "does not have; use head.kind linear")
-    embed = net.head.fc
-    net.head.fc = nn.Sequential(embed, nn.BatchNorm1d(model.head_dim), nn.Linear(model.head_dim, hidden),
+    net.head.fc = nn.Sequential(net.head.fc, nn.BatchNorm1d(embed_dim), nn.Linear(embed_dim, hidden),
                                 nn.GELU(), nn.Linear(hidden, num_classes))
     return net
 

@@ -63,3 +63,10 @@ def info_nce(z_s: torch.Tensor, z_t: torch.Tensor, *, tau: float, offset: int = 
         logits = torch.cat([positive, negatives], dim=1)
         labels = torch.zeros_like(labels)
     return F.cross_entropy(logits, labels)
+
+
+def mean_visible_colour(images: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The trivial reconstruction: every pixel predicted as its image's mean visible colour."""
+    visible = pixel_mask(base, images.shape[-1] // base.shape[-1])
+    mean = (images * visible).sum(dim=(2, 3), keepdim=True) / visible.sum(dim=(2, 3), keepdim=True).clamp_min(1)
+    return mean.expand_as(images)

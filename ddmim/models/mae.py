@@ -11,6 +11,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ddmim.models.kernels import KernelOps, resolve_kernels
+from ddmim.models.losses import mean_visible_colour, reconstruction_loss
+from ddmim.models.masking import MaskSpec
 from ddmim.models.vit import sincos_with_class_slot
 
 
@@ -42,10 +44,13 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, visible: torch.T
 
 
 class MAE(nn.Module):
-    def __init__(self, encoder: nn.Module, *, mask, decoder_dim: int, decoder_depth: int, decoder_heads: int,
-                 norm_pix: bool = True, kernels: KernelOps | None = None):
+    def __init__(self, encoder: nn.Module, *, mask: MaskSpec, decoder_dim: int, decoder_depth: int,
+                 decoder_heads: int, norm_pix: bool = True, kernels: KernelOps | None = None):
+        """`mask.exact_count` must be set: the encoder's sequence length is the same visible count per image."""
         super().__init__()
-        self.mask_cfg, self.norm_pix = mask, norm_pix
+        if not mask.exact_count:
+            raise ValueError("MAE masks an exact count of patches per image: mask.exact_count must be true")
+        self.mask, self.norm_pix = mask, norm_pix
         self.kernels = kernels or resolve_kernels("torch", cuda=False)
         self.student = encoder
         grid, patch = encoder.grid, encoder.patch_size
@@ -57,17 +62,9 @@ class MAE(nn.Module):
                                               for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch * patch * 3)
+        encoder.net.get_classifier().requires_grad_(False)  # pretraining never reads the classifier head
         units = (grid // mask.patch) ** 2  # the masks are drawn with an exact count of masked units per image
         self.visible_count = grid * grid - round(mask.ratios[0] * units) * mask.patch ** 2
-
-    @classmethod
-    def from_config(cls, cfg, kernels: KernelOps | None = None) -> "MAE":
-        from ddmim.models.backbones import architecture, create_backbone
-
-        m = cfg.model
-        return cls(create_backbone(m.backbone, **architecture(m)), mask=cfg.mask, decoder_dim=m.decoder_dim,
-                   decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads, norm_pix=cfg.loss.norm_pix,
-                   kernels=kernels)
 
     uses_teacher = False
 
@@ -79,8 +76,8 @@ class MAE(nn.Module):
         """MAE has no teacher."""
 
     def draw_masks(self, batch: int, *, device=None, seed: int = 0, index: int = 0):
-        m = self.mask_cfg
-        return self.kernels.draw_masks(batch, self.student.grid, m.ratios, exact_count=True, seed=seed,
+        m = self.mask
+        return self.kernels.draw_masks(batch, self.student.grid, list(m.ratios), exact_count=True, seed=seed,
                                        index=index, device=device, patch=m.patch)
 
     def forward_encoder(self, images: torch.Tensor, base_mask: torch.Tensor):
@@ -116,3 +113,14 @@ class MAE(nn.Module):
             target = patchify(images, self.student.patch_size)
             pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
         return unpatchify(pred, self.student.patch_size)
+
+    def reconstruction_losses(self, images: torch.Tensor, base_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this model's loss, a trivial guess's): on normalised patches the guess is each masked patch's mean
+        (zero); on raw pixels it is each image's mean visible colour, both under SimMIM's masked smooth-L1."""
+        if self.norm_pix:
+            pred = self.forward_decoder(*self.forward_encoder(images, base_mask))
+            target, visible = self.targets(images), base_mask.flatten(1)
+            return masked_patch_loss(pred, target, visible), masked_patch_loss(torch.zeros_like(pred), target, visible)
+        kwargs = dict(beta=1.0, normalize="masked")
+        return (reconstruction_loss(self.reconstruct(images, base_mask), images, base_mask, **kwargs),
+                reconstruction_loss(mean_visible_colour(images, base_mask), images, base_mask, **kwargs))

@@ -4,7 +4,18 @@ Reference implementations; `kernels/` provides fused versions with the same sign
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """How a method masks: `ratios[0]` is the base token ratio and stage i > 0 is masked iff ratios[i] > 0;
+    `exact_count`: exactly round(ratio * units) masked per image; `patch`: the unit, in tokens per side."""
+    ratios: tuple[float, ...]
+    exact_count: bool = False
+    patch: int = 1
 
 
 def base_token_mask(batch: int, grid: int, ratio: float, *, exact_count: bool = False, device=None,

@@ -40,7 +40,7 @@ def stage_taps(stages: nn.Sequential, tokens: torch.Tensor, masks: list[torch.Te
 
 
 class MaskedSwin(nn.Module):
-    """timm's SwinTransformerV2 as a masked encoder (the interface of `ddmim.models.backbones`).
+    """timm's SwinTransformerV2 as a masked encoder (`ddmim.models.contracts.StageBackbone`).
 
     `net` is the plain timm model (what export and fine-tuning use); `stages` its stages, which the EMA
     teacher copies; `forward_features` runs the masked stages and returns every stage's tap; `forward_head`

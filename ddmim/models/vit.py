@@ -25,7 +25,7 @@ class MaskedViT(nn.Module):
     timm_name = "vit_small_patch16_224"  # a registered ViT; the keyword arguments set every shape
 
     def __init__(self, *, img_size: int, patch_size: int, embed_dim: int, depths, num_heads, mlp_ratio: float,
-                 drop_path_rate: float, head_dim: int, **unused):
+                 drop_path_rate: float, head_dim: int):
         super().__init__()
         self.timm_kwargs = {"img_size": img_size, "patch_size": patch_size, "embed_dim": embed_dim,
                             "depth": sum(depths), "num_heads": num_heads[0], "mlp_ratio": mlp_ratio}

@@ -46,7 +46,7 @@ class StepRows(pl.Callback):
             self._aligned = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        metrics = getattr(pl_module, "step_metrics", None)
+        metrics = pl_module.step_metrics  # a TrainingModule
         if metrics and (logged_step(trainer) + 1) % self.every == 0:
             write_row(trainer, {name: float(value) for name, value in metrics.items()})
 
@@ -104,8 +104,7 @@ class ThroughputReport(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # counted once, so every report can give achieved FLOP/s and, on a known GPU, model FLOP utilisation
-        count = getattr(pl_module, "flops_per_image", None)
-        self.flops_per_image = count() if self.report_every and count is not None else None
+        self.flops_per_image = pl_module.flops_per_image() if self.report_every else None  # a TrainingModule
 
     def _report(self, trainer, pl_module) -> None:
         images, wait, step = self._window

@@ -8,7 +8,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -20,10 +19,11 @@ from ddmim.data import make_datamodule
 from ddmim.data.batch_augment import BatchRandAugment
 from ddmim.errors import UserError
 from ddmim.finetune_config import FinetuneConfig, finetune_config_from_dict
-from ddmim.models.classifier import build_classifier, load_encoder_weights
+from ddmim.models.classifier import load_encoder_weights
+from ddmim.models.factory import classifier
+from ddmim.train.base_module import TrainingModule
 from ddmim.train.compile import CompiledForward
 from ddmim.train.launch import Launch, resolve_launch
-from ddmim.train.nonfinite import NonFiniteGuard
 from ddmim.train.run import FitPlan, run_fit
 from ddmim.train.schedules import make_scheduler, scaled_lr, step_scheduler
 
@@ -42,14 +42,17 @@ def make_optimizer(net, o, lr: float) -> torch.optim.Optimizer:
                                fused=True)  # its found_inf skips a non-finite step (NonFiniteGuard)
 
 
-class FinetuneModule(NonFiniteGuard, pl.LightningModule):
-    def __init__(self, config: dict[str, Any], num_classes: int, channels_last: bool = False,
+class FinetuneModule(TrainingModule):
+    def __init__(self, config: FinetuneConfig | dict[str, Any], num_classes: int, channels_last: bool = False,
                  batch_randaugment: bool = False):
-        super().__init__()
-        self.save_hyperparameters()
-        self.cfg: FinetuneConfig = finetune_config_from_dict(config)
+        """`config`: the fine-tuning config (a dict: as saved in a checkpoint's hyper-parameters)."""
+        cfg = config if isinstance(config, FinetuneConfig) else finetune_config_from_dict(config)
+        super().__init__(cfg.train.max_bad_steps, cfg.train.log_every)
+        self.save_hyperparameters({"config": cfg.to_dict(), "num_classes": num_classes,
+                                   "channels_last": channels_last, "batch_randaugment": batch_randaugment})
+        self.cfg = cfg
         a = self.cfg.augment
-        self.net = build_classifier(self.cfg.model, num_classes, self.cfg.head.kind, self.cfg.head.hidden, a.drop_path)
+        self.net = classifier(self.cfg.model, num_classes, self.cfg.head.kind, self.cfg.head.hidden, a.drop_path)
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -58,7 +61,6 @@ class FinetuneModule(NonFiniteGuard, pl.LightningModule):
         self.randaugment = (BatchRandAugment(a.randaugment, self.cfg.data.mean, self.cfg.data.std)
                             if batch_randaugment and a.randaugment else None)
         self.soft_ce = SoftTargetCrossEntropy()
-        self.max_bad_steps, self.check_every = self.cfg.train.max_bad_steps, self.cfg.train.log_every
         self._val_sums = torch.zeros(3)
         # a plain object, not a module attribute: the network's weights stay registered once
         self.compiled = CompiledForward(self.net, self.cfg.train.compile_backend) if self.cfg.train.compile else None
@@ -145,7 +147,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, launch: Launch | N
     loaded = []
 
     def make_module() -> FinetuneModule:
-        module = FinetuneModule(cfg.to_dict(), classes, channels_last=launch.channels_last,
+        module = FinetuneModule(cfg, classes, channels_last=launch.channels_last,
                                 batch_randaugment=not datamodule.applies_randaugment)
         if state is not None:
             loaded.append(load_encoder_weights(module.net, state, cfg.head.kind))

@@ -45,6 +45,7 @@ class NonFiniteGuard:
 
     max_bad_steps: int = 20
     check_every: int = 50
+    step_metrics: dict[str, torch.Tensor]
 
     def _guard_state(self) -> dict:
         if not hasattr(self, "_nonfinite"):
@@ -76,9 +77,7 @@ class NonFiniteGuard:
         state["skipped"] += flag
         state["in_a_row"] = (state["in_a_row"] + flag) * flag
         state["longest"] = torch.maximum(state["longest"], state["in_a_row"])
-        metrics = getattr(self, "step_metrics", None)  # this step's row (written by the StepRows callback)
-        if metrics is not None:
-            metrics["train/skipped_steps"] = state["skipped"]
+        self.step_metrics["train/skipped_steps"] = state["skipped"]  # this step's row (see TrainingModule)
         if (self.global_step + 1) % self.check_every == 0:  # the step index: Lightning counts it after this hook
             self._check_nonfinite()
 

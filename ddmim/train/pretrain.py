@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ddmim.config import Config
 from ddmim.data import make_datamodule
+from ddmim.models.factory import check_pretraining
 from ddmim.models.kernels import check_kernels
 from ddmim.train.launch import Launch, resolve_launch
 from ddmim.train.pretrain_module import DDMIMModule
@@ -15,15 +16,15 @@ RESUMABLE = ("model", "mask", "loss", "ema")  # what must not change when a run 
 
 def pretrain(cfg: Config, data_root: Path, out: Path, launch: Launch | None = None, *, data_format: str = "auto",
              resume: bool = False) -> dict:
+    check_pretraining(cfg)
     launch = resolve_launch(launch or Launch())
     check_kernels(cfg.train.kernels)
     plan = FitPlan(
         cfg=cfg, data=data_root, out=out, launch=launch, resume=resume, fixed_sections=RESUMABLE,
         datamodule=make_datamodule(data_root, cfg, data_format, channels_last=launch.channels_last),
-        make_module=lambda: DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last,
+        make_module=lambda: DDMIMModule(cfg, channels_last=launch.channels_last,
                                         cuda=launch.accelerator == "gpu"),
-        validate_first=True,  # the untrained model's loss, to compare the trained one with
-        find_unused_parameters=lambda module: not module.model.uses_teacher)
+        validate_first=True)  # the untrained model's loss, to compare the trained one with
 
     def fields(run, module) -> dict:
         losses = run.val_history.losses

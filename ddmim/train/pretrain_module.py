@@ -3,32 +3,34 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
 from ddmim.checkpoints import KIND_KEY
 from ddmim.config import Config, config_from_dict
-from ddmim.models.backbones import pretraining_model
+from ddmim.errors import UserError
+from ddmim.models.factory import pretraining_model
 from ddmim.models.kernels import resolve_kernels
+from ddmim.train.base_module import TrainingModule
 from ddmim.train.checkpoint_files import restore_rng_state, rng_state
 from ddmim.train.compile import CompiledForward
-from ddmim.train.nonfinite import NonFiniteGuard
 from ddmim.train.schedules import make_scheduler, scaled_lr, step_scheduler
 
 VAL_STREAM = 7919  # validation masks use seed + VAL_STREAM, apart from the training masks
 
 
-class DDMIMModule(NonFiniteGuard, pl.LightningModule):
-    def __init__(self, config: dict[str, Any], channels_last: bool = False, cuda: bool = False):
-        """`cuda`: the run is on CUDA, where `train.kernels: auto` picks the Triton kernels."""
-        super().__init__()
-        self.save_hyperparameters()
-        self.cfg: Config = config_from_dict(config)
+class DDMIMModule(TrainingModule):
+    def __init__(self, config: Config | dict[str, Any], channels_last: bool = False, cuda: bool = False):
+        """`config`: the run config (a dict: as saved in a checkpoint's hyper-parameters, which
+        `load_from_checkpoint` passes back); `cuda`: the run is on CUDA, where `train.kernels: auto` picks the
+        Triton kernels."""
+        cfg = config if isinstance(config, Config) else config_from_dict(config)
+        super().__init__(cfg.train.max_bad_steps, cfg.train.log_every)
+        self.cfg = cfg
+        self.save_hyperparameters({"config": self.cfg.to_dict(), "channels_last": channels_last, "cuda": cuda})
         self.channels_last = channels_last
         self.model = pretraining_model(self.cfg, kernels=resolve_kernels(self.cfg.train.kernels, cuda=cuda))
         if channels_last:
             self.model.to_channels_last()
-        self.max_bad_steps, self.check_every = self.cfg.train.max_bad_steps, self.cfg.train.log_every
         self.ema_updates = 0
         # a plain object, not a module attribute: the model's weights stay registered once
         self.compiled = CompiledForward(self.model, self.cfg.train.compile_backend) if self.cfg.train.compile else None
@@ -51,11 +53,18 @@ class DDMIMModule(NonFiniteGuard, pl.LightningModule):
         checkpoint["ema_updates"] = self.ema_updates
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("optimizer_states") or [{"param_groups": []}]
+        count = sum(len(group["params"]) for group in saved[0]["param_groups"])
+        trained = sum(1 for p in self.model.parameters() if p.requires_grad)
+        if count and count != trained:  # SimMIM and MAE checkpoints of before the teacher-free SimMIM
+            raise UserError(f"this checkpoint's optimiser holds {count} tensors and this {self.cfg.model.method} "
+                            f"model trains {trained}: it was written by an earlier ddmim and cannot be resumed "
+                            "(export, fine-tuning and evaluation still read it)")
         if "rng" in checkpoint:
             restore_rng_state(checkpoint["rng"])
         self.ema_updates = checkpoint.get("ema_updates", 1)
 
-    def flops_per_image(self, batch: int = 2) -> float:
+    def flops_per_image(self, batch: int = 2) -> float | None:
         """FLOPs of one training image (forward and backward; Lightning's counter), for the throughput reports."""
         from lightning_fabric.utilities.throughput import measure_flops
 

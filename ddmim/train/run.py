@@ -10,6 +10,7 @@ from typing import Callable
 
 import pytorch_lightning as pl
 
+from ddmim.config import RunConfig
 from ddmim.train.compile import compile_report
 from ddmim.train.launch import Launch, is_launched_worker
 from ddmim.train.run_folder import open_run_folder, remove_failed_start
@@ -18,7 +19,7 @@ from ddmim.train.trainer import Run, build_trainer
 
 @dataclass
 class FitPlan:
-    cfg: object  # a run config with .name, .train, .data and .to_dict()
+    cfg: RunConfig
     data: Path
     out: Path
     launch: Launch  # resolved
@@ -28,15 +29,13 @@ class FitPlan:
     fixed_sections: tuple[str, ...] = ("model",)  # what a resumed run must share with the run folder's
     monitor: tuple[str, str] = ("val/loss", "min")  # picks the best checkpoint
     validate_first: bool = False  # measure the untrained model before a fresh run
-    find_unused_parameters: Callable[[pl.LightningModule], bool] = lambda module: False
 
 
 def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict]) -> dict:
     run_dir, ckpt = open_run_folder(Path(plan.out), plan.cfg, plan.resume, plan.fixed_sections)
     pl.seed_everything(plan.cfg.train.seed, workers=True, verbose=False)
     module = plan.make_module()
-    run = build_trainer(run_dir, plan.cfg, plan.launch, monitor=plan.monitor, resume=plan.resume,
-                        find_unused_parameters=plan.find_unused_parameters(module))
+    run = build_trainer(run_dir, plan.cfg, plan.launch, monitor=plan.monitor, resume=plan.resume)
     start = time.perf_counter()
     try:
         if ckpt is not None:

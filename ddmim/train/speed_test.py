@@ -73,7 +73,7 @@ def run_benchmark(cfg: Config, data_root: Path, steps: int, launch: Launch | Non
         folder = Path(tmp)
         ceiling, real = ThroughputReport(warmup=WARMUP), ThroughputReport(warmup=WARMUP)
         pl.seed_everything(cfg.train.seed, verbose=False)
-        module = DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last, cuda=launch.accelerator == "gpu")
+        module = DDMIMModule(cfg, channels_last=launch.channels_last, cuda=launch.accelerator == "gpu")
         trainer = _trainer(launch, total, folder, ceiling)
         device = trainer.strategy.root_device
         size, batch = cfg.model.img_size, cfg.train.batch_size
@@ -83,7 +83,7 @@ def run_benchmark(cfg: Config, data_root: Path, steps: int, launch: Launch | Non
         trainer.fit(module, train_dataloaders=OnDevice(synthetic, total))
         flops = module.to(device).flops_per_image(batch) * batch
         compiled = compile_report(module.compiled)
-        module = DDMIMModule(cfg.to_dict(), channels_last=launch.channels_last, cuda=device.type == "cuda")
+        module = DDMIMModule(cfg, channels_last=launch.channels_last, cuda=device.type == "cuda")
         _trainer(launch, total, folder, real).fit(module, datamodule=datamodule)
     peak = peak_flops(launch.precision)
     steps_per_s = ceiling.images_per_s / batch

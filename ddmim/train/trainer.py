@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.strategies import DDPStrategy
 
+from ddmim.config import RunConfig
 from ddmim.train.bad_sample_guard import BadSampleGuard
 from ddmim.train.callbacks import StepRows, ThroughputReport, ValLossHistory
 from ddmim.train.checkpoint_files import STEP_PREFIX, AtomicCheckpointIO
@@ -28,16 +28,16 @@ class Run:
     log_dir: Path
 
 
-def build_trainer(run_dir: Path, cfg, launch: Launch, *, monitor: tuple[str, str] = ("val/loss", "min"),
-                  find_unused_parameters: bool = False, resume: bool = False) -> Run:
+def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tuple[str, str] = ("val/loss", "min"),
+                  resume: bool = False) -> Run:
     """`cfg` needs `.train` (epochs, val_every, log_every, ckpt_every_steps, keep_checkpoints, report_every) and
     `.data.max_bad_samples`; `monitor` picks the best checkpoint, kept beside the `keep_checkpoints` most recent
     ones; `resume` continues the run folder's logs instead of starting them."""
     t = cfg.train
-    throughput = ThroughputReport(report_every=getattr(t, "report_every", 0))
+    throughput = ThroughputReport(report_every=t.report_every)
     history = ValLossHistory()
     folder = run_dir / "checkpoints"
-    every = {"every_n_train_steps": t.ckpt_every_steps} if getattr(t, "ckpt_every_steps", 0) else {"every_n_epochs": 1}
+    every = {"every_n_train_steps": t.ckpt_every_steps} if t.ckpt_every_steps else {"every_n_epochs": 1}
     recent = ModelCheckpoint(dirpath=folder, filename=STEP_PREFIX + "{step:08d}", auto_insert_metric_name=False,
                              save_top_k=-1, save_last=True, **every)  # pruned by AtomicCheckpointIO
     best = ModelCheckpoint(dirpath=folder, filename=f"best-epoch{{epoch:03d}}-{monitor[0].replace('/', '_')}"
@@ -48,14 +48,11 @@ def build_trainer(run_dir: Path, cfg, launch: Launch, *, monitor: tuple[str, str
         HistoryTensorBoardLogger(save_dir=run_dir, name="tensorboard", version="", default_hp_metric=False,
                                  resume=resume),
     ]
-    strategy = launch.strategy
-    if strategy == "ddp":
-        strategy = DDPStrategy(find_unused_parameters=find_unused_parameters)
     trainer = pl.Trainer(
         accelerator=launch.accelerator,
         devices=launch.devices,
         num_nodes=launch.num_nodes,
-        strategy=strategy,
+        strategy=launch.strategy,  # ddp: every trained weight gets a gradient (the methods freeze what they skip)
         precision=launch.precision,
         max_epochs=t.epochs,
         max_steps=launch.max_steps,
@@ -67,7 +64,7 @@ def build_trainer(run_dir: Path, cfg, launch: Launch, *, monitor: tuple[str, str
         inference_mode=False,
         callbacks=[StepRows(t.log_every), throughput, BadSampleGuard(cfg.data.max_bad_samples, t.log_every), history,
                    recent, best, LearningRateMonitor(logging_interval="epoch")],
-        plugins=[AtomicCheckpointIO(keep=getattr(t, "keep_checkpoints", 3))],
+        plugins=[AtomicCheckpointIO(keep=t.keep_checkpoints)],
         logger=loggers,
         enable_progress_bar=launch.progress_bar,
         enable_model_summary=False,

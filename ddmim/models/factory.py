@@ -1,0 +1,134 @@
+"""The only model code that reads a run config: the backbone and method tables, and the builders from a config.
+
+A backbone is a class whose keyword arguments are `model.*` keys (it receives only the ones its signature
+names) and that satisfies `contracts.StageBackbone` or `contracts.VisibleBackbone`. A method is an nn.Module
+satisfying `contracts.PretrainingMethod`, entered with `build(cfg, encoder, kernels)`, which turns the run
+config into the module's plain arguments, and `check(cfg)`, which refuses the configs it cannot run.
+Adding either is one file plus one `register_backbone` / `register_method` call (or an entry below).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable
+
+from torch import nn
+
+from ddmim.config import Config, ModelConfig
+from ddmim.errors import UserError
+from ddmim.models.classifier import add_bn_mlp_head
+from ddmim.models.ddmim import DDMIM, DDMIMLoss
+from ddmim.models.kernels import KernelOps
+from ddmim.models.mae import MAE
+from ddmim.models.masking import MaskSpec
+from ddmim.models.swin import MaskedSwin
+from ddmim.models.vit import MaskedViT
+
+Build = Callable[[Config, nn.Module, "KernelOps | None"], nn.Module]
+Check = Callable[[Config], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    build: Build
+    check: Check
+
+
+def mask_spec(cfg: Config) -> MaskSpec:
+    return MaskSpec(tuple(cfg.mask.ratios), cfg.mask.exact_count, cfg.mask.patch)
+
+
+def _build_ddmim(cfg: Config, encoder: nn.Module, kernels: KernelOps | None) -> nn.Module:
+    w, m = cfg.loss, cfg.model
+    loss = DDMIMLoss(tuple(w.perceptual_weights), w.contrastive_weight, w.tau, w.recon_normalize, w.recon_beta,
+                     w.perceptual_beta, w.infonce_extra_logit)
+    return DDMIM(encoder, mask=mask_spec(cfg), loss=loss, proj_hidden=m.proj_hidden, proj_out=m.proj_out,
+                 head_dim=m.head_dim, mask_token=m.mask_token, teacher_mode=cfg.ema.teacher_mode, kernels=kernels)
+
+
+def _check_ddmim(cfg: Config) -> None:
+    if not hasattr(BACKBONES[cfg.model.backbone], "forward_features"):
+        raise UserError(f"model.method ddmim masks stages, which the {cfg.model.backbone} backbone does not have")
+    if cfg.model.head_dim < 1:
+        raise UserError("model.head_dim must be at least 1: DDMIM's projection head reads the pooled head")
+
+
+def _build_mae(cfg: Config, encoder: nn.Module, kernels: KernelOps | None) -> nn.Module:
+    m = cfg.model
+    return MAE(encoder, mask=mask_spec(cfg), decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
+               decoder_heads=m.decoder_heads, norm_pix=cfg.loss.norm_pix, kernels=kernels)
+
+
+def _check_mae(cfg: Config) -> None:
+    if not hasattr(BACKBONES[cfg.model.backbone], "forward_visible"):
+        raise UserError(f"model.method mae needs a backbone that encodes visible patches only (vit), got "
+                        f"'{cfg.model.backbone}'")
+    if cfg.model.decoder_dim % max(cfg.model.decoder_heads, 1):
+        raise UserError("model.decoder_dim must be divisible by model.decoder_heads")
+    if not cfg.mask.exact_count:
+        raise UserError("model.method mae needs mask.exact_count true: every image keeps the same number of "
+                        "visible patches")
+
+
+BACKBONES: dict[str, type[nn.Module]] = {"swin_v2": MaskedSwin, "vit": MaskedViT}
+METHODS: dict[str, Method] = {"ddmim": Method(_build_ddmim, _check_ddmim), "mae": Method(_build_mae, _check_mae)}
+
+
+def register_backbone(name: str, cls: type[nn.Module]) -> None:
+    BACKBONES[name] = cls
+
+
+def register_method(name: str, build: Build, check: Check = lambda cfg: None) -> None:
+    METHODS[name] = Method(build, check)
+
+
+def _lookup(table: dict, key: str, what: str):
+    if key not in table:
+        raise UserError(f"unknown {what} '{key}'; available: {', '.join(sorted(table))}")
+    return table[key]
+
+
+def check_pretraining(cfg: Config) -> None:
+    """The checks of the config's method and backbone (the generic ones ran when the config was built)."""
+    _lookup(BACKBONES, cfg.model.backbone, "backbone")
+    _lookup(METHODS, cfg.model.method, "method").check(cfg)
+
+
+def backbone_kwargs(model: ModelConfig, **changes) -> dict:
+    """The `model.*` values (with `changes`) that the backbone's class takes; the other keys are not its."""
+    accepted = inspect.signature(_lookup(BACKBONES, model.backbone, "backbone")).parameters
+    values = {**dataclasses.asdict(model), **changes}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return values
+    return {key: value for key, value in values.items() if key in accepted}
+
+
+def create_backbone(model: ModelConfig, **changes) -> nn.Module:
+    return BACKBONES[model.backbone](**backbone_kwargs(model, **changes))
+
+
+def pretraining_model(cfg: Config, kernels: KernelOps | None = None) -> nn.Module:
+    """The model `model.method` names, on the backbone `model.backbone` names."""
+    method = _lookup(METHODS, cfg.model.method, "method")
+    return method.build(cfg, create_backbone(cfg.model), kernels)
+
+
+def plain_backbone(model: ModelConfig, **changes) -> nn.Module:
+    """The plain timm model of a config's backbone; `changes` override `model.*` values (head_dim=0: no head;
+    drop_path_rate for fine-tuning)."""
+    return create_backbone(model, **changes).net
+
+
+def headless_export(model: ModelConfig) -> tuple[nn.Module, str, dict]:
+    """(the plain timm model without head, and the name and keyword arguments of the `timm.create_model`
+    call that builds the same model), from one construction."""
+    encoder = create_backbone(model, head_dim=0)
+    return encoder.net, encoder.timm_name, {"pretrained": False, "num_classes": 0, **encoder.timm_kwargs}
+
+
+def classifier(model: ModelConfig, num_classes: int, head_kind: str, hidden: int, drop_path: float) -> nn.Module:
+    """The fine-tuning network: the backbone's plain timm model with a `linear` or `bn_mlp` head."""
+    if head_kind == "linear":
+        return plain_backbone(model, drop_path_rate=drop_path, head_dim=num_classes)
+    return add_bn_mlp_head(plain_backbone(model, drop_path_rate=drop_path), model.head_dim, hidden, num_classes,
+                           model.backbone)
