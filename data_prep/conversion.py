@@ -35,10 +35,6 @@ TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"  # an earlier output set aside while a new one is put in place
 
 
-class ConversionError(Exception):
-    """A problem with the user's input or destination: printed as one line, exit code 2."""
-
-
 @dataclass
 class SplitResult:
     name: str
@@ -64,39 +60,36 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 
 def check_common_options(args: argparse.Namespace) -> None:
     if not args.src.is_dir():
-        raise ConversionError(f"source {args.src} does not exist or is not a folder")
+        raise UserError(f"source {args.src} does not exist or is not a folder")
     if args.dst.exists() and not args.dst.is_dir():
-        raise ConversionError(f"output {args.dst} exists and is not a folder")
+        raise UserError(f"output {args.dst} exists and is not a folder")
     if args.max_resolution < 16:
-        raise ConversionError(f"--max-resolution must be at least 16, got {args.max_resolution}")
+        raise UserError(f"--max-resolution must be at least 16, got {args.max_resolution}")
     if not 1 <= args.jpeg_quality <= 100:
-        raise ConversionError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
+        raise UserError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
     if args.workers < 1:
-        raise ConversionError(f"--workers must be at least 1, got {args.workers}")
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.subset is not None and args.subset < 1:
-        raise ConversionError(f"--subset must be at least 1, got {args.subset}")
+        raise UserError(f"--subset must be at least 1, got {args.subset}")
 
 
 def source_listing(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[list, list]]]:
     """The classes and, per split present, ((path, label) files, (path, reason) not read)."""
-    try:
-        classes = train_classes(args.src, read_classes_file(args.dst))
-        splits = {}
-        for split in args.splits:
-            if not (args.src / split).is_dir():
-                print(f"no {split}/ folder in {args.src}: skipping that split", file=sys.stderr)
-                continue
-            listing = list_split(args.src, split, classes)
-            files = listing.files
-            if args.subset is not None and args.subset < len(files):
-                files = sorted(random.Random(args.seed).sample(files, args.subset), key=lambda item: item[0])
-            if not files:
-                raise ConversionError(f"{args.src / split} holds no files in its class folders")
-            splits[split] = (files, listing.ignored)
-    except UserError as exc:
-        raise ConversionError(str(exc)) from None
+    classes = train_classes(args.src, read_classes_file(args.dst))
+    splits = {}
+    for split in args.splits:
+        if not (args.src / split).is_dir():
+            print(f"no {split}/ folder in {args.src}: skipping that split", file=sys.stderr)
+            continue
+        listing = list_split(args.src, split, classes)
+        files = listing.files
+        if args.subset is not None and args.subset < len(files):
+            files = sorted(random.Random(args.seed).sample(files, args.subset), key=lambda item: item[0])
+        if not files:
+            raise UserError(f"{args.src / split} holds no files in its class folders")
+        splits[split] = (files, listing.ignored)
     if not splits:
-        raise ConversionError(f"source {args.src} has none of the split folders {', '.join(args.splits)}")
+        raise UserError(f"source {args.src} has none of the split folders {', '.join(args.splits)}")
     return classes, splits
 
 
@@ -137,10 +130,10 @@ def clear_stale(final: Path, keep: Path | None = None) -> None:
         mark = TMP_MARK if TMP_MARK in tmp.name else OLD_MARK
         alive = owner_alive(tmp.name.split(mark, 1)[1])
         if alive is None:
-            raise ConversionError(f"{tmp} was left by a conversion on another host (or of unknown origin); "
+            raise UserError(f"{tmp} was left by a conversion on another host (or of unknown origin); "
                                   "delete it if that run is over")
         if alive:
-            raise ConversionError(f"another conversion (process {tmp.name.split(':')[-1]}) is writing {tmp}")
+            raise UserError(f"another conversion (process {tmp.name.split(':')[-1]}) is writing {tmp}")
         if mark == OLD_MARK and not final.exists():
             os.replace(tmp, final)
             print(f"put back {final}, set aside by a conversion that was killed while replacing it", file=sys.stderr)
@@ -265,7 +258,7 @@ def convert(args: argparse.Namespace, backend: str, final_for: Callable[[str], P
     the split (from its files, into the final path's temporary sibling) and publish it; finally the report."""
     existing = [final_for(s) for s in args.splits if final_for(s).exists()]
     if existing and not args.overwrite:
-        raise ConversionError(f"{existing[0]} already exists; pass --overwrite to replace it")
+        raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     classes, splits = source_listing(args)
     try:
@@ -278,7 +271,7 @@ def convert(args: argparse.Namespace, backend: str, final_for: Callable[[str], P
         write_report(args.dst, classes, results, time.perf_counter() - start, backend)
     except OSError as exc:  # a full disk, a read-only destination: one line, and no partial output published
         where = f" ({exc.filename})" if exc.filename else ""
-        raise ConversionError(f"writing into {args.dst} failed: {exc.strerror or exc}{where}") from None
+        raise UserError(f"writing into {args.dst} failed: {exc.strerror or exc}{where}") from None
 
 
 def close_progress_bars() -> None:
@@ -291,7 +284,7 @@ def close_progress_bars() -> None:
 def run_cli(main_fn, argv=None) -> int:
     try:
         return main_fn(argv)
-    except ConversionError as exc:
+    except UserError as exc:
         close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 2

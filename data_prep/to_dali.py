@@ -30,8 +30,8 @@ import tarfile
 from functools import partial
 from pathlib import Path
 
+from ddmim.errors import UserError
 from ddmim_data_prep.conversion import (
-    ConversionError,
     SplitResult,
     Workers,
     add_common_options,
@@ -102,11 +102,11 @@ def open_partial(final: Path, plan: dict, overwrite: bool) -> Path:
     if partial_dir.is_dir():
         owner = (partial_dir / OWNER).read_text().strip() if (partial_dir / OWNER).is_file() else ""
         if owner and owner_alive(owner):
-            raise ConversionError(f"another conversion (process {owner}) is writing {partial_dir}")
+            raise UserError(f"another conversion (process {owner}) is writing {partial_dir}")
         old = json.loads((partial_dir / PLAN).read_text()) if (partial_dir / PLAN).is_file() else None
         if old != plan:
             if not overwrite:
-                raise ConversionError(f"{partial_dir} holds a killed conversion made with other options or sources; "
+                raise UserError(f"{partial_dir} holds a killed conversion made with other options or sources; "
                                       "rerun it with the same options to resume, or pass --overwrite to start over")
             shutil.rmtree(partial_dir)
     partial_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def write_split(split: str, files: list, final: Path, args, pool) -> SplitResult
         result.skipped += [tuple(s) for s in counts["skipped"]]
         result.bytes += path.stat().st_size if path.exists() else 0
     if not result.written:
-        raise ConversionError(f"none of the {len(files)} files of {split} decodes (their reasons: {work}/*.json)")
+        raise UserError(f"none of the {len(files)} files of {split} decodes (their reasons: {work}/*.json)")
     for leftover in [work / OWNER, work / PLAN, *work.glob("shard-*.json")]:
         leftover.unlink()
     manifest = {"shuffled": split == "train", "seed": args.seed, "samples": result.written,
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_common_options(args)
     if args.shard_size < 1:
-        raise ConversionError("--shard-size must be at least 1")
+        raise UserError("--shard-size must be at least 1")
     pool = Workers(args.workers)
     try:
         convert(args, "dali", lambda split: args.dst / split,

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddmim.errors import UserError
 from ddmim_data_prep.conversion import (
-    ConversionError,
     SplitResult,
     add_common_options,
     check_common_options,
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_common_options(args)
     if not 0.0 <= args.compress_probability <= 1.0:
-        raise ConversionError(f"--compress-probability must be in [0, 1], got {args.compress_probability}")
+        raise UserError(f"--compress-probability must be in [0, 1], got {args.compress_probability}")
     if args.write_mode == "smart" and args.smart_threshold is None:
         args.smart_threshold = args.max_resolution * args.max_resolution * 3 // 2
 

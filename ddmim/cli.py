@@ -223,7 +223,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ddmim.eval.demo import run_demo
+    from ddmim.demo import run_demo
 
     run_demo(_out(args, "demo"), tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     return 0

@@ -77,12 +77,12 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
     assert not torch.equal(first, start)  # the ranks trained
 
 
-def _two_cpu_processes(command: str, data, out, steps: int) -> dict:
+def _two_cpu_processes(command: str, data, out, steps: int, preset: str = "tiny", extra: tuple = ()) -> dict:
     """Runs `ddmim COMMAND` on two gloo processes that Lightning's own launcher starts (it runs the same
     command again for rank 1); returns the run's summary."""
-    proc = subprocess.run([sys.executable, "-m", "ddmim", command, "--data", str(data), "--preset", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "ddmim", command, "--data", str(data), "--preset", preset,
                            "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--max-steps", str(steps),
-                           "--epochs", "1", "--workers", "0", "--out", str(out), "--no-progress"],
+                           "--epochs", "1", "--workers", "0", "--out", str(out), "--no-progress", *extra],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [p.name for p in out.glob("summary*.json")] == ["summary.json"]  # written once, by rank 0
@@ -93,6 +93,15 @@ def test_cli_launches_two_cpu_processes(sample_root, tmp_path):
     summary = _two_cpu_processes("train", sample_root, tmp_path / "run", steps=4)
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert summary["val_loss_last"] < summary["val_loss_first"]
+
+
+@pytest.mark.parametrize("preset", ["tiny_simmim", "tiny_mae"])
+def test_methods_without_a_teacher_train_under_ddp_without_an_unused_parameter_search(preset, sample_root, tmp_path):
+    """DDP runs with find_unused_parameters=False: a trained weight without a gradient would stop the second
+    step (SimMIM's teacher and projection head are not built; the pooled heads they skip are frozen)."""
+    extra = ("--set", "model.head_dim=16")  # tiny_mae has no classifier head otherwise
+    summary = _two_cpu_processes("train", sample_root, tmp_path / "run", steps=3, preset=preset, extra=extra)
+    assert summary["world_size"] == 2 and summary["steps"] == 3
 
 
 def test_cli_fine_tunes_on_two_cpu_processes_with_one_summary(sample_root, tmp_path):

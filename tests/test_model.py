@@ -90,3 +90,14 @@ def test_channels_last_gives_the_same_loss(tiny_cfg):
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
     recon = model.reconstruct(cl_images, mask)
     assert recon.is_contiguous(memory_format=torch.channels_last) and not recon.is_contiguous()
+
+
+def test_simmim_has_no_teacher_or_projection_and_every_trained_weight_gets_a_gradient():
+    model = pretraining_model(make_config("tiny_simmim"))
+    assert model.teacher is None and model.proj is None and not model.uses_teacher
+    base, masks = model.draw_masks(2)
+    model(torch.randn(2, 3, 32, 32), base, masks)["loss"].backward()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(p.grad is not None for p in trained.values())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("student.net.head.") for n in frozen)  # the pooled head nothing reads

@@ -1,16 +1,14 @@
 """Data modules, one per storage format, behind `make_datamodule`; the format can be told from the path."""
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ddmim.data.workers import check_workers
 from ddmim.errors import UserError
 
-if TYPE_CHECKING:  # Lightning is imported by the data modules themselves: the converters' workers skip it
-    import pytorch_lightning as pl
+if TYPE_CHECKING:
+    from ddmim.data.contracts import TrainingData
 
 FORMATS = ("auto", "folder", "ffcv", "dali")
 
@@ -21,37 +19,6 @@ def detect_format(root: Path) -> str:
     if (root / "train").is_dir() and any((root / "train").glob("*.tar")):
         return "dali"
     return "folder"
-
-
-def read_class_count(root: Path) -> int:
-    """Classes of a converted data set, from the classes.json its converter wrote."""
-    path = root / "classes.json"
-    try:
-        return len(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        raise UserError(f"{path} is missing or unreadable (the converters in data_prep/ write it)") from None
-
-
-def check_workers(workers: int) -> None:
-    """More loader processes than 4 per core cannot help and, in the thousands, exhaust the machine (a typo
-    like --workers 100000 forked 1,169 processes before it hung)."""
-    limit = 4 * (os.cpu_count() or 1)
-    if workers > limit:
-        raise UserError(f"data.num_workers {workers} is more than 4 per core of this machine ({limit}); use at most "
-                        f"{limit}")
-
-
-_capped: set[int] = set()
-
-
-def loader_threads(workers: int) -> int:
-    """FFCV's and DALI's workers are threads of one process, which numba and DALI cap at the core count."""
-    cores = os.cpu_count() or 1
-    if workers > cores and workers not in _capped:
-        _capped.add(workers)
-        print(f"ddmim: data.num_workers {workers} is more than this machine's {cores} cores; FFCV and DALI run "
-              f"{cores} threads", file=sys.stderr)
-    return max(1, min(workers, cores))
 
 
 def require(fmt: str) -> None:
@@ -67,9 +34,8 @@ def require(fmt: str) -> None:
 
 
 def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = False,
-                    randaugment: str = "") -> pl.LightningDataModule:
-    """`cfg`: a pretraining or fine-tuning config. Every module has `num_classes` and `applies_randaugment`
-    (False: the fast loaders cannot run timm's PIL RandAugment, so it is applied to the batch instead)."""
+                    randaugment: str = "") -> TrainingData:
+    """`cfg`: a pretraining or fine-tuning config."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data path {root} does not exist or is not a folder")

@@ -23,8 +23,9 @@ import pytorch_lightning as pl
 import torch
 
 from ddmim.config import Config
-from ddmim.data import loader_threads, read_class_count
 from ddmim.data.bad_samples import SkippedSamples
+from ddmim.data.layout import read_class_count
+from ddmim.data.workers import loader_threads
 from ddmim.errors import UserError
 
 READER = "Reader"

@@ -16,8 +16,9 @@ import pytorch_lightning as pl
 import torch
 
 from ddmim.config import Config
-from ddmim.data import loader_threads, read_class_count
 from ddmim.data.bad_samples import SkippedSamples, fill_from_others
+from ddmim.data.layout import read_class_count
+from ddmim.data.workers import loader_threads
 from ddmim.errors import UserError
 
 PLACEHOLDER_LABEL = -1  # what older versions of data_prep/to_ffcv.py left in a .beton for a file that did not decode

@@ -83,3 +83,11 @@ def list_split(root: Path, split: str, classes: list[str], extensions: tuple[str
             elif extensions is None or entry.name.lower().endswith(extensions):
                 listing.files.append((entry.path, label))
     return listing
+
+
+def read_class_count(root: Path) -> int:
+    """Classes of a converted data set, from the classes.json its converter wrote."""
+    names = read_classes_file(root)
+    if names is None:
+        raise UserError(f"{Path(root) / CLASSES_FILE} is missing (a converter in data_prep/ writes it)")
+    return len(names)

@@ -33,7 +33,8 @@ class BadSampleGuard(pl.Callback):
         self.seen = 0
 
     def _check(self, trainer) -> None:
-        skipped = getattr(trainer.datamodule, "skipped", None) or {}
+        data = trainer.datamodule  # a TrainingData, or None where batches are handed to fit directly
+        skipped = data.skipped if data is not None else {}
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             exchange_failures(skipped)
         count = sum(s.count for s in skipped.values())

@@ -25,10 +25,6 @@ class Launch:
     max_steps: int = -1
     progress_bar: bool = True
 
-    @property
-    def world_size(self) -> int:
-        return self.devices * self.num_nodes
-
 
 def resolve_launch(launch: Launch) -> Launch:
     """Concrete choices for 'auto', and one clear refusal for what this machine cannot run."""

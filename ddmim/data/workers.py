@@ -1,0 +1,30 @@
+"""How many loader workers this machine can run: refused past 4 per core, and capped at the core count for the
+loaders whose workers are threads."""
+from __future__ import annotations
+
+import os
+import sys
+
+from ddmim.errors import UserError
+
+
+def check_workers(workers: int) -> None:
+    """More loader processes than 4 per core cannot help and, in the thousands, exhaust the machine (a typo
+    like --workers 100000 forked 1,169 processes before it hung)."""
+    limit = 4 * (os.cpu_count() or 1)
+    if workers > limit:
+        raise UserError(f"data.num_workers {workers} is more than 4 per core of this machine ({limit}); use at most "
+                        f"{limit}")
+
+
+_capped: set[int] = set()
+
+
+def loader_threads(workers: int) -> int:
+    """FFCV's and DALI's workers are threads of one process, which numba and DALI cap at the core count."""
+    cores = os.cpu_count() or 1
+    if workers > cores and workers not in _capped:
+        _capped.add(workers)
+        print(f"ddmim: data.num_workers {workers} is more than this machine's {cores} cores; FFCV and DALI run "
+              f"{cores} threads", file=sys.stderr)
+    return max(1, min(workers, cores))
