@@ -147,21 +147,40 @@ class Config:
 
 
 PRESET_PACKAGES = {"pretrain": "ddmim.presets", "finetune": "ddmim.presets.finetune"}
+# `_name.yaml` in ddmim/presets: a block that presets of either kind compose (`base: [_name, ...]`), not a preset
+FRAGMENT_PREFIX = "_"
 
 
 def preset_names(kind: str = "pretrain") -> list[str]:
     folder = resources.files(PRESET_PACKAGES[kind])
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")
+                  and not p.name.startswith(FRAGMENT_PREFIX))
+
+
+def _preset_file(name: str, kind: str, chain: tuple[str, ...]) -> dict[str, Any]:
+    """A preset's own values merged over those of its `base` presets (in order: a later one wins)."""
+    if name in chain:
+        raise UserError(f"preset bases form a circle: {' -> '.join((*chain, name))}")
+    package = PRESET_PACKAGES["pretrain" if name.startswith(FRAGMENT_PREFIX) else kind]
+    path = resources.files(package).joinpath(f"{name}.yaml")
+    if not path.is_file():
+        raise UserError(f"preset {chain[-1] if chain else name} names base '{name}', which does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    bases = values.pop("base", [])
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, _preset_file(base, kind, (*chain, name)))
+    return _merge(merged, values)
 
 
 def preset_values(name: str, overrides: list[str] | None = None, kind: str = "pretrain",
                   typed: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A preset's values with `section.key=value` overrides (text, read as YAML) and `typed` ones
-    ({"section.key": value}, from typed command-line options) merged in; not yet checked."""
+    """A preset's values (its bases' included) with `section.key=value` overrides (text, read as YAML) and
+    `typed` ones ({"section.key": value}, from typed command-line options) merged in; not yet checked."""
     if name not in preset_names(kind):
         raise UserError(f"unknown {kind} preset '{name}'; available: {', '.join(preset_names(kind))}")
-    values = yaml.safe_load(resources.files(PRESET_PACKAGES[kind]).joinpath(f"{name}.yaml").read_text()) or {}
-    values.setdefault("name", name)
+    values = _preset_file(name, kind, ())
+    values["name"] = name
     return with_overrides(values, overrides, typed)
 
 

@@ -38,3 +38,37 @@ def test_invalid_overrides_are_refused(overrides, message):
 def test_unknown_preset():
     with pytest.raises(UserError, match="unknown pretrain preset 'huge'"):
         make_config("huge")
+
+
+def _presets_in(folder, monkeypatch, files: dict[str, str]):
+    """Preset files in `folder`, read in place of the shipped ones (both kinds read the same folder)."""
+    import ddmim.config as config
+
+    for name, text in files.items():
+        (folder / f"{name}.yaml").write_text(text)
+    monkeypatch.setattr(config.resources, "files", lambda package: folder)
+
+
+def test_a_preset_composes_its_bases_in_order_and_its_own_values_win(tmp_path, monkeypatch):
+    _presets_in(tmp_path, monkeypatch, {
+        "_small": "model: {embed_dim: 32, window_size: 4}\ntrain: {batch_size: 16}\n",
+        "mid": "base: _small\nmodel: {embed_dim: 48}\noptim: {lr: 1.0e-3}\n",
+        "top": "base: [mid, _small]\ntrain: {epochs: 3}\n",
+    })
+    from ddmim.config import preset_values
+
+    values = preset_values("top")
+    assert values["model"] == {"embed_dim": 32, "window_size": 4}  # _small, listed after mid, wins over it
+    assert values["optim"] == {"lr": 1e-3} and values["train"] == {"batch_size": 16, "epochs": 3}
+    assert values["name"] == "top" and "base" not in values
+    assert preset_names() == ["mid", "top"]  # a fragment is not a preset
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a": "base: b\n", "b": "base: a\n"}, "preset bases form a circle: a -> b -> a"),
+    ({"a": "base: _gone\n"}, "preset a names base '_gone', which does not exist"),
+])
+def test_bad_bases_are_refused(files, message, tmp_path, monkeypatch):
+    _presets_in(tmp_path, monkeypatch, files)
+    with pytest.raises(UserError, match=message):
+        make_config("a")
