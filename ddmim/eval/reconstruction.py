@@ -14,6 +14,7 @@ from ddmim.errors import UserError
 from ddmim.models.factory import pretraining_model
 from ddmim.models.masking import pixel_mask
 
+UNUSED_BY_OLD_SIMMIM = ("teacher.", "proj.")
 PANELS = ("original", "masked input", "reconstruction", "reconstruction in the masked pixels")
 
 
@@ -21,7 +22,13 @@ def load_model(ckpt: Path) -> tuple[nn.Module, Config]:
     """The pretrained model (PyTorch references for the losses) and its run config."""
     cfg, state = read_pretraining(ckpt)  # one read of the file for config and weights
     model = pretraining_model(cfg)
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    missing, unexpected = model.load_state_dict({k[len("model."):]: v for k, v in state.items()
+                                                 if k.startswith("model.")}, strict=False)
+    # a SimMIM checkpoint of before the teacher-free SimMIM also holds a teacher and a projection head
+    unexpected = [k for k in unexpected if not k.startswith(UNUSED_BY_OLD_SIMMIM)]
+    if missing or unexpected:
+        raise UserError(f"{ckpt} does not fit its own run config's model: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}")
     return model.eval(), cfg
 
 
