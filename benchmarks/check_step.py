@@ -130,13 +130,12 @@ def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: 
 def explain_forward(preset: str, finetune: bool, batch: int, overrides: list[str]) -> dict:
     from ddmim.config import make_config
     from ddmim.finetune_config import make_finetune_config
-    from ddmim.models.classifier import build_classifier
-    from ddmim.models.factory import pretraining_model
+    from ddmim.models.factory import classifier, pretraining_model
 
     torch._dynamo.reset()
     if finetune:
         cfg = make_finetune_config(preset, overrides)
-        model = build_classifier(cfg.model, 10, cfg.head.kind, cfg.head.hidden, cfg.augment.drop_path)
+        model = classifier(cfg.model, 10, cfg.head.kind, cfg.head.hidden, cfg.augment.drop_path)
         size = cfg.model.img_size
         args = (torch.randn(batch, 3, size, size),)
     else:

@@ -155,7 +155,7 @@ def finetune_step(spec: str, variant: str, batch: int, device: torch.device, pre
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
-    from ddmim.models.classifier import build_classifier
+    from ddmim.models.factory import classifier
     from ddmim.train.finetune import make_optimizer
 
     v = VARIANTS[variant]
@@ -163,7 +163,7 @@ def finetune_step(spec: str, variant: str, batch: int, device: torch.device, pre
     cfg = make_finetune_config(preset, overrides + v.get("set", []))
     a = cfg.augment
     torch.manual_seed(0)
-    net = build_classifier(cfg.model, num_classes, cfg.head.kind, cfg.head.hidden, a.drop_path).to(device)
+    net = classifier(cfg.model, num_classes, cfg.head.kind, cfg.head.hidden, a.drop_path).to(device)
     if v["channels_last"]:
         net.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(net, cfg.optim, cfg.optim.lr)

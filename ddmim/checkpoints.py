@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ddmim.config import Config, config_from_dict
+from ddmim.config import Config, config_from_dict, with_overrides
 from ddmim.errors import UserError
 
 KIND_KEY = "ddmim_kind"  # "pretrain" or "finetune", written by each LightningModule's on_save_checkpoint
@@ -72,14 +72,15 @@ def checkpoint_kind(ckpt: dict[str, Any]) -> str | None:
     return ckpt.get(KIND_KEY) if isinstance(ckpt, dict) else None
 
 
-def read_pretraining(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The pretraining config and the whole state dict of a checkpoint written by `ddmim train`."""
+def read_pretraining(path: Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The pretraining config (with `section.key=value` overrides applied) and the whole state dict of a
+    checkpoint written by `ddmim train`."""
     ckpt = read_checkpoint(path)
     kind = checkpoint_kind(ckpt)
     if kind != "pretrain":
         found = f"a {kind} checkpoint" if kind else "not a ddmim checkpoint"
         raise UserError(f"checkpoint {path} is {found}; a pretraining checkpoint (from ddmim train) is needed")
-    return config_from_dict(ckpt["hyper_parameters"]["config"]), ckpt["state_dict"]
+    return config_from_dict(with_overrides(ckpt["hyper_parameters"]["config"], overrides)), ckpt["state_dict"]
 
 
 def load_pretraining(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:

@@ -194,9 +194,8 @@ def cmd_eval(args) -> int:
                         f"{args.epochs} and {args.temperature}")
     if args.ckpt is not None:  # the checkpoint's own model and data settings, with --set applied on top
         from ddmim.checkpoints import read_pretraining
-        from ddmim.config import config_from_dict, with_overrides
 
-        cfg = config_from_dict(with_overrides(read_pretraining(args.ckpt)[0].to_dict(), args.overrides))
+        cfg = read_pretraining(args.ckpt, args.overrides)[0]
     else:
         cfg = make_config(args.preset, args.overrides)
     result = evaluate(args.method, args.data, args.ckpt, cfg, data_format=args.format, k=args.k,
