@@ -32,14 +32,25 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.1  # the original's (Microsoft Swin V2's default)
     head_dim: int = 1024  # the seed's `num_classes`: size of the linear head after pooling
-    proj_hidden: int = 512
-    proj_out: int = 512
     perceptual_tap: str = "after_next_merge"  # or stage_output; see ddmim/models/swin.py
     fused_attention: bool = True  # SwinV2 window attention through scaled_dot_product_attention (same math)
+
+
+@dataclass
+class DDMIMConfig:
+    """model.method ddmim (DDMIM, and SimMIM by its loss weights): the projection head and the mask token."""
+    proj_hidden: int = 512
+    proj_out: int = 512
     mask_token: bool = False  # a learned token replaces masked tokens entering stage 0 (SimMIM) instead of zeros
-    decoder_dim: int = 512  # mae: the light decoder's width, depth and heads (MAE's defaults)
+
+
+@dataclass
+class MAEConfig:
+    """model.method mae: the light decoder (MAE's defaults) and its targets."""
+    decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
+    norm_pix: bool = True  # targets are per-patch normalised pixels (MAE's recommendation)
 
 
 @dataclass
@@ -52,6 +63,7 @@ class MaskConfig:
 
 @dataclass
 class LossConfig:
+    """model.method ddmim's loss terms and weights."""
     perceptual_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 0.1])
     contrastive_weight: float = 1.0
     tau: float = 0.05
@@ -59,7 +71,6 @@ class LossConfig:
     recon_beta: float = 1.0
     perceptual_beta: float = 1.0
     infonce_extra_logit: bool = True
-    norm_pix: bool = True  # mae: targets are per-patch normalised pixels (MAE's recommendation)
 
 
 @dataclass
@@ -130,11 +141,16 @@ class RunConfig(typing.Protocol):
 
     def to_dict(self) -> dict[str, Any]: ...
 
+    @staticmethod
+    def upgrade(values: dict[str, Any]) -> dict[str, Any]: ...
+
 
 @dataclass
 class Config:
     name: str = "seed"
     model: ModelConfig = field(default_factory=ModelConfig)
+    ddmim: DDMIMConfig = field(default_factory=DDMIMConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
@@ -144,6 +160,34 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @staticmethod
+    def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+        """Values written by an earlier ddmim (a checkpoint's, a run folder's config.yaml), in today's places."""
+        return moved_keys(values, MOVED_KEYS)
+
+
+# (section, key) of an earlier ddmim -> where it is now (None: gone)
+MOVED_KEYS: dict[tuple[str, str], tuple[str, str] | None] = {
+    ("model", "proj_hidden"): ("ddmim", "proj_hidden"), ("model", "proj_out"): ("ddmim", "proj_out"),
+    ("model", "mask_token"): ("ddmim", "mask_token"), ("model", "decoder_dim"): ("mae", "decoder_dim"),
+    ("model", "decoder_depth"): ("mae", "decoder_depth"), ("model", "decoder_heads"): ("mae", "decoder_heads"),
+    ("loss", "norm_pix"): ("mae", "norm_pix"),
+}
+
+
+def moved_keys(values: dict[str, Any], moves: dict[tuple[str, str], tuple[str, str] | None]) -> dict[str, Any]:
+    """`values` with every old key of `moves` put at its new place or dropped. A moved value wins over one
+    already there: old and new keys meet only where an old-style `--set` overrides a preset."""
+    out = {name: dict(section) if isinstance(section, dict) else section for name, section in values.items()}
+    for (section, key), target in moves.items():
+        if isinstance(out.get(section), dict) and key in out[section]:
+            value = out[section].pop(key)
+            if target is not None:
+                new = out.setdefault(target[0], {})
+                if isinstance(new, dict):
+                    new[target[1]] = value
+    return out
 
 
 PRESET_PACKAGES = {"pretrain": "ddmim.presets", "finetune": "ddmim.presets.finetune"}
@@ -332,13 +376,11 @@ def validate(cfg: Config) -> None:
     if cfg.mask.patch < 1 or (cfg.model.img_size // cfg.model.patch_size) % cfg.mask.patch:
         raise UserError(f"mask.patch={cfg.mask.patch} must divide the token grid "
                         f"{cfg.model.img_size // cfg.model.patch_size}")
-    if len(cfg.loss.perceptual_weights) != n:
-        raise UserError(f"loss.perceptual_weights needs {n} values (one per stage), got {cfg.loss.perceptual_weights}")
     if cfg.loss.recon_normalize not in ("all", "masked"):
         raise UserError(f"loss.recon_normalize must be 'all' or 'masked', got '{cfg.loss.recon_normalize}'")
     if cfg.loss.tau <= 0:
         raise UserError(f"loss.tau must be positive, got {cfg.loss.tau}")
-    if not 0.0 <= cfg.ema.decay <= 1.0 or cfg.ema.every < 1:
+    if not 0.0 <= cfg.ema.decay <= 1.0 or cfg.ema.every < 1:  # the training loop's schedule, for every method
         raise UserError(f"ema.decay must be in [0, 1] and ema.every >= 1, got {cfg.ema.decay}, {cfg.ema.every}")
     choices = {"ema.count": (cfg.ema.count, ("epoch_batches", "optimizer_steps")),
                "ema.teacher_mode": (cfg.ema.teacher_mode, ("train", "eval")),
@@ -370,7 +412,8 @@ def validate_optim(o: OptimConfig) -> None:
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuilds a Config saved with `Config.to_dict` (e.g. from a checkpoint's hyper-parameters)."""
-    cfg = build_dataclass(Config, values)
+    """Rebuilds a Config saved with `Config.to_dict` (e.g. from a checkpoint's hyper-parameters, an earlier
+    ddmim's included)."""
+    cfg = build_dataclass(Config, Config.upgrade(values))
     validate(cfg)
     return cfg

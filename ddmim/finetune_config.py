@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ddmim.config import (
+    MOVED_KEYS,
     DataConfig,
     ModelConfig,
     OptimConfig,
     TrainConfig,
     build_dataclass,
+    moved_keys,
     preset_values,
     validate_data_and_train,
     validate_model,
@@ -56,9 +58,14 @@ class FinetuneConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @staticmethod
+    def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+        """Values written by an earlier ddmim: the pretraining methods' keys its model section once carried go."""
+        return moved_keys(values, {(section, key): None for (section, key) in MOVED_KEYS if section == "model"})
+
 
 def finetune_config_from_dict(values: dict[str, Any]) -> FinetuneConfig:
-    cfg = build_dataclass(FinetuneConfig, values)
+    cfg = build_dataclass(FinetuneConfig, FinetuneConfig.upgrade(values))
     validate_model(cfg.model)
     validate_data_and_train(cfg.data, cfg.train)
     if cfg.head.kind not in ("bn_mlp", "linear"):

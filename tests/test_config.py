@@ -72,3 +72,30 @@ def test_bad_bases_are_refused(files, message, tmp_path, monkeypatch):
     _presets_in(tmp_path, monkeypatch, files)
     with pytest.raises(UserError, match=message):
         make_config("a")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_simmim", "tiny_mae"])
+def test_a_config_of_an_earlier_version_is_read_in_the_new_places(preset):
+    from ddmim.config import MOVED_KEYS
+
+    new = make_config(preset)
+    old = new.to_dict()
+    for (section, key), (to_section, to_key) in MOVED_KEYS.items():  # back to the layout checkpoints once saved
+        old[section][key] = old[to_section].pop(to_key)
+    del old["ddmim"], old["mae"]
+    assert config_from_dict(old) == new
+
+
+def test_an_old_style_override_wins_over_the_preset():
+    assert make_config("tiny_mae", ["model.decoder_dim=32", "model.decoder_heads=4"]).mae.decoder_dim == 32
+    assert make_config("tiny", ["model.proj_out=16"]).ddmim.proj_out == 16
+
+
+def test_a_fine_tuning_config_of_an_earlier_version_drops_the_pretraining_keys():
+    from ddmim.finetune_config import finetune_config_from_dict, make_finetune_config
+
+    new = make_finetune_config("tiny")
+    old = new.to_dict()
+    old["model"].update(proj_hidden=128, proj_out=64, mask_token=False, decoder_dim=512, decoder_depth=8,
+                        decoder_heads=16)
+    assert finetune_config_from_dict(old) == new

@@ -39,11 +39,12 @@ def mask_spec(cfg: Config) -> MaskSpec:
 
 
 def _build_ddmim(cfg: Config, encoder: nn.Module, kernels: KernelOps | None) -> nn.Module:
-    w, m = cfg.loss, cfg.model
+    w, d = cfg.loss, cfg.ddmim
     loss = DDMIMLoss(tuple(w.perceptual_weights), w.contrastive_weight, w.tau, w.recon_normalize, w.recon_beta,
                      w.perceptual_beta, w.infonce_extra_logit)
-    return DDMIM(encoder, mask=mask_spec(cfg), loss=loss, proj_hidden=m.proj_hidden, proj_out=m.proj_out,
-                 head_dim=m.head_dim, mask_token=m.mask_token, teacher_mode=cfg.ema.teacher_mode, kernels=kernels)
+    return DDMIM(encoder, mask=mask_spec(cfg), loss=loss, proj_hidden=d.proj_hidden, proj_out=d.proj_out,
+                 head_dim=cfg.model.head_dim, mask_token=d.mask_token, teacher_mode=cfg.ema.teacher_mode,
+                 kernels=kernels)
 
 
 def _check_ddmim(cfg: Config) -> None:
@@ -51,20 +52,28 @@ def _check_ddmim(cfg: Config) -> None:
         raise UserError(f"model.method ddmim masks stages, which the {cfg.model.backbone} backbone does not have")
     if cfg.model.head_dim < 1:
         raise UserError("model.head_dim must be at least 1: DDMIM's projection head reads the pooled head")
+    n, w = len(cfg.model.depths), cfg.loss
+    if len(w.perceptual_weights) != n:
+        raise UserError(f"loss.perceptual_weights needs {n} values (one per stage), got {w.perceptual_weights}")
+    for name in ("proj_hidden", "proj_out"):
+        if getattr(cfg.ddmim, name) < 1:
+            raise UserError(f"ddmim.{name} must be at least 1, got {getattr(cfg.ddmim, name)}")
 
 
 def _build_mae(cfg: Config, encoder: nn.Module, kernels: KernelOps | None) -> nn.Module:
-    m = cfg.model
+    m = cfg.mae
     return MAE(encoder, mask=mask_spec(cfg), decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
-               decoder_heads=m.decoder_heads, norm_pix=cfg.loss.norm_pix, kernels=kernels)
+               decoder_heads=m.decoder_heads, norm_pix=m.norm_pix, kernels=kernels)
 
 
 def _check_mae(cfg: Config) -> None:
     if not hasattr(BACKBONES[cfg.model.backbone], "forward_visible"):
         raise UserError(f"model.method mae needs a backbone that encodes visible patches only (vit), got "
                         f"'{cfg.model.backbone}'")
-    if cfg.model.decoder_dim % max(cfg.model.decoder_heads, 1):
-        raise UserError("model.decoder_dim must be divisible by model.decoder_heads")
+    m = cfg.mae
+    if min(m.decoder_dim, m.decoder_depth, m.decoder_heads) < 1 or m.decoder_dim % m.decoder_heads:
+        raise UserError(f"mae.decoder_dim, mae.decoder_depth and mae.decoder_heads must be at least 1 and the width "
+                        f"divisible by the heads, got {m.decoder_dim}, {m.decoder_depth} and {m.decoder_heads}")
     if not cfg.mask.exact_count:
         raise UserError("model.method mae needs mask.exact_count true: every image keeps the same number of "
                         "visible patches")

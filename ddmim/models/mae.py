@@ -2,7 +2,7 @@
 
 The encoder sees the visible patches only; a light decoder of timm blocks gets the encoded patches back in
 place among mask tokens and predicts every patch's pixels; the loss is the mean squared error on the
-masked patches, against per-patch normalised pixels by default (`loss.norm_pix`, MAE's recommendation).
+masked patches, against per-patch normalised pixels by default (`mae.norm_pix`, MAE's recommendation).
 """
 from __future__ import annotations
 

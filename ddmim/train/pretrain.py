@@ -11,7 +11,7 @@ from ddmim.train.launch import Launch, resolve_launch
 from ddmim.train.pretrain_module import DDMIMModule
 from ddmim.train.run import FitPlan, run_fit
 
-RESUMABLE = ("model", "mask", "loss", "ema")  # what must not change when a run is resumed
+RESUMABLE = ("model", "ddmim", "mae", "mask", "loss", "ema")  # what must not change when a run is resumed
 
 
 def pretrain(cfg: Config, data_root: Path, out: Path, launch: Launch | None = None, *, data_format: str = "auto",

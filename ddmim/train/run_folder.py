@@ -51,7 +51,7 @@ def resume_point(out: Path, cfg, fixed: tuple[str, ...]) -> Path | None:
         # killed before it wrote anything
         print(f"no checkpoint found in {out / 'checkpoints'}, starting from step 0")
         return None
-    saved = yaml.safe_load(saved_path.read_text())
+    saved = cfg.upgrade(yaml.safe_load(saved_path.read_text()))  # an earlier ddmim's keys, in today's places
     current = cfg.to_dict()
     for section in fixed:
         if saved.get(section) != current[section]:
