@@ -117,3 +117,12 @@ def test_the_shipped_backbones_and_methods_satisfy_their_contracts(preset):
     assert isinstance(model, PretrainingMethod)
     kind = VisibleBackbone if preset == "tiny_mae" else StageBackbone
     assert isinstance(model.student, kind)
+
+
+def test_every_command_that_builds_a_model_runs_the_method_checks(capsys, sample_root, tmp_path):
+    from ddmim.cli import main
+
+    code = main(["train", "--data", str(sample_root), "--preset", "tiny", "--benchmark", "1", "--set",
+                 "model.method=mae", "--workers", "0", "--out", str(tmp_path / "bench")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("ddmim: error: model.method mae needs a backbone") and "\n" not in err

@@ -17,7 +17,7 @@ from torch import nn
 from ddmim.models.ema import ema_update_, make_teacher
 from ddmim.models.heads import PixelDecoder, ProjectionHead
 from ddmim.models.kernels import KernelOps, resolve_kernels
-from ddmim.models.losses import info_nce, mean_visible_colour, reconstruction_loss
+from ddmim.models.losses import against_mean_colour, info_nce
 from ddmim.models.masking import MaskSpec, stage_masks
 
 # Maps this rank's teacher embeddings to (embeddings of all ranks, offset of this rank's rows).
@@ -141,9 +141,8 @@ class DDMIM(nn.Module):
     def reconstruction_losses(self, images: torch.Tensor, base_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(this model's reconstruction term on masked input, the same term for the trivial guess of each
         image's mean visible colour), with the PyTorch reference loss."""
-        kwargs = dict(beta=self.loss.recon_beta, normalize=self.loss.recon_normalize)
-        return (reconstruction_loss(self.reconstruct(images, base_mask), images, base_mask, **kwargs),
-                reconstruction_loss(mean_visible_colour(images, base_mask), images, base_mask, **kwargs))
+        return against_mean_colour(self.reconstruct(images, base_mask), images, base_mask,
+                                   beta=self.loss.recon_beta, normalize=self.loss.recon_normalize)
 
     def update_teacher(self, decay: float, skip=None) -> None:
         if self.teacher is not None:

@@ -117,9 +117,10 @@ def create_backbone(model: ModelConfig, **changes) -> nn.Module:
 
 
 def pretraining_model(cfg: Config, kernels: KernelOps | None = None) -> nn.Module:
-    """The model `model.method` names, on the backbone `model.backbone` names."""
-    method = _lookup(METHODS, cfg.model.method, "method")
-    return method.build(cfg, create_backbone(cfg.model), kernels)
+    """The model `model.method` names, on the backbone `model.backbone` names, once the method has checked the
+    config (every command builds through here, `--benchmark` and evaluation included)."""
+    check_pretraining(cfg)
+    return METHODS[cfg.model.method].build(cfg, create_backbone(cfg.model), kernels)
 
 
 def plain_backbone(model: ModelConfig, **changes) -> nn.Module:

@@ -70,3 +70,10 @@ def mean_visible_colour(images: torch.Tensor, base: torch.Tensor) -> torch.Tenso
     visible = pixel_mask(base, images.shape[-1] // base.shape[-1])
     mean = (images * visible).sum(dim=(2, 3), keepdim=True) / visible.sum(dim=(2, 3), keepdim=True).clamp_min(1)
     return mean.expand_as(images)
+
+
+def against_mean_colour(pred: torch.Tensor, images: torch.Tensor, base: torch.Tensor, *, beta: float,
+                        normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the reconstruction loss of `pred`, that of predicting each image's mean visible colour)."""
+    return (reconstruction_loss(pred, images, base, beta=beta, normalize=normalize),
+            reconstruction_loss(mean_visible_colour(images, base), images, base, beta=beta, normalize=normalize))

@@ -11,7 +11,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ddmim.models.kernels import KernelOps, resolve_kernels
-from ddmim.models.losses import mean_visible_colour, reconstruction_loss
+from ddmim.models.losses import against_mean_colour
 from ddmim.models.masking import MaskSpec
 from ddmim.models.vit import sincos_with_class_slot
 
@@ -121,6 +121,4 @@ class MAE(nn.Module):
             pred = self.forward_decoder(*self.forward_encoder(images, base_mask))
             target, visible = self.targets(images), base_mask.flatten(1)
             return masked_patch_loss(pred, target, visible), masked_patch_loss(torch.zeros_like(pred), target, visible)
-        kwargs = dict(beta=1.0, normalize="masked")
-        return (reconstruction_loss(self.reconstruct(images, base_mask), images, base_mask, **kwargs),
-                reconstruction_loss(mean_visible_colour(images, base_mask), images, base_mask, **kwargs))
+        return against_mean_colour(self.reconstruct(images, base_mask), images, base_mask, beta=1.0, normalize="masked")

@@ -16,7 +16,7 @@ RESUMABLE = ("model", "ddmim", "mae", "mask", "loss", "ema")  # what must not ch
 
 def pretrain(cfg: Config, data_root: Path, out: Path, launch: Launch | None = None, *, data_format: str = "auto",
              resume: bool = False) -> dict:
-    check_pretraining(cfg)
+    check_pretraining(cfg)  # before the data set is listed, which takes minutes at ImageNet's size
     launch = resolve_launch(launch or Launch())
     check_kernels(cfg.train.kernels)
     plan = FitPlan(
