@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ddmim.data import pixels
+from ddmim.data.jpeg_header import bytes_fault
 
 try:
     import cv2
@@ -59,11 +60,14 @@ def decode(path: str, max_resolution: int) -> tuple[np.ndarray, bool]:
 
 
 def jpeg_bytes(path: str, max_resolution: int, quality: int) -> bytes:
-    """The file's own bytes when it already is an RGB JPEG within bounds, else the re-encoded image."""
+    """The file's own bytes when it already is an RGB JPEG within bounds whose header the DALI loader accepts
+    (`jpeg_header`: a header libjpeg reads through but the loader would leave out), else the re-encoded image."""
     pixels, as_is = decode(path, max_resolution)
     if as_is:
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read()
+        if bytes_fault(data) is None:
+            return data
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()

@@ -13,10 +13,10 @@ from ddmim.config import make_config
 CORRUPT_INDEX = 5  # the source image (and .beton sample) that gets damaged
 
 
-def damage_in_place(path: Path, offset: int, size: int) -> None:
+def damage_in_place(path: Path, offset: int, size: int, how=None) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
-        data = damage(f.read(size))
+        data = (how or damage)(f.read(size))
         f.seek(offset)
         f.write(data)
 
@@ -25,6 +25,13 @@ def damage(data: bytes) -> bytes:
     """JPEG bytes overwritten from the start-of-scan marker on: the headers parse, the decode fails."""
     scan = data.find(b"\xff\xda")
     return data[:scan] + b"\x55" * (len(data) - scan - 2) + data[-2:]
+
+
+def damage_header(data: bytes) -> bytes:
+    """JPEG bytes whose first Huffman table is overwritten with 0xFF bytes: a header DALI must never see."""
+    at = data.find(b"\xff\xc4")
+    length = int.from_bytes(data[at + 2:at + 4])
+    return data[:at + 4] + b"\xff" * (length - 2) + data[at + 2 + length:]
 
 
 def corrupt_folder(coloured_source: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -46,7 +53,8 @@ def corrupt_beton(converted: dict, tmp_path: Path) -> Path:
     return root
 
 
-def corrupt_shard(converted: dict, tmp_path: Path) -> tuple[Path, str]:
+def corrupt_shard(converted: dict, tmp_path: Path, how=None) -> tuple[Path, str]:
+    """A copy of the DALI data with one sample of its second shard damaged (by `how`, default `damage`)."""
     from ddmim.data.dali_repair import index_entries
 
     root = tmp_path / "dali"
@@ -54,7 +62,7 @@ def corrupt_shard(converted: dict, tmp_path: Path) -> tuple[Path, str]:
     index = sorted((root / "train").glob("*.idx"))[1]
     key, offset, size = index_entries(str(index))[3]
     tar = index.with_suffix(".tar")
-    damage_in_place(tar, offset, size)
+    damage_in_place(tar, offset, size, how)
     return root, f"{tar}:{key}"
 
 
@@ -106,6 +114,19 @@ def test_dali_loader_skips_a_damaged_sample(converted, tmp_path, cfg, capfd):
     assert set(first) <= set(second) | {-1}
 
 
+def test_dali_loader_leaves_out_a_damaged_header_before_dali_reads_it(converted, tmp_path, cfg, capfd):
+    from ddmim.data.dali_loader import open_loader
+
+    root, where = corrupt_shard(converted, tmp_path, damage_header)
+    loader = open_loader(root / "train", cfg, train=False, gpu=False)
+    err = capfd.readouterr().err  # before the first batch: DALI has not read a sample yet
+    assert loader.skipped.count == 1 and err.count(where) == 1 and "damaged JPEG header: DHT" in err
+    assert loader.shards is not None and where.split(":")[-1] not in "".join(Path(i).read_text()
+                                                                             for i in loader.shards[1])
+    indices = epoch_indices(list(loader), cfg)
+    assert len(indices) == len(set(indices)) == N_COLOURED_TRAIN - 1 and loader.skipped.count == 1
+
+
 @pytest.mark.parametrize("fmt", ["folder", "ffcv", "dali"])
 def test_training_goes_on_past_a_bad_sample_and_stops_past_the_limit(fmt, coloured_source, converted, tmp_path,
                                                                      capsys):
@@ -122,7 +143,7 @@ def test_training_goes_on_past_a_bad_sample_and_stops_past_the_limit(fmt, colour
     assert err.startswith("ddmim: error: stopped: 1 samples could not be decoded, more than data.max_bad_samples")
 
 
-def _dali_rank(rank: int, port: int, root: str, out: str) -> None:
+def _dali_rank(rank: int, port: int, root: str, out: str) -> None:  # one process of the two-rank tests
     import json as jsonlib
     import os
 
@@ -145,14 +166,16 @@ def _dali_rank(rank: int, port: int, root: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_data_parallel_ranks_repair_a_dali_split_together(converted, tmp_path):
-    """The rank that meets the bad JPEG and the one that does not: same step, same filtered list, same counts."""
+@pytest.mark.parametrize("how", ["scan data", "header"])
+def test_data_parallel_ranks_repair_a_dali_split_together(how, converted, tmp_path, capfd):
+    """The rank that meets the bad JPEG (or reads its header) and the one that does not: same step, same
+    filtered list, same counts, and the sample named once."""
     import json as jsonlib
     import socket
 
     import torch.multiprocessing as mp
 
-    root, where = corrupt_shard(converted, tmp_path)
+    root, where = corrupt_shard(converted, tmp_path, {"scan data": damage, "header": damage_header}[how])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -161,6 +184,7 @@ def test_data_parallel_ranks_repair_a_dali_split_together(converted, tmp_path):
     assert ranks[0]["counts"] == ranks[1]["counts"] and len(set(ranks[0]["counts"])) == 1
     assert ranks[0]["indexes"] is not None and ranks[0]["indexes"] == ranks[1]["indexes"]
     assert ranks[0]["failed"] == ranks[1]["failed"] and len(ranks[0]["failed"]) == 1  # one sample, on both
+    assert capfd.readouterr().err.count(where) == 1
 
 
 @pytest.mark.slow

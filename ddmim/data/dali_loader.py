@@ -10,8 +10,12 @@ each rank its own part of the samples (`shard_id`/`num_shards`) and moves every 
 after each epoch (`stick_to_shard=False`); the ranks agree on each epoch's batch count (parts can differ by a
 sample).
 
-A JPEG that does not decode fails the whole DALI batch. The loader then finds every such sample of the
-split (`dali_repair`), leaves them out through filtered copies of the indexes, and goes on with the epoch.
+Before DALI reads a shard, the loader reads every JPEG's header and leaves out the samples whose header is
+malformed (`dali_repair.damaged_headers`): some header damage crashes DALI's native decoder. Any other JPEG
+that does not decode fails the whole DALI batch; the loader then finds every such sample of the split
+(`dali_repair.undecodable_samples`), leaves them out through filtered copies of the indexes, and goes on with
+the epoch. Damage inside a JPEG's compressed data that libjpeg-turbo or nvJPEG decode through (as grey or
+shifted blocks, with no error) is not noticed.
 """
 from __future__ import annotations
 
@@ -21,9 +25,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 
 from ddmim.config import Config
 from ddmim.data.bad_samples import SkippedSamples
+from ddmim.data.dali_repair import Shards, damaged_headers, filtered_shards, undecodable_samples
 from ddmim.data.layout import read_class_count
 from ddmim.data.workers import loader_threads
 from ddmim.errors import UserError
@@ -137,8 +143,31 @@ class DaliLoader:
     def __init__(self, make_pipe, *, train: bool, channels_last: bool, folder: Path, skipped: SkippedSamples,
                  group=None):
         self.make_pipe, self.train, self.channels_last = make_pipe, train, channels_last
-        self.folder, self.skipped, self.shards, self.group = folder, skipped, None, group
+        self.folder, self.skipped, self.group = folder, skipped, group
+        self.shards = self._screened()
         self.iterator = self._iterator()
+
+    def _screened(self) -> Shards | None:
+        """The split's shards without the samples whose JPEG header is malformed, found before DALI reads any:
+        some header damage kills DALI's decoder with SIGSEGV, which no handler can catch. None when every
+        header is sound. Under data-parallel training each rank reads the headers of every world-th shard and
+        all ranks take the union, so they go on over one sample list."""
+        own = list_shards(self.folder)
+        rank, world = (dist.get_rank(self.group), dist.get_world_size(self.group)) if self.group else (0, 1)
+        bad = damaged_headers((own[0][rank::world], own[1][rank::world]), own)
+        for entry in bad:
+            self.skipped.record(*entry)
+        if self.group is not None:
+            found = [None] * world
+            dist.all_gather_object(found, bad, group=self.group)
+            bad = sorted({entry[1]: entry for entry in sum(found, [])}.values())
+            self.skipped.mark(ordinal for ordinal, _, _ in bad)
+        if not bad:
+            return None
+        shards = filtered_shards(*own, {where for _, where, _ in bad})
+        if not shards[0]:
+            raise UserError(f"no sample of {self.folder} can be decoded")
+        return shards
 
     def _iterator(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -151,11 +180,8 @@ class DaliLoader:
         return len(self.iterator)
 
     def _find_bad(self, error: RuntimeError) -> list[tuple[int, str, str]]:
-        from ddmim.data.dali_repair import undecodable_samples
-
         own = list_shards(self.folder)
-        tars, indexes = self.shards or own
-        bad = undecodable_samples(tars, indexes, own[1])
+        bad = undecodable_samples(self.shards or own, own)
         if not bad:
             raise UserError(f"DALI failed on {self.folder} and no sample there fails to decode: "
                             f"{str(error).strip().splitlines()[-1]}") from None
@@ -164,8 +190,6 @@ class DaliLoader:
         return bad
 
     def _repair(self, bad: list[tuple[int, str, str]]) -> None:
-        from ddmim.data.dali_repair import filtered_shards
-
         tars, indexes = self.shards or list_shards(self.folder)
         self.shards = filtered_shards(tars, indexes, {where for _, where, _ in bad})
         if not self.shards[0]:
@@ -177,8 +201,6 @@ class DaliLoader:
         bad = self._find_bad(error) if error is not None else []
         if self.group is None:
             return bad
-        import torch.distributed as dist
-
         failed = torch.tensor([int(error is not None)])
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
         if not failed.item():  # a CPU tensor of the gloo group: no device synchronisation
@@ -207,8 +229,6 @@ class DaliLoader:
         as often; DALI gives ranks whose parts differ by a sample different counts."""
         count = len(self.iterator)
         if self.group is not None:
-            import torch.distributed as dist
-
             agreed = torch.tensor([count])
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
             count = int(agreed.item())
@@ -264,8 +284,6 @@ class DALIDataModule(pl.LightningDataModule):
         self.group = None
 
     def setup(self, stage: str) -> None:
-        import torch.distributed as dist
-
         if self.group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self.group = dist.new_group(backend="gloo")  # every rank calls setup: the group is made collectively
 

@@ -2,6 +2,10 @@
 
 DALI's webdataset reader reads only the samples its index lists, so a filtered copy of an index is the
 way to skip a sample without touching the shards. The copies live in a temporary folder of this process.
+
+Two searches: `damaged_headers` reads only each JPEG's header (a few hundred bytes), before DALI first
+sees the shards, since some header damage kills DALI's decoder with SIGSEGV; `undecodable_samples`
+decodes every sample with PIL, after DALI failed on a batch.
 """
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ import tempfile
 from pathlib import Path
 
 from PIL import Image
+
+from ddmim.data.jpeg_header import header_fault
+
+HEADER_READ = 4096  # bytes read at once at each sample's start: most JPEG headers end within them
 
 
 def index_entries(index: str) -> list[tuple[str, int, int]]:
@@ -41,23 +49,64 @@ def _check_shard(job: tuple[str, str]) -> list[tuple[str, str]]:
     return bad
 
 
-def undecodable_samples(tars: list[str], indexes: list[str], original: list[str]) -> list[tuple[int, str, str]]:
-    """(ordinal in the split, 'SHARD.tar:KEY', reason) of every listed sample whose JPEG does not decode;
-    ordinals count the samples of the `original` indexes (the shards' own)."""
-    jobs = list(zip(tars, indexes))
+def _check_headers(job: tuple[str, str]) -> list[tuple[str, str]]:
+    tar, index = job
+    bad = []
+    with open(tar, "rb") as f:
+        for key, offset, size in index_entries(index):
+            f.seek(offset)
+            head = f.read(min(size, HEADER_READ))
+
+            def read(at: int, count: int) -> bytes:
+                if at + count <= len(head):
+                    return head[at:at + count]
+                f.seek(offset + at)
+                return f.read(max(0, min(count, size - at)))
+
+            reason = header_fault(read, size)
+            if reason:
+                bad.append((key, f"damaged JPEG header: {reason}"))
+    return bad
+
+
+def _each_shard(check, jobs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
     workers = min(len(jobs), os.cpu_count() or 1)
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
-            found = pool.map(_check_shard, jobs)
+            return pool.map(check, jobs)
+    return [check(job) for job in jobs]
+
+
+Shards = tuple[list[str], list[str]]  # (tars, their indexes)
+
+
+def undecodable_samples(shards: Shards, own: Shards) -> list[tuple[int, str, str]]:
+    """(ordinal in the split, 'SHARD.tar:KEY', reason) of every sample of `shards` whose JPEG does not decode;
+    ordinals count the samples of the split's `own` shards, which `shards` may be a filtered part of."""
+    return _named(shards, own, _check_shard)
+
+
+def damaged_headers(shards: Shards, own: Shards) -> list[tuple[int, str, str]]:
+    """Like `undecodable_samples`, for the samples whose JPEG header is malformed (`jpeg_header`); reads only
+    the headers."""
+    return _named(shards, own, _check_headers)
+
+
+def _named(shards: Shards, own: Shards, check) -> list[tuple[int, str, str]]:
+    jobs = list(zip(*shards))
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            found = pool.map(check, jobs)
     else:
-        found = [_check_shard(job) for job in jobs]
+        found = [check(job) for job in jobs]
     ordinals, count = {}, 0
-    for tar, index in zip(tars, original):
+    for tar, index in zip(*own):
         entries = index_entries(index)
         for i, (key, _, _) in enumerate(entries):
-            ordinals[f"{Path(tar).name}:{key}"] = count + i
+            ordinals[f"{tar}:{key}"] = count + i
         count += len(entries)
-    return [(ordinals[f"{Path(tar).name}:{key}"], f"{tar}:{key}", reason)
+    return [(ordinals[f"{tar}:{key}"], f"{tar}:{key}", reason)
             for (tar, _), failures in zip(jobs, found) for key, reason in failures]
 
 
