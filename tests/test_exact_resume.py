@@ -1,5 +1,6 @@
-"""A run SIGKILLed mid-epoch and resumed ends bit-identical to the run that was never stopped (folder data, CPU,
-fp32, loader workers): same data order, augmentations, masks, EMA schedule and random streams."""
+"""A run SIGKILLed mid-epoch and resumed ends bit-identical to the run that was never stopped (CPU, fp32, loader
+workers), for the folder and DALI formats: same data order, augmentations, masks, EMA schedule and random
+streams."""
 import os
 import subprocess
 import sys
@@ -30,21 +31,32 @@ def _final_state(run: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@pytest.fixture(scope="module")
+def digits_dali(sample_root, tmp_path_factory) -> Path:
+    from ddmim_data_prep import to_dali
+
+    out = tmp_path_factory.mktemp("digits") / "dali"
+    assert to_dali.main([str(sample_root), str(out), "--workers", "2"]) == 0
+    return out
+
+
 @pytest.mark.slow
-def test_a_run_killed_at_three_steps_ends_as_the_run_never_stopped(sample_root, tmp_path):
+@pytest.mark.parametrize("fmt", ["folder", "dali"])
+def test_a_run_killed_at_three_steps_ends_as_the_run_never_stopped(fmt, sample_root, request, tmp_path):
+    data = sample_root if fmt == "folder" else request.getfixturevalue(f"digits_{fmt}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(_cmd(sample_root, tmp_path / "whole"), cwd=REPO, env=env, capture_output=True, text=True,
+    done = subprocess.run(_cmd(data, tmp_path / "whole"), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
 
     out = tmp_path / "killed"
     resumed_at = []
     for attempt, step in enumerate((5, 17, 26)):  # each killed once a checkpoint of that step is complete
-        cmd = _cmd(sample_root, out, *(["--resume", "auto"] if attempt else []))
+        cmd = _cmd(data, out, *(["--resume", "auto"] if attempt else []))
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert _kill_when(proc, lambda: _newest_step(out / "checkpoints") >= step, deadline_s=900), step
         resumed_at.append(_newest_step(out / "checkpoints"))
-    done = subprocess.run(_cmd(sample_root, out, "--resume", "auto"), cwd=REPO, env=env, capture_output=True,
+    done = subprocess.run(_cmd(data, out, "--resume", "auto"), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from" in done.stdout

@@ -84,8 +84,9 @@ def shuffle_buffer(batch_size: int, samples_per_rank: int) -> int:
 
 def build_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, shard_id: int = 0, num_shards: int = 1,
                    batch_size: int | None = None, channels_last: bool = False, threads: int | None = None,
-                   shards: tuple[list[str], list[str]] | None = None):
-    """`shards`: (tars, indexes) to read instead of the folder's own (after samples were left out)."""
+                   shards: tuple[list[str], list[str]] | None = None, **pipeline_kw):
+    """`shards`: (tars, indexes) to read instead of the folder's own (after samples were left out);
+    `pipeline_kw`: more options of the Pipeline (enable_checkpointing, checkpoint)."""
     from nvidia.dali import fn, pipeline_def, types
 
     tars, indexes = shards or list_shards(folder)
@@ -123,7 +124,7 @@ def build_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, shard_i
 
     pipe = pipeline(batch_size=batch_size, num_threads=threads or loader_threads(cfg.data.num_workers),
                     device_id=torch.cuda.current_device() if gpu else None, seed=cfg.train.seed + shard_id,
-                    prefetch_queue_depth=2)
+                    prefetch_queue_depth=2, **pipeline_kw)
     pipe.build()
     return pipe
 
@@ -144,8 +145,12 @@ class DaliLoader:
                  group=None):
         self.make_pipe, self.train, self.channels_last = make_pipe, train, channels_last
         self.folder, self.skipped, self.group = folder, skipped, group
+        self.left_out: set[str] = set()  # 'SHARD.tar:KEY' of every sample left out so far
         self.shards = self._screened()
         self.iterator = self._iterator()
+        self.consumed = 0  # training batches yielded in this run, counting those of the run it resumed
+        self.resume_done = 0  # batches of the first epoch after a resume that the checkpoint had already trained
+        self.states: dict[int, dict] = {}  # consumed -> the state after that batch, for the last few batches
 
     def _screened(self) -> Shards | None:
         """The split's shards without the samples whose JPEG header is malformed, found before DALI reads any:
@@ -162,19 +167,54 @@ class DaliLoader:
             dist.all_gather_object(found, bad, group=self.group)
             bad = sorted({entry[1]: entry for entry in sum(found, [])}.values())
             self.skipped.mark(ordinal for ordinal, _, _ in bad)
-        if not bad:
-            return None
-        shards = filtered_shards(*own, {where for _, where, _ in bad})
+        return self._leave_out({where for _, where, _ in bad}) if bad else None
+
+    def _leave_out(self, where: set[str]) -> Shards:
+        self.left_out |= where
+        shards = filtered_shards(*list_shards(self.folder), self.left_out)
         if not shards[0]:
             raise UserError(f"no sample of {self.folder} can be decoded")
         return shards
 
-    def _iterator(self):
+    def _iterator(self, checkpoint: str | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        return DALIGenericIterator([self.make_pipe(self.shards)], ["images", "labels"], reader_name=READER,
-                                   last_batch_policy=policy, auto_reset=True, prepare_first_batch=False)
+        return DALIGenericIterator([self.make_pipe(self.shards, checkpoint)], ["images", "labels"],
+                                   reader_name=READER, last_batch_policy=policy, auto_reset=True,
+                                   prepare_first_batch=False)
+
+    def _remember(self, epoch_done: int) -> None:
+        """Keeps the state after the batch just yielded: Lightning asks for it at the step that trained that
+        batch, when it may already have fetched the next one."""
+        self.states[self.consumed] = {"dali": self.iterator.checkpoints()[0], "epoch_done": epoch_done,
+                                      "left_out": sorted(self.left_out)}
+        self.states.pop(self.consumed - 4, None)
+
+    def state_at(self, step: int) -> dict:
+        """What a resume at `step` (batches trained) needs to go on exactly: DALI's own checkpoint of the pipeline
+        (reader position, every random stream), how far into its epoch, and the samples left out; one entry per
+        rank (a collective under data-parallel training: every rank saves the checkpoint, rank 0 writes it)."""
+        mine = self.states.get(step)
+        if self.group is None:
+            return {"ranks": [mine]}
+        ranks = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(ranks, mine, group=self.group)
+        return {"ranks": ranks}
+
+    def restore(self, state: dict, step: int) -> None:
+        """Goes on from `state_at(step)` of the run resumed from."""
+        rank, world = (dist.get_rank(self.group), dist.get_world_size(self.group)) if self.group else (0, 1)
+        ranks = state.get("ranks") or []
+        if len(ranks) != world or ranks[rank] is None:
+            print(f"ddmim: warning: the checkpoint holds no DALI reader state for rank {rank} of {world} at step "
+                  f"{step}; the DALI data order starts over", file=sys.stderr, flush=True)
+            return
+        mine = ranks[rank]
+        if mine["left_out"]:
+            self.shards = self._leave_out(set(mine["left_out"]))
+        self.iterator = self._iterator(mine["dali"])
+        self.consumed, self.resume_done = step, mine["epoch_done"]
 
     def __len__(self) -> int:
         return len(self.iterator)
@@ -190,10 +230,7 @@ class DaliLoader:
         return bad
 
     def _repair(self, bad: list[tuple[int, str, str]]) -> None:
-        tars, indexes = self.shards or list_shards(self.folder)
-        self.shards = filtered_shards(tars, indexes, {where for _, where, _ in bad})
-        if not self.shards[0]:
-            raise UserError(f"no sample of {self.folder} can be decoded")
+        self.shards = self._leave_out({where for _, where, _ in bad})
         self.iterator = self._iterator()
 
     def _agreed_failures(self, error: RuntimeError | None) -> list[tuple[int, str, str]]:
@@ -236,7 +273,10 @@ class DaliLoader:
 
     def __iter__(self):
         stream, repaired = iter(self.iterator), False
-        for _ in range(self.epoch_batches()):
+        total = self.epoch_batches()
+        done = self.resume_done if self.resume_done < total else 0  # a checkpoint at an epoch's end: a new one
+        self.resume_done = 0
+        for _ in range(total - done):
             out, error = self._next(stream)
             bad = self._agreed_failures(error) if error is not None or self.group is not None else []
             if bad:
@@ -250,9 +290,15 @@ class DaliLoader:
             images, labels = out[0]["images"], out[0]["labels"].reshape(-1).long()
             if self.channels_last:  # HWC batches viewed as NCHW tensors in channels-last memory
                 images = images.permute(0, 3, 1, 2)
+            done += 1
+            if self.train:
+                self.consumed += 1
+                self._remember(done)
             yield images, labels
         if repaired:  # the rebuilt pipeline's pass began mid-epoch: the next epoch starts a pass of its own
             self.iterator = self._iterator()
+            if self.train:
+                self._remember(done)
 
 
 def open_loader(folder: Path, cfg: Config, *, train: bool, gpu: bool, channels_last: bool = False,
@@ -261,9 +307,9 @@ def open_loader(folder: Path, cfg: Config, *, train: bool, gpu: bool, channels_l
     if skipped is None:
         skipped = SkippedSamples(sample_count(list_shards(folder)[1]))
 
-    def make_pipe(shards):
+    def make_pipe(shards, checkpoint=None):
         return build_pipeline(folder, cfg, train=train, gpu=gpu, channels_last=channels_last, shards=shards,
-                              **pipeline_options)
+                              enable_checkpointing=train, checkpoint=checkpoint, **pipeline_options)
 
     return DaliLoader(make_pipe, train=train, channels_last=channels_last, folder=folder, skipped=skipped,
                       group=group)
@@ -282,6 +328,8 @@ class DALIDataModule(pl.LightningDataModule):
         check_shuffled(self.root / "train")
         self.num_classes = read_class_count(self.root)
         self.group = None
+        self.train_loader: DaliLoader | None = None
+        self.to_restore: dict | None = None  # the training loader's state in the checkpoint resumed from
 
     def setup(self, stage: str) -> None:
         if self.group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -296,7 +344,20 @@ class DALIDataModule(pl.LightningDataModule):
                            skipped=self.skipped[split], shard_id=rank, num_shards=world, group=self.group)
 
     def train_dataloader(self) -> DaliLoader:
-        return self._loader("train", train=True)
+        self.train_loader = self._loader("train", train=True)
+        if self.to_restore is not None and self.trainer is not None:
+            self.train_loader.restore(self.to_restore, self.trainer.global_step)
+            self.to_restore = None
+        return self.train_loader
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint by Lightning; the loader's state at the step being saved."""
+        if self.train_loader is None or self.trainer is None:
+            return {}
+        return {"train": self.train_loader.state_at(self.trainer.global_step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.to_restore = state.get("train")
 
     def val_dataloader(self) -> DaliLoader:
         return self._loader("val", train=False)
