@@ -1,5 +1,5 @@
 """A run SIGKILLed mid-epoch and resumed ends bit-identical to the run that was never stopped (CPU, fp32, loader
-workers), for the folder and DALI formats: same data order, augmentations, masks, EMA schedule and random
+workers), for the folder, FFCV and DALI formats: same data order, augmentations, masks, EMA schedule and random
 streams."""
 import os
 import subprocess
@@ -40,8 +40,17 @@ def digits_dali(sample_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def digits_ffcv(sample_root, tmp_path_factory) -> Path:
+    from ddmim_data_prep import to_ffcv
+
+    out = tmp_path_factory.mktemp("digits") / "ffcv"
+    assert to_ffcv.main([str(sample_root), str(out), "--workers", "2"]) == 0
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["folder", "dali"])
+@pytest.mark.parametrize("fmt", ["folder", "ffcv", "dali"])
 def test_a_run_killed_at_three_steps_ends_as_the_run_never_stopped(fmt, sample_root, request, tmp_path):
     data = sample_root if fmt == "folder" else request.getfixturevalue(f"digits_{fmt}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -1,9 +1,14 @@
-"""FFCV's crop decoders, made to tell when a stored JPEG does not decode.
+"""FFCV's crop decoders, made to tell when a stored JPEG does not decode, and to crop and flip reproducibly.
 
 FFCV's own decoders ignore libjpeg-turbo's return code, so damaged bytes in a .beton become a garbage
 image that trains silently. These decoders check it. A sample that fails comes out as a marker image: its
 top half one fixed colour, its bottom half the sample's index in base 256 (R + 256 G + 65536 B). Both
-survive flips and normalisation, so `MarkReader` can name the sample from the finished batch.
+survive normalisation, so `MarkReader` can name the sample from the finished batch.
+
+FFCV draws crops (and RandomHorizontalFlip its flips) from numba's per-thread generators, which are seeded
+from the OS: two runs with one seed crop differently, and a resumed run cannot repeat a crop. The training
+decoder seeds its thread's generator for each sample from the run's seed, the sample, its place in the batch
+and the batch's first two samples (which the epoch's seeded order fixes), then draws the crop and the flip.
 """
 from __future__ import annotations
 
@@ -20,8 +25,30 @@ from ffcv.pipeline.compiler import Compiler
 MARK = (7, 251, 19)  # the top half of a failed sample's image
 
 
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x):
+    """splitmix64's finaliser: nearby inputs give unrelated outputs."""
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+def _flip_columns(image):
+    width = image.shape[1]
+    for c in range(width // 2):
+        left = image[:, c].copy()
+        image[:, c] = image[:, width - 1 - c]
+        image[:, width - 1 - c] = left
+
+
 class _CheckedDecode:
-    """Mixin over FFCV's ResizedCropRGBImageDecoder: the same decode, crop and resize, plus the check."""
+    """Mixin over FFCV's ResizedCropRGBImageDecoder: the same decode, crop and resize, plus the check; with a
+    `seed`, each sample's crop and flip (probability `flip`) come from a generator seeded for that visit."""
+
+    seed: int | None = None
+    flip: float = 0.0
 
     def generate_code(self):
         jpg = IMAGE_MODES["jpg"]
@@ -32,6 +59,8 @@ class _CheckedDecode:
         scale = np.array(self.scale) if isinstance(self.scale, tuple) else self.scale
         ratio = np.array(self.ratio) if isinstance(self.ratio, tuple) else self.ratio
         m0, m1, m2 = MARK
+        seeded, run_seed, flip = self.seed is not None, np.uint64(self.seed or 0), self.flip
+        mix, flip_columns = Compiler.compile(_mix), Compiler.compile(_flip_columns)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -59,8 +88,14 @@ class _CheckedDecode:
                     out[half:, :, 1] = (source_ix // 256) % 256
                     out[half:, :, 2] = (source_ix // 65536) % 256
                 else:
+                    if seeded:  # the visit's own stream: the same crop in any thread, in any run
+                        batch = mix(np.uint64(batch_indices[0]) + _GOLDEN * mix(np.uint64(batch_indices[-1])))
+                        visit = mix(run_seed + _GOLDEN * mix(np.uint64(source_ix) + mix(batch + np.uint64(dst_ix))))
+                        np.random.seed(np.uint32(visit >> np.uint64(32)))
                     i, j, h, w = crop_c(height, width, scale, ratio)
                     resize_c(pixels, i, i + h, j, j + w, out)
+                    if flip > 0 and np.random.uniform(0.0, 1.0) < flip:
+                        flip_columns(out)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -68,7 +103,9 @@ class _CheckedDecode:
 
 
 class CheckedRandomResizedCrop(_CheckedDecode, RandomResizedCropRGBImageDecoder):
-    pass
+    def __init__(self, output_size, *, scale, ratio, seed: int, flip: float):
+        super().__init__(output_size, scale=scale, ratio=ratio)
+        self.seed, self.flip = seed, flip
 
 
 class CheckedCenterCrop(_CheckedDecode, CenterCropRGBImageDecoder):

@@ -70,16 +70,16 @@ class CheckedBatches:
             yield images, labels
 
 
-def image_pipeline(decoder, cfg: Config, device: torch.device, train: bool) -> list:
-    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+def image_pipeline(decoder, cfg: Config, device: torch.device) -> list:
+    """The decoder (which crops and flips) and the normalisation, on the device."""
+    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 
     mean = np.array(cfg.data.mean) * 255
     std = np.array(cfg.data.std) * 255
-    flip = [RandomHorizontalFlip(cfg.data.hflip)] if train and cfg.data.hflip > 0 else []
     if device.type == "cuda":
-        return [decoder, *flip, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+        return [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
                 NormalizeImage(mean, std, np.float32)]
-    return [decoder, *flip, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+    return [decoder, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
 
 
 def label_pipeline(device: torch.device) -> list:
@@ -89,16 +89,39 @@ def label_pipeline(device: torch.device) -> list:
     return [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
 
 
+class ResumedOrder:
+    """FFCV's seeded traversal order (a permutation per epoch) in which the epoch a run resumed in starts at the
+    batch the run stopped at: the batches before are never read. ffcv 1.0.2's Loader refuses a TraversalOrder
+    class of one's own (its check takes an instance and then calls it), so this replaces the built one."""
+
+    def __init__(self, order, *, epoch: int, skip: int, keep: int):
+        self.order, self.epoch, self.skip, self.keep = order, epoch, skip, keep
+
+    def sample_order(self, epoch: int):
+        order = self.order.sample_order(epoch)[:self.keep]  # the loader drops the last partial batch
+        return order[self.skip:] if epoch == self.epoch else order
+
+
+def resume_loader(loader, global_step: int) -> None:
+    """Makes an FFCV training loader go on after `global_step` batches (optimiser steps, one batch each)."""
+    epoch, done = divmod(global_step, len(loader))
+    loader.next_epoch = epoch
+    loader.traversal_order = ResumedOrder(loader.traversal_order, epoch=epoch, skip=done * loader.batch_size,
+                                          keep=len(loader) * loader.batch_size)
+
+
 def make_loader(path: Path, cfg: Config, *, train: bool, device: torch.device, distributed: bool = False,
                 order: str = "random", os_cache: bool = True, drop_last: bool | None = None, batch_size=None,
-                skipped: SkippedSamples | None = None) -> CheckedBatches:
+                skipped: SkippedSamples | None = None, global_step: int = 0) -> CheckedBatches:
+    """`global_step`: for training, the step a run resumed at (see `resume_loader`)."""
     from ffcv.loader import Loader, OrderOption
 
     from ddmim.data.ffcv_decoders import CheckedCenterCrop, CheckedRandomResizedCrop
 
     size = (cfg.model.img_size, cfg.model.img_size)
     if train:
-        decoder = CheckedRandomResizedCrop(size, scale=tuple(cfg.data.crop_scale), ratio=tuple(cfg.data.crop_ratio))
+        decoder = CheckedRandomResizedCrop(size, scale=tuple(cfg.data.crop_scale), ratio=tuple(cfg.data.crop_ratio),
+                                           seed=cfg.train.seed, flip=cfg.data.hflip)
         traversal = OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.RANDOM
     else:
         decoder = CheckedCenterCrop(size, ratio=cfg.data.val_crop_ratio)
@@ -110,7 +133,9 @@ def make_loader(path: Path, cfg: Config, *, train: bool, device: torch.device, d
                     num_workers=loader_threads(cfg.data.num_workers), order=traversal, os_cache=os_cache,
                     drop_last=train if drop_last is None else drop_last, distributed=distributed,
                     indices=indices, seed=cfg.train.seed,
-                    pipelines={"image": image_pipeline(decoder, cfg, device, train), "label": label_pipeline(device)})
+                    pipelines={"image": image_pipeline(decoder, cfg, device), "label": label_pipeline(device)})
+    if train and global_step:
+        resume_loader(loader, global_step)
     return CheckedBatches(loader, path, cfg, skipped or SkippedSamples(int(indices.max(initial=0)) + 1))
 
 
@@ -133,7 +158,8 @@ class FFCVDataModule(pl.LightningDataModule):
         distributed = trainer is not None and trainer.world_size > 1
         return make_loader(self.root / f"{split}.beton", self.cfg, train=train, device=device,
                            distributed=distributed, order=self.cfg.data.ffcv_order,
-                           os_cache=self.cfg.data.ffcv_os_cache, skipped=self.skipped[split])
+                           os_cache=self.cfg.data.ffcv_os_cache, skipped=self.skipped[split],
+                           global_step=trainer.global_step if trainer is not None and train else 0)
 
 
     def train_dataloader(self):

@@ -1,0 +1,67 @@
+"""FFCV training batches depend on the run's seed alone (not on threads or the OS), so a resumed run repeats
+them: the crop and flip of each visit are seeded, and a resumed epoch starts at the batch it stopped at."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import decode_index
+from ddmim.config import make_config
+from ddmim.data.ffcv_loader import make_loader
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.slow  # each FFCV loader compiles its pipeline (about 10 s here)
+
+
+@pytest.fixture(scope="module")
+def gradients(tmp_path_factory):
+    """A .beton of 24 left-to-right gradients (40 x 32, so a flip is visible), whatever their crop."""
+    from ddmim_data_prep import to_ffcv
+
+    src = tmp_path_factory.mktemp("gradients")
+    ramp = np.repeat(np.linspace(0, 255, 40, dtype=np.uint8)[None, :, None], 32, axis=0)
+    for split, count in (("train", 12), ("val", 2)):
+        for name in ("a", "b"):
+            (src / split / name).mkdir(parents=True)
+            for k in range(count):
+                Image.fromarray(np.concatenate([ramp, ramp[:, ::-1] // (k + 2), ramp // 2], axis=2)).save(
+                    src / split / name / f"{k}.png")
+    out = tmp_path_factory.mktemp("gradients-ffcv")
+    assert to_ffcv.main([str(src), str(out), "--workers", "1"]) == 0
+    return out / "train.beton"
+
+
+def batches(path, *overrides, epochs=2, global_step=0):
+    cfg = make_config("tiny", ["train.batch_size=4", *overrides])
+    loader = make_loader(path, cfg, train=True, device=CPU, global_step=global_step)
+    return [x.clone() for _ in range(epochs) for x, _ in loader]  # FFCV reuses its batch buffers
+
+
+def test_crops_and_flips_follow_the_seed_not_the_threads(gradients):
+    one, two = batches(gradients, "data.num_workers=1"), batches(gradients, "data.num_workers=2")
+    assert len(one) == 12 and all(torch.equal(a, b) for a, b in zip(one, two))
+    other = batches(gradients, "data.num_workers=2", "train.seed=1")
+    assert not any(torch.equal(a, b) for a, b in zip(one, other))
+    assert not torch.equal(one[0], one[6])  # the second epoch draws anew
+
+
+def test_a_flip_mirrors_the_crop_it_was_drawn_with(gradients):
+    whole = ["data.crop_scale=[1.0,1.0]", "data.crop_ratio=[1.25,1.25]"]  # the whole 40 x 32 image
+    plain = batches(gradients, *whole, "data.hflip=0.0", epochs=1)
+    flipped = batches(gradients, *whole, "data.hflip=1.0", epochs=1)
+    assert all(torch.equal(a.flip(-1), b) for a, b in zip(plain, flipped))
+    half = batches(gradients, *whole, "data.hflip=0.5", epochs=1)
+    mirrored = [torch.equal(a.flip(-1), b) for p, h in zip(plain, half) for a, b in zip(p, h)]
+    assert 0 < sum(mirrored) < len(mirrored)
+
+
+def test_a_resumed_loader_goes_on_at_the_batch_after_the_step(converted):
+    path = converted["ffcv"] / "train.beton"
+    whole = batches(path, epochs=3)
+    per_epoch = len(whole) // 3
+    for step in (3, per_epoch + 5):
+        rest = batches(path, global_step=step, epochs=3 - step // per_epoch)
+        assert len(rest) == len(whole) - step and all(torch.equal(a, b) for a, b in zip(rest, whole[step:]))
+    cfg = make_config("tiny")
+    seen = [i for x in whole[:per_epoch] for i in decode_index(x, cfg.data.mean, cfg.data.std)]
+    assert len(seen) == len(set(seen))  # an epoch reads each sample once
