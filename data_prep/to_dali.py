@@ -4,7 +4,9 @@
 
 DST/<split>/shard-NNNNNN.tar holds, per image, `KEY.jpg` (an RGB JPEG) and `KEY.cls` (the label as one
 little-endian int32: DALI's webdataset reader types it directly, where a text label would arrive as ASCII
-bytes). Beside each shard, shard-NNNNNN.idx is its index in DALI's wds2idx format.
+bytes). Beside each shard, shard-NNNNNN.idx is its index in DALI's wds2idx format, and shard-NNNNNN.crc the
+CRC-32 of each sample's JPEG (`KEY CRC` lines): DALI decodes through damaged compressed data without an
+error, so the loader checks the bytes against these once (see ddmim/data/dali_repair.py).
 
 The train samples are shuffled once (seeded by --seed) before they are cut into shards: DALI's reader
 shuffles only within a buffer of a few thousand samples, so shards written class after class would give
@@ -27,9 +29,11 @@ import shutil
 import struct
 import sys
 import tarfile
+import zlib
 from functools import partial
 from pathlib import Path
 
+from ddmim.data.dali_repair import CHECKSUMS
 from ddmim.errors import UserError
 from ddmim_data_prep.conversion import (
     SplitResult,
@@ -71,9 +75,10 @@ def write_shard(path: Path, first_key: int, samples, encoded) -> tuple[int, list
     (samples written, skipped)."""
     from wds2idx import IndexCreator  # shipped with DALI: its own index format, written by its own tool
 
-    index = path.with_suffix(".idx")
+    index, sums = path.with_suffix(".idx"), path.with_suffix(CHECKSUMS)
     tmp, index_tmp = path.with_name(f".{path.name}.tmp"), index.with_name(f".{index.name}.tmp")
-    written, skipped = 0, []
+    sums_tmp = sums.with_name(f".{sums.name}.tmp")
+    written, skipped, lines = 0, [], []
     try:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for offset, ((source, label), (data, reason)) in enumerate(zip(samples, encoded)):
@@ -83,15 +88,19 @@ def write_shard(path: Path, first_key: int, samples, encoded) -> tuple[int, list
                 key = f"{first_key + offset:09d}"  # the position in the shuffled plan: unique, stable on resume
                 _add(tar, f"{key}.jpg", data)
                 _add(tar, f"{key}.cls", struct.pack("<i", label))
+                lines.append(f"{key} {zlib.crc32(data):08x}\n")
                 written += 1
         if written:  # DALI's index tool refuses an empty tar, and a reader has nothing to read in one
             with IndexCreator(str(tmp), str(index_tmp), verbose=False) as creator:
                 creator.create_index()
+            sums_tmp.write_text("".join(lines))
             os.replace(index_tmp, index)
+            os.replace(sums_tmp, sums)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
         index_tmp.unlink(missing_ok=True)
+        sums_tmp.unlink(missing_ok=True)
     return written, skipped
 
 

@@ -53,12 +53,21 @@ def corrupt_beton(converted: dict, tmp_path: Path) -> Path:
     return root
 
 
-def corrupt_shard(converted: dict, tmp_path: Path, how=None) -> tuple[Path, str]:
-    """A copy of the DALI data with one sample of its second shard damaged (by `how`, default `damage`)."""
+def damage_middle(data: bytes) -> bytes:
+    """16 bytes of the compressed data overwritten: libjpeg-turbo decodes through them without an error."""
+    at = data.find(b"\xff\xda") + (len(data) - data.find(b"\xff\xda")) // 2
+    return data[:at] + bytes(range(7, 7 * 17, 7)) + data[at + 16:]
+
+
+def corrupt_shard(converted: dict, tmp_path: Path, how=None, checksums: bool = True) -> tuple[Path, str]:
+    """A copy of the DALI data with one sample of its second shard damaged (by `how`, default `damage`);
+    without `checksums`, the copy is like an older converter's, with no SHARD.crc files."""
     from ddmim.data.dali_repair import index_entries
 
     root = tmp_path / "dali"
     shutil.copytree(converted["dali"], root)
+    for sums in [] if checksums else root.glob("*/*.crc"):
+        sums.unlink()
     index = sorted((root / "train").glob("*.idx"))[1]
     key, offset, size = index_entries(str(index))[3]
     tar = index.with_suffix(".tar")
@@ -102,10 +111,11 @@ def test_ffcv_loader_skips_a_damaged_sample(converted, tmp_path, cfg, capfd):
     assert capfd.readouterr().err.count(f"train.beton sample {CORRUPT_INDEX} ") == 1
 
 
-def test_dali_loader_skips_a_damaged_sample(converted, tmp_path, cfg, capfd):
+@pytest.mark.parametrize("checksums", [True, False], ids=["checked before reading", "found after DALI failed"])
+def test_dali_loader_skips_a_damaged_sample(checksums, converted, tmp_path, cfg, capfd):
     from ddmim.data.dali_loader import open_loader
 
-    root, where = corrupt_shard(converted, tmp_path)
+    root, where = corrupt_shard(converted, tmp_path, checksums=checksums)
     loader = open_loader(root / "train", cfg, train=False, gpu=False)
     first = epoch_indices(list(loader), cfg)
     second = epoch_indices(list(loader), cfg)
@@ -125,6 +135,37 @@ def test_dali_loader_leaves_out_a_damaged_header_before_dali_reads_it(converted,
                                                                              for i in loader.shards[1])
     indices = epoch_indices(list(loader), cfg)
     assert len(indices) == len(set(indices)) == N_COLOURED_TRAIN - 1 and loader.skipped.count == 1
+
+
+def test_dali_loader_leaves_out_damage_that_dali_decodes_through(converted, tmp_path, cfg, capfd):
+    from ddmim.data.dali_loader import open_loader
+
+    unchecked, _ = corrupt_shard(converted, tmp_path / "old", damage_middle, checksums=False)
+    loader = open_loader(unchecked / "train", cfg, train=False, gpu=False)
+    assert len(epoch_indices(list(loader), cfg)) == N_COLOURED_TRAIN and loader.skipped.count == 0  # unnoticed
+    root, where = corrupt_shard(converted, tmp_path / "new", damage_middle)
+    loader = open_loader(root / "train", cfg, train=False, gpu=False)
+    err = capfd.readouterr().err
+    assert loader.skipped.count == 1 and err.count(where) == 1 and "CRC-32" in err
+    assert len(epoch_indices(list(loader), cfg)) == N_COLOURED_TRAIN - 1
+
+
+def test_a_checked_shard_is_read_again_only_when_it_changes(converted, tmp_path, cfg, monkeypatch):
+    import json as jsonlib
+
+    from ddmim.data.dali_loader import open_loader
+    from ddmim.data.dali_repair import _cache_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root, where = corrupt_shard(converted, tmp_path, damage_middle)
+    assert open_loader(root / "train", cfg, train=False, gpu=False).skipped.count == 1
+    tar = where.rsplit(":", 1)[0]
+    entry = jsonlib.loads(_cache_file(tar).read_text())
+    assert len(entry["bad"]) == 1
+    _cache_file(tar).write_text(jsonlib.dumps({**entry, "bad": []}))  # a planted answer: read, not recomputed
+    assert open_loader(root / "train", cfg, train=False, gpu=False).skipped.count == 0
+    Path(tar).touch()  # a changed shard is read again
+    assert open_loader(root / "train", cfg, train=False, gpu=False).skipped.count == 1
 
 
 @pytest.mark.parametrize("fmt", ["folder", "ffcv", "dali"])
@@ -166,16 +207,17 @@ def _dali_rank(rank: int, port: int, root: str, out: str) -> None:  # one proces
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("how", ["scan data", "header"])
+@pytest.mark.parametrize("how", ["found after DALI failed", "checksum", "header"])
 def test_data_parallel_ranks_repair_a_dali_split_together(how, converted, tmp_path, capfd):
-    """The rank that meets the bad JPEG (or reads its header) and the one that does not: same step, same
+    """The rank that meets the bad JPEG (or checks its shard) and the one that does not: same step, same
     filtered list, same counts, and the sample named once."""
     import json as jsonlib
     import socket
 
     import torch.multiprocessing as mp
 
-    root, where = corrupt_shard(converted, tmp_path, {"scan data": damage, "header": damage_header}[how])
+    root, where = corrupt_shard(converted, tmp_path, damage_header if how == "header" else damage,
+                                checksums=how != "found after DALI failed")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -10,12 +10,12 @@ each rank its own part of the samples (`shard_id`/`num_shards`) and moves every 
 after each epoch (`stick_to_shard=False`); the ranks agree on each epoch's batch count (parts can differ by a
 sample).
 
-Before DALI reads a shard, the loader reads every JPEG's header and leaves out the samples whose header is
-malformed (`dali_repair.damaged_headers`): some header damage crashes DALI's native decoder. Any other JPEG
-that does not decode fails the whole DALI batch; the loader then finds every such sample of the split
+Before DALI reads a shard, the loader leaves out the samples whose JPEG header is malformed (some header
+damage crashes DALI's native decoder) or whose bytes fail the converter's checksum (DALI decodes damaged
+compressed data into grey or shifted blocks without an error): `dali_repair.damaged_samples`. Any other
+JPEG that does not decode fails the whole DALI batch; the loader then finds every such sample of the split
 (`dali_repair.undecodable_samples`), leaves them out through filtered copies of the indexes, and goes on with
-the epoch. Damage inside a JPEG's compressed data that libjpeg-turbo or nvJPEG decode through (as grey or
-shifted blocks, with no error) is not noticed.
+the epoch.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ddmim.config import Config
 from ddmim.data.bad_samples import SkippedSamples
-from ddmim.data.dali_repair import Shards, damaged_headers, filtered_shards, undecodable_samples
+from ddmim.data.dali_repair import Shards, damaged_samples, filtered_shards, undecodable_samples
 from ddmim.data.layout import read_class_count
 from ddmim.data.workers import loader_threads
 from ddmim.errors import UserError
@@ -153,13 +153,13 @@ class DaliLoader:
         self.states: dict[int, dict] = {}  # consumed -> the state after that batch, for the last few batches
 
     def _screened(self) -> Shards | None:
-        """The split's shards without the samples whose JPEG header is malformed, found before DALI reads any:
-        some header damage kills DALI's decoder with SIGSEGV, which no handler can catch. None when every
-        header is sound. Under data-parallel training each rank reads the headers of every world-th shard and
-        all ranks take the union, so they go on over one sample list."""
+        """The split's shards without the samples whose JPEG header is malformed or whose bytes fail their
+        checksum, found before DALI reads any (`dali_repair.damaged_samples`); None when every sample is
+        sound. Under data-parallel training each rank checks every world-th shard and all ranks take the
+        union, so they go on over one sample list."""
         own = list_shards(self.folder)
         rank, world = (dist.get_rank(self.group), dist.get_world_size(self.group)) if self.group else (0, 1)
-        bad = damaged_headers((own[0][rank::world], own[1][rank::world]), own)
+        bad = damaged_samples((own[0][rank::world], own[1][rank::world]), own, share=world)
         for entry in bad:
             self.skipped.record(*entry)
         if self.group is not None:

@@ -3,18 +3,25 @@
 DALI's webdataset reader reads only the samples its index lists, so a filtered copy of an index is the
 way to skip a sample without touching the shards. The copies live in a temporary folder of this process.
 
-Two searches: `damaged_headers` reads only each JPEG's header (a few hundred bytes), before DALI first
-sees the shards, since some header damage kills DALI's decoder with SIGSEGV; `undecodable_samples`
-decodes every sample with PIL, after DALI failed on a batch.
+Two searches. `damaged_samples` runs before DALI first sees the shards: it walks each JPEG's header
+(`jpeg_header`), since some header damage kills DALI's decoder with SIGSEGV, and checks each JPEG's bytes
+against the CRC-32 the converter wrote beside the shard (SHARD.crc), since DALI decodes damaged compressed
+data into a wrong image without an error. Shards of older converters, without checksums, get the header walk
+only (a few hundred bytes a sample). What a shard holds is remembered in the user's cache by path, size and
+modification time, so a data set is read in full once. `undecodable_samples` decodes every sample with PIL,
+after DALI failed on a batch.
 """
 from __future__ import annotations
 
 import atexit
+import hashlib
 import io
+import json
 import multiprocessing as mp
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 from PIL import Image
@@ -22,6 +29,7 @@ from PIL import Image
 from ddmim.data.jpeg_header import header_fault
 
 HEADER_READ = 4096  # bytes read at once at each sample's start: most JPEG headers end within them
+CHECKSUMS = ".crc"  # beside SHARD.tar: 'KEY CRC32' per sample, written by data_prep/to_dali.py
 
 
 def index_entries(index: str) -> list[tuple[str, int, int]]:
@@ -49,13 +57,22 @@ def _check_shard(job: tuple[str, str]) -> list[tuple[str, str]]:
     return bad
 
 
-def _check_headers(job: tuple[str, str]) -> list[tuple[str, str]]:
+def _read_checksums(tar: str) -> dict[str, int] | None:
+    path = Path(tar).with_suffix(CHECKSUMS)
+    if not path.is_file():
+        return None
+    return {key: int(crc, 16) for key, crc in (line.split() for line in path.read_text().splitlines())}
+
+
+def _check_stored(job: tuple[str, str]) -> list[tuple[str, str]]:
+    """(key, reason) of each sample of one shard whose header is malformed or whose bytes are not the ones
+    the converter wrote."""
     tar, index = job
-    bad = []
+    checksums, bad = _read_checksums(tar), []
     with open(tar, "rb") as f:
         for key, offset, size in index_entries(index):
             f.seek(offset)
-            head = f.read(min(size, HEADER_READ))
+            head = f.read(size if checksums is not None else min(size, HEADER_READ))
 
             def read(at: int, count: int) -> bytes:
                 if at + count <= len(head):
@@ -66,6 +83,36 @@ def _check_headers(job: tuple[str, str]) -> list[tuple[str, str]]:
             reason = header_fault(read, size)
             if reason:
                 bad.append((key, f"damaged JPEG header: {reason}"))
+            elif checksums is not None and zlib.crc32(head) != checksums.get(key):
+                bad.append((key, "its bytes differ from the ones written (CRC-32)"))
+    return bad
+
+
+def _cache_file(tar: str) -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddmim" / "dali-scans"
+    return cache / f"{hashlib.sha256(os.path.realpath(tar).encode()).hexdigest()[:32]}.json"
+
+
+def _check_remembered(job: tuple[str, str]) -> list[tuple[str, str]]:
+    """`_check_stored`, read from the cache when the shard, its index and its checksums are unchanged."""
+    tar = job[0]
+    stamp = [[os.stat(p).st_size, os.stat(p).st_mtime_ns] if os.path.exists(p) else None
+             for p in (tar, job[1], str(Path(tar).with_suffix(CHECKSUMS)))]
+    cache = _cache_file(tar)
+    try:
+        remembered = json.loads(cache.read_text())
+        if remembered["stamp"] == stamp and remembered["tar"] == os.path.realpath(tar):
+            return [tuple(entry) for entry in remembered["bad"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no entry, or one of another format: read the shard
+    bad = _check_stored(job)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"tar": os.path.realpath(tar), "stamp": stamp, "bad": bad}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache costs a full read next time, nothing else
     return bad
 
 
@@ -86,15 +133,15 @@ def undecodable_samples(shards: Shards, own: Shards) -> list[tuple[int, str, str
     return _named(shards, own, _check_shard)
 
 
-def damaged_headers(shards: Shards, own: Shards) -> list[tuple[int, str, str]]:
-    """Like `undecodable_samples`, for the samples whose JPEG header is malformed (`jpeg_header`); reads only
-    the headers."""
-    return _named(shards, own, _check_headers)
+def damaged_samples(shards: Shards, own: Shards, share: int = 1) -> list[tuple[int, str, str]]:
+    """Like `undecodable_samples`, for the samples whose JPEG header is malformed or whose bytes fail their
+    checksum, without decoding; `share`: the processes of this machine that check at once (one per rank)."""
+    return _named(shards, own, _check_remembered, max(1, (os.cpu_count() or 1) // share))
 
 
-def _named(shards: Shards, own: Shards, check) -> list[tuple[int, str, str]]:
+def _named(shards: Shards, own: Shards, check, workers: int | None = None) -> list[tuple[int, str, str]]:
     jobs = list(zip(*shards))
-    workers = min(len(jobs), os.cpu_count() or 1)
+    workers = min(len(jobs), workers or os.cpu_count() or 1)
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
             found = pool.map(check, jobs)
