@@ -95,6 +95,17 @@ def test_cli_launches_two_cpu_processes(sample_root, tmp_path):
     assert summary["val_loss_last"] < summary["val_loss_first"]
 
 
+def test_dali_validation_under_ddp_with_parts_of_unequal_size(sample_root, tmp_path):
+    """355 validation images on 2 ranks: parts of 178 and 177, whose last batches differ by an image. The
+    contrastive loss gathers every rank's features, and gloo aborted the run on the unequal sizes until the
+    DALI loader padded the smaller batch."""
+    from ddmim_data_prep import to_dali
+
+    assert to_dali.main([str(sample_root), str(tmp_path / "dali"), "--workers", "2"]) == 0
+    summary = _two_cpu_processes("train", tmp_path / "dali", tmp_path / "run", steps=2)
+    assert summary["world_size"] == 2 and summary["val_loss_first"] is not None
+
+
 @pytest.mark.parametrize("preset", ["tiny_simmim", "tiny_mae"])
 def test_methods_without_a_teacher_train_under_ddp_without_an_unused_parameter_search(preset, sample_root, tmp_path):
     """DDP runs with find_unused_parameters=False: a trained weight without a gradient would stop the second

@@ -261,6 +261,19 @@ class DaliLoader:
                 return None, error
         raise UserError(f"DALI's reader of {self.folder} yields no batch")
 
+    def _even(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A validation batch as large as the largest rank's, padded with its own first samples (as
+        DistributedSampler pads a rank's part). The ranks' parts differ by a sample, so their last batches
+        can too, and a collective over the batch (the contrastive loss gathers every rank's features) needs
+        one size on every rank: a 2-rank run with 355 validation images aborted in gloo."""
+        size = torch.tensor([len(labels)])
+        dist.all_reduce(size, op=dist.ReduceOp.MAX, group=self.group)
+        missing = int(size.item()) - len(labels)  # a CPU tensor of the gloo group: no device synchronisation
+        if missing <= 0:
+            return images, labels
+        repeat = torch.arange(missing, device=labels.device) % len(labels)
+        return torch.cat([images, images[repeat]]), torch.cat([labels, labels[repeat]])
+
     def epoch_batches(self) -> int:
         """Batches of this epoch: the fewest of any rank (one exchange an epoch), so that every rank steps
         as often; DALI gives ranks whose parts differ by a sample different counts."""
@@ -290,6 +303,8 @@ class DaliLoader:
             images, labels = out[0]["images"], out[0]["labels"].reshape(-1).long()
             if self.channels_last:  # HWC batches viewed as NCHW tensors in channels-last memory
                 images = images.permute(0, 3, 1, 2)
+            if self.group is not None and not self.train:
+                images, labels = self._even(images, labels)
             done += 1
             if self.train:
                 self.consumed += 1
