@@ -121,3 +121,17 @@ def test_the_swin_encoder_reads_like_timm(tap):
         ours = encoder.forward_head(encoder.forward_features(images)[-1])
         theirs = encoder.net(images)
     torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("best", ["/run/checkpoints/best-epoch000.ckpt", ""])
+def test_the_summary_names_a_best_checkpoint_only_when_there_is_one(best):
+    from ddmim.train.pretrain import format_summary
+
+    summary = {"val_loss_first": 2.0, "val_loss_last": 1.0, "preset": "tiny", "steps": 3, "wall_s": 1.0,
+               "accelerator": "cpu", "precision": "32", "train_images_per_s": 1.0, "data_wait_share": 0.1,
+               "resumed_from": None, "compile": "off", "run_dir": "/run", "logs": "/run/logs/metrics.csv",
+               "tensorboard": "/run/tensorboard", "checkpoint_last": "/run/checkpoints/last.ckpt",
+               "checkpoint_best": best}
+    line = format_summary(summary).splitlines()[-1]
+    assert line.startswith("  checkpoints     /run/checkpoints/last.ckpt (last)")
+    assert (f", {best} (best val loss)" in line) == bool(best) and ",  (" not in line

@@ -50,5 +50,7 @@ def format_summary(summary: dict) -> str:
         f"  run folder      {summary['run_dir']}",
         f"  metrics (CSV)   {summary['logs']}",
         f"  tensorboard     tensorboard --logdir {summary['tensorboard']}",
-        f"  checkpoints     {summary['checkpoint_last']} (last), {summary['checkpoint_best']} (best val loss)",
+        f"  checkpoints     {summary['checkpoint_last']} (last)"
+        + (f", {summary['checkpoint_best']} (best val loss)" if summary["checkpoint_best"] else
+           " (no validation at an epoch's end yet: no best)"),
     ])
