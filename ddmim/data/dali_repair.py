@@ -116,14 +116,6 @@ def _check_remembered(job: tuple[str, str]) -> list[tuple[str, str]]:
     return bad
 
 
-def _each_shard(check, jobs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    workers = min(len(jobs), os.cpu_count() or 1)
-    if workers > 1:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            return pool.map(check, jobs)
-    return [check(job) for job in jobs]
-
-
 Shards = tuple[list[str], list[str]]  # (tars, their indexes)
 
 
