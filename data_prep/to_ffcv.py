@@ -86,10 +86,22 @@ def _death_reason(logs: Path, process: mp.Process) -> str:
             + (": No space left on device" if full else ""))
 
 
+class _WriterDied(Exception):
+    """Raised in the main thread by the watcher's signal."""
+
+
+def _writer_died(signum, frame):
+    raise _WriterDied
+
+
 def run_writer(writer, dataset: DecodedImages, chunksize: int = 64) -> None:
     """FFCV's writer, watched: its main loop waits forever for a worker that died (a full disk, say), so a
     thread watches the workers and interrupts the writer when one dies; the conversion then ends with that
-    worker's last error line. (The writer runs in the main thread: numba forbids forking from another.)"""
+    worker's last error line. (The writer runs in the main thread: numba forbids forking from another.)
+
+    The interruption is a real signal, since only a signal ends the writer's blocking queue read, and a
+    signal of its own (SIGUSR1) with a handler installed here: SIGINT, used before, is ignored in a job
+    that a shell starts in the background (`nohup ... &`), where every full-disk run then hung."""
     failure: list[str] = []
     done = threading.Event()
 
@@ -105,16 +117,15 @@ def run_writer(writer, dataset: DecodedImages, chunksize: int = 64) -> None:
                 failure.append(_death_reason(dataset.logs, dead[0]))
                 for p in workers.values():
                     p.terminate()
-                os.kill(os.getpid(), signal.SIGINT)  # a real signal: it also ends a blocking queue read
+                os.kill(os.getpid(), signal.SIGUSR1)
                 return
 
+    previous = signal.signal(signal.SIGUSR1, _writer_died)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
         writer.from_indexed_dataset(dataset, chunksize=chunksize)
-    except KeyboardInterrupt:
-        if not failure:
-            raise
+    except _WriterDied:
         shared = getattr(writer, "metadata_sm", None)
         if shared is not None:
             shared.unlink()
@@ -122,6 +133,7 @@ def run_writer(writer, dataset: DecodedImages, chunksize: int = 64) -> None:
     finally:
         done.set()
         watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def drop_samples(path: Path, drop: set[int]) -> None:

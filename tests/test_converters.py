@@ -167,8 +167,11 @@ def _noise_source(root: Path, count: int, size: int = 96) -> Path:
     return root
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background job"])
 @pytest.mark.parametrize("script, final", [("to_ffcv.py", "train.beton"), ("to_dali.py", "train")])
-def test_a_full_disk_ends_in_one_line_and_leaves_no_output(script, final, tmp_path):
+def test_a_full_disk_ends_in_one_line_and_leaves_no_output(script, final, background, tmp_path):
+    """Also as a job a shell starts in the background (`nohup ... &`), which ignores SIGINT: the FFCV
+    converter's watcher interrupted its writer with SIGINT, and there every full-disk run hung."""
     import resource
 
     src = _noise_source(tmp_path / "src", 60, size=200)
@@ -177,6 +180,8 @@ def test_a_full_disk_ends_in_one_line_and_leaves_no_output(script, final, tmp_pa
     def small_files():  # writes past 256 KiB fail as on a full disk (EFBIG instead of ENOSPC)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+        if background:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     one_shard = ["--shard-size", "1000"] if script == "to_dali.py" else []
     proc = subprocess.run([sys.executable, str(REPO / "data_prep" / script), str(src), str(dst), "--workers", "2",
