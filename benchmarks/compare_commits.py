@@ -73,6 +73,18 @@ def import_root(tree: Path, folder: Path) -> Path:
     return folder
 
 
+def two_trees(base: str, tmp: Path) -> dict[str, tuple[Path, Path]]:
+    """{'base': commit `base` exported under `tmp`, 'this tree': this checkout}, each with its import root."""
+    base_tree = tmp / "base"
+    base_tree.mkdir()
+    archive = subprocess.run(f"git archive {base} | tar -x -C {base_tree}", shell=True, cwd=ROOT,
+                             capture_output=True, text=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"cannot export commit {base}: {archive.stderr.strip()}")
+    return {"base": (base_tree, import_root(base_tree, tmp / "base-imports")),
+            "this tree": (ROOT, import_root(ROOT, tmp / "head-imports"))}
+
+
 def measure(tree: Path, path_root: Path, preset: str, batch: int, warmup: int, steps: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(path_root)}
     done = subprocess.run([sys.executable, "-c", CHILD, preset, str(batch), str(warmup), str(steps)], env=env,
@@ -97,14 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     with tempfile.TemporaryDirectory() as tmp:
-        base_tree = Path(tmp) / "base"
-        base_tree.mkdir()
-        archive = subprocess.run(f"git archive {args.base} | tar -x -C {base_tree}", shell=True, cwd=ROOT,
-                                 capture_output=True, text=True)
-        if archive.returncode != 0:
-            raise SystemExit(f"cannot export commit {args.base}: {archive.stderr.strip()}")
-        trees = {"base": (base_tree, import_root(base_tree, Path(tmp) / "base-imports")),
-                 "this tree": (ROOT, import_root(ROOT, Path(tmp) / "head-imports"))}
+        trees = two_trees(args.base, Path(tmp))
         rows = []
         for preset in args.presets:
             from ddmim.config import make_config

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ddmim_benchmarks.common import write_results
-from ddmim_benchmarks.compare_commits import ROOT, import_root
+from ddmim_benchmarks.compare_commits import ROOT, two_trees
 from ddmim_data_prep.photo_sample import build_photo_dataset
 
 CACHE = Path.home() / ".cache" / "ddmim" / "bench"
@@ -51,14 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        base_tree = Path(tmp) / "base"
-        base_tree.mkdir()
-        archive = subprocess.run(f"git archive {args.base} | tar -x -C {base_tree}", shell=True, cwd=ROOT,
-                                 capture_output=True, text=True)
-        if archive.returncode != 0:
-            raise SystemExit(f"cannot export commit {args.base}: {archive.stderr.strip()}")
-        trees = {"base": (base_tree, import_root(base_tree, Path(tmp) / "base-imports")),
-                 "this tree": (ROOT, import_root(ROOT, Path(tmp) / "head-imports"))}
+        trees = two_trees(args.base, Path(tmp))
         for script in ("to_ffcv", "to_dali"):
             times = {name: [] for name in trees}
             for round_ in range(args.rounds):
