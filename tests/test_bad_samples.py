@@ -9,6 +9,7 @@ import torch
 from conftest import N_COLOURED_TRAIN, decode_index
 from ddmim.cli import main
 from ddmim.config import make_config
+from ddmim.data.dali_repair import ranks_sharing_cores
 
 CORRUPT_INDEX = 5  # the source image (and .beton sample) that gets damaged
 
@@ -227,6 +228,18 @@ def test_data_parallel_ranks_repair_a_dali_split_together(how, converted, tmp_pa
     assert ranks[0]["indexes"] is not None and ranks[0]["indexes"] == ranks[1]["indexes"]
     assert ranks[0]["failed"] == ranks[1]["failed"] and len(ranks[0]["failed"]) == 1  # one sample, on both
     assert capfd.readouterr().err.count(where) == 1
+
+
+def test_the_checks_before_dali_split_only_the_cores_ranks_share():
+    """8 nodes of 8 ranks: each rank checks on an eighth of its node, not a 64th; ranks bound to cores of their
+    own (SLURM --cpu-bind) each use all of theirs."""
+    node = frozenset(range(64))
+    unbound = [(f"node{n}", node) for n in range(8) for _ in range(8)]
+    assert ranks_sharing_cores(("node3", node), unbound) == 8
+    bound = [(f"node{n}", frozenset(range(8 * r, 8 * r + 8))) for n in range(8) for r in range(8)]
+    assert ranks_sharing_cores(("node3", frozenset(range(16, 24))), bound) == 1
+    half = [("a", frozenset(range(4))), ("a", frozenset(range(4))), ("a", frozenset(range(4, 8)))]
+    assert ranks_sharing_cores(half[0], half) == 2
 
 
 @pytest.mark.slow

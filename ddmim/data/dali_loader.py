@@ -20,6 +20,7 @@ the epoch.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -29,7 +30,14 @@ import torch.distributed as dist
 
 from ddmim.config import Config
 from ddmim.data.bad_samples import SkippedSamples
-from ddmim.data.dali_repair import Shards, damaged_samples, filtered_shards, undecodable_samples
+from ddmim.data.dali_repair import (
+    Shards,
+    damaged_samples,
+    filtered_shards,
+    ranks_sharing_cores,
+    undecodable_samples,
+    usable_cores,
+)
 from ddmim.data.layout import read_class_count
 from ddmim.data.workers import loader_threads
 from ddmim.errors import UserError
@@ -155,11 +163,17 @@ class DaliLoader:
     def _screened(self) -> Shards | None:
         """The split's shards without the samples whose JPEG header is malformed or whose bytes fail their
         checksum, found before DALI reads any (`dali_repair.damaged_samples`); None when every sample is
-        sound. Under data-parallel training each rank checks every world-th shard and all ranks take the
-        union, so they go on over one sample list."""
+        sound. Under data-parallel training each rank checks every world-th shard, with its part of the cores
+        that it shares with other ranks, and all ranks take the union, so they go on over one sample list."""
         own = list_shards(self.folder)
         rank, world = (dist.get_rank(self.group), dist.get_world_size(self.group)) if self.group else (0, 1)
-        bad = damaged_samples((own[0][rank::world], own[1][rank::world]), own, share=world)
+        share = 1
+        if self.group is not None:
+            mine = (socket.gethostname(), usable_cores())
+            every_rank = [None] * world
+            dist.all_gather_object(every_rank, mine, group=self.group)
+            share = ranks_sharing_cores(mine, every_rank)
+        bad = damaged_samples((own[0][rank::world], own[1][rank::world]), own, share=share)
         for entry in bad:
             self.skipped.record(*entry)
         if self.group is not None:

@@ -127,8 +127,22 @@ def undecodable_samples(shards: Shards, own: Shards) -> list[tuple[int, str, str
 
 def damaged_samples(shards: Shards, own: Shards, share: int = 1) -> list[tuple[int, str, str]]:
     """Like `undecodable_samples`, for the samples whose JPEG header is malformed or whose bytes fail their
-    checksum, without decoding; `share`: the processes of this machine that check at once (one per rank)."""
-    return _named(shards, own, _check_remembered, max(1, (os.cpu_count() or 1) // share))
+    checksum, without decoding; `share`: the ranks that check at once on this process's cores."""
+    return _named(shards, own, _check_remembered, max(1, len(usable_cores()) // share))
+
+
+def usable_cores() -> frozenset[int]:
+    """The cores this process may run on: a launcher (SLURM, numactl) may bind each rank to a few of them."""
+    return frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset(
+        range(os.cpu_count() or 1))
+
+
+def ranks_sharing_cores(mine: tuple[str, frozenset[int]], every_rank: list[tuple[str, frozenset[int]]]) -> int:
+    """How many ranks (this one included) check on this rank's cores, from each rank's (host, usable cores): the
+    ranks of the same host whose cores overlap. Not the world size: 8 nodes of 8 ranks would give each rank
+    1/64 of its machine; nor the host's rank count where a launcher bound each rank to cores of its own."""
+    host, cores = mine
+    return max(1, sum(1 for other_host, other in every_rank if other_host == host and other & cores))
 
 
 def _named(shards: Shards, own: Shards, check, workers: int | None = None) -> list[tuple[int, str, str]]:
