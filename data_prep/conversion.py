@@ -189,13 +189,15 @@ class Workers:
     """Decoding in worker processes (forked where the platform can: they start at once and need no imports; on
     a 2,000-image set a spawned pool's start-up took a third of the run), or in this process for one worker.
 
-    `imap` is an ordered map that keeps at most a few results per worker in flight. A consumer that stops early
-    (a full disk) then leaves only those to finish, and `close` never waits on a pipe filled with results: with
-    `multiprocessing.Pool.imap` and its chunks of ~350 KB results, `Pool.terminate()` deadlocked in 3 of 22
+    `imap` is an ordered map over chunks of items, a few chunks per worker in flight. A consumer that stops
+    early (a full disk) then leaves only those to finish, and `close` never waits on a pipe filled with results:
+    with `multiprocessing.Pool.imap` and its chunks of ~350 KB results, `Pool.terminate()` deadlocked in 3 of 22
     full-disk runs (CPython's python/cpython#96995, #78178). Here a manager thread of concurrent.futures reads
-    every result as it comes."""
+    every result as it comes. Chunks, not single items: one future per image cost the DALI converter 10% of its
+    time at 2 workers (benchmarks/compare_converters.py)."""
 
-    IN_FLIGHT_PER_WORKER = 4
+    CHUNK = 8
+    CHUNKS_IN_FLIGHT_PER_WORKER = 2
 
     def __init__(self, workers: int):
         self.workers = workers
@@ -215,15 +217,23 @@ class Workers:
                     yield fn(item)
                     bar.update()
                 return
+            in_flight = self.CHUNKS_IN_FLIGHT_PER_WORKER * self.workers
+            size = max(1, min(self.CHUNK, len(items) // in_flight))  # a small list still reaches every worker
             todo = iter(items)
-            for item in islice(todo, self.IN_FLIGHT_PER_WORKER * self.workers):
-                pending.append(self.executor.submit(fn, item))
+
+            def submit_next() -> None:
+                chunk = list(islice(todo, size))
+                if chunk:
+                    pending.append(self.executor.submit(_map_chunk, fn, chunk))
+
+            for _ in range(in_flight):
+                submit_next()
             while pending:
-                result = pending.popleft().result()
-                for item in islice(todo, 1):
-                    pending.append(self.executor.submit(fn, item))
-                yield result
-                bar.update()
+                results = pending.popleft().result()
+                submit_next()
+                for result in results:
+                    yield result
+                    bar.update()
         finally:
             for future in pending:
                 future.cancel()
@@ -232,6 +242,10 @@ class Workers:
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _map_chunk(fn, chunk: list) -> list:
+    return [fn(item) for item in chunk]
 
 
 def write_report(dst: Path, classes: list[str], results: list[SplitResult], seconds: float, backend: str) -> None:
