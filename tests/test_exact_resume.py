@@ -1,7 +1,9 @@
 """A run SIGKILLed mid-epoch and resumed ends bit-identical to the run that was never stopped (CPU, fp32, loader
 workers), for the folder, FFCV and DALI formats: same data order, augmentations, masks, EMA schedule and random
 streams."""
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +22,10 @@ def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
             "--set", "train.keep_checkpoints=2", "--set", "train.report_every=0", *extra]
 
 
-def _final_state(run: Path) -> dict[str, torch.Tensor]:
+def _final_state(run: Path, steps: int = STEPS) -> dict[str, torch.Tensor]:
     """Every tensor of the final checkpoint that training changes: weights, teacher, optimiser moments."""
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == STEPS
+    assert ckpt["global_step"] == steps
     tensors = {f"model.{k}": v for k, v in ckpt["state_dict"].items()}
     for i, state in enumerate(ckpt["optimizer_states"]):
         for param, moments in state["state"].items():
@@ -74,3 +76,43 @@ def test_a_run_killed_at_three_steps_ends_as_the_run_never_stopped(fmt, sample_r
     assert whole.keys() == killed.keys() and len(whole) > 100
     differ = [k for k in whole if not torch.equal(whole[k], killed[k])]
     assert not differ, f"{len(differ)} of {len(whole)} tensors differ after resuming at {resumed_at}: {differ[:5]}"
+
+
+DDP_STEPS = 16
+
+
+@pytest.mark.slow
+def test_a_two_rank_dali_run_killed_twice_ends_as_the_run_never_stopped(digits_dali, tmp_path):
+    """2 gloo ranks on DALI shards: each rank's DALI checkpoint is gathered into the step checkpoint, so a
+    resumed rank starts its own part of the epoch where it stopped. The launcher's whole process group is
+    killed, as a scheduler's SIGKILL of the job would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "ddmim", "train", "--data", str(digits_dali), "--preset", "tiny",
+                "--out", str(out), "--max-steps", str(DDP_STEPS), "--no-progress", "--workers", "1",
+                "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--set", "train.batch_size=32",
+                "--set", "train.ckpt_every_steps=1", "--set", "train.keep_checkpoints=2",
+                "--set", "train.report_every=0", *extra]
+
+    def finish(out: Path, *extra: str) -> str:
+        done = subprocess.run(cmd(out, *extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    finish(tmp_path / "whole")
+    out = tmp_path / "killed"
+    for attempt, step in enumerate((4, 11)):
+        proc = subprocess.Popen(cmd(out, *(["--resume", "auto"] if attempt else [])), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            assert _kill_when(proc, lambda: _newest_step(out / "checkpoints") >= step, deadline_s=900), step
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # rank 1, which Lightning's launcher started
+    assert "resuming from" in finish(out, "--resume", "auto")
+
+    whole, killed = (_final_state(run, DDP_STEPS) for run in (tmp_path / "whole", out))
+    assert whole.keys() == killed.keys() and len(whole) > 100
+    differ = [k for k in whole if not torch.equal(whole[k], killed[k])]
+    assert not differ, f"{len(differ)} of {len(whole)} tensors differ: {differ[:5]}"
