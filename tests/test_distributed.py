@@ -121,17 +121,42 @@ def test_cli_fine_tunes_on_two_cpu_processes_with_one_summary(sample_root, tmp_p
     assert summary["world_size"] == 2 and summary["steps"] == 3 and 0 <= summary["val_top1"] <= 100
 
 
+RECORDING_LAUNCH = """
+import json, os, sys
+from ddmim.data.resumable import ResumableSampler
+from ddmim.cli import main
+
+plain = ResumableSampler.__iter__
+
+def recorded(self):
+    # the epoch order this rank's sampler deals out, under the rank torchrun gave the process
+    visits = list(plain(self))
+    with open(os.path.join(os.environ["RECORD_DIR"], f"rank{os.environ['RANK']}-epoch{self.epoch}.json"), "w") as f:
+        json.dump({"sampler_rank": self.rank, "world": self.num_replicas, "indices": [i for i, _ in visits]}, f)
+    return iter(visits)
+
+ResumableSampler.__iter__ = recorded
+sys.exit(main())
+"""
+
+
 @pytest.mark.slow
 def test_two_nodes_under_torchrun_share_one_run_folder(sample_root, tmp_path):
     """Node-rank handling, as on a cluster: two torchrun "nodes" of one process each on this machine (gloo,
-    localhost rendezvous) make one run folder, one summary and one set of checkpoints."""
-    port, out = _free_port(), tmp_path / "run"
+    localhost rendezvous) make one run folder, one summary and one set of checkpoints, and their samplers deal
+    the epoch out between them: every training image once across the 2 ranks (one more where the count is odd,
+    as DistributedSampler pads)."""
+    port, out, record = _free_port(), tmp_path / "run", tmp_path / "record"
+    record.mkdir()
+    launch = tmp_path / "launch.py"
+    launch.write_text(RECORDING_LAUNCH)
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               "-m", "ddmim", "train", "--data", str(sample_root), "--preset", "tiny", "--devices", "1",
+                               str(launch), "train", "--data", str(sample_root), "--preset", "tiny", "--devices", "1",
                                "--num-nodes", "2", "--strategy", "ddp", "--accelerator", "cpu", "--max-steps", "3",
                                "--epochs", "1", "--workers", "0", "--out", str(out), "--no-progress"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "RECORD_DIR": str(record)}) for node in (0, 1)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs[0] and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1]
@@ -141,3 +166,11 @@ def test_two_nodes_under_torchrun_share_one_run_folder(sample_root, tmp_path):
     assert "last.ckpt" in {p.name for p in (out / "checkpoints").glob("*.ckpt")}
     assert not [p for p in out.iterdir() if p.name not in ("checkpoints", "logs", "tensorboard", "config.yaml",
                                                            "summary.json")]
+
+    dealt = [json.loads((record / f"rank{rank}-epoch0.json").read_text()) for rank in (0, 1)]
+    assert [(d["sampler_rank"], d["world"]) for d in dealt] == [(0, 2), (1, 2)]
+    images = sum(1 for p in (sample_root / "train").rglob("*") if p.is_file())
+    first, second = (d["indices"] for d in dealt)
+    assert set(first) | set(second) == set(range(images))
+    assert len(first) == len(second) == len(set(first)) == len(set(second))
+    assert len(first) + len(second) - images == images % 2
