@@ -16,10 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 30  # an epoch of the digits is 22 batches at batch 64: the kills fall in both epochs
 
 
-def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _cmd(data: Path, out: Path, *extra: str, steps: int = STEPS, workers: int = 2) -> list[str]:
     return [sys.executable, "-m", "ddmim", "train", "--data", str(data), "--preset", "tiny", "--out", str(out),
-            "--max-steps", str(STEPS), "--no-progress", "--workers", "2", "--set", "train.ckpt_every_steps=1",
+            "--max-steps", str(steps), "--no-progress", "--workers", str(workers), "--set", "train.ckpt_every_steps=1",
             "--set", "train.keep_checkpoints=2", "--set", "train.report_every=0", *extra]
+
+
+def _finish(cmd: list[str]) -> str:
+    """The stdout of a run that must end with exit 0."""
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
 
 
 def _final_state(run: Path, steps: int = STEPS) -> dict[str, torch.Tensor]:
@@ -31,6 +41,12 @@ def _final_state(run: Path, steps: int = STEPS) -> dict[str, torch.Tensor]:
         for param, moments in state["state"].items():
             tensors.update({f"optim{i}.{param}.{k}": v for k, v in moments.items() if torch.is_tensor(v)})
     return tensors
+
+
+def _assert_identical(whole: dict[str, torch.Tensor], killed: dict[str, torch.Tensor], context: str = "") -> None:
+    assert whole.keys() == killed.keys() and len(whole) > 100
+    differ = [k for k in whole if not torch.equal(whole[k], killed[k])]
+    assert not differ, f"{len(differ)} of {len(whole)} tensors differ{context}: {differ[:5]}"
 
 
 @pytest.fixture(scope="module")
@@ -55,27 +71,17 @@ def digits_ffcv(sample_root, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("fmt", ["folder", "ffcv", "dali"])
 def test_a_run_killed_at_three_steps_ends_as_the_run_never_stopped(fmt, sample_root, request, tmp_path):
     data = sample_root if fmt == "folder" else request.getfixturevalue(f"digits_{fmt}")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(_cmd(data, tmp_path / "whole"), cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-
+    _finish(_cmd(data, tmp_path / "whole"))
     out = tmp_path / "killed"
     resumed_at = []
     for attempt, step in enumerate((5, 17, 26)):  # each killed once a checkpoint of that step is complete
         cmd = _cmd(data, out, *(["--resume", "auto"] if attempt else []))
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert _kill_when(proc, lambda: _newest_step(out / "checkpoints") >= step, deadline_s=900), step
         resumed_at.append(_newest_step(out / "checkpoints"))
-    done = subprocess.run(_cmd(data, out, "--resume", "auto"), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming from" in done.stdout
+    assert "resuming from" in _finish(_cmd(data, out, "--resume", "auto"))
 
-    whole, killed = _final_state(tmp_path / "whole"), _final_state(out)
-    assert whole.keys() == killed.keys() and len(whole) > 100
-    differ = [k for k in whole if not torch.equal(whole[k], killed[k])]
-    assert not differ, f"{len(differ)} of {len(whole)} tensors differ after resuming at {resumed_at}: {differ[:5]}"
+    _assert_identical(_final_state(tmp_path / "whole"), _final_state(out), f" after resuming at {resumed_at}")
 
 
 DDP_STEPS = 16
@@ -86,33 +92,20 @@ def test_a_two_rank_dali_run_killed_twice_ends_as_the_run_never_stopped(digits_d
     """2 gloo ranks on DALI shards: each rank's DALI checkpoint is gathered into the step checkpoint, so a
     resumed rank starts its own part of the epoch where it stopped. The launcher's whole process group is
     killed, as a scheduler's SIGKILL of the job would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
     def cmd(out: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "ddmim", "train", "--data", str(digits_dali), "--preset", "tiny",
-                "--out", str(out), "--max-steps", str(DDP_STEPS), "--no-progress", "--workers", "1",
-                "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--set", "train.batch_size=32",
-                "--set", "train.ckpt_every_steps=1", "--set", "train.keep_checkpoints=2",
-                "--set", "train.report_every=0", *extra]
+        return _cmd(digits_dali, out, "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
+                    "--set", "train.batch_size=32", *extra, steps=DDP_STEPS, workers=1)
 
-    def finish(out: Path, *extra: str) -> str:
-        done = subprocess.run(cmd(out, *extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout
-
-    finish(tmp_path / "whole")
+    _finish(cmd(tmp_path / "whole"))
     out = tmp_path / "killed"
     for attempt, step in enumerate((4, 11)):
-        proc = subprocess.Popen(cmd(out, *(["--resume", "auto"] if attempt else [])), cwd=REPO, env=env,
+        proc = subprocess.Popen(cmd(out, *(["--resume", "auto"] if attempt else [])), cwd=REPO, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             assert _kill_when(proc, lambda: _newest_step(out / "checkpoints") >= step, deadline_s=900), step
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # rank 1, which Lightning's launcher started
-    assert "resuming from" in finish(out, "--resume", "auto")
+    assert "resuming from" in _finish(cmd(out, "--resume", "auto"))
 
-    whole, killed = (_final_state(run, DDP_STEPS) for run in (tmp_path / "whole", out))
-    assert whole.keys() == killed.keys() and len(whole) > 100
-    differ = [k for k in whole if not torch.equal(whole[k], killed[k])]
-    assert not differ, f"{len(differ)} of {len(whole)} tensors differ: {differ[:5]}"
+    _assert_identical(*(_final_state(run, DDP_STEPS) for run in (tmp_path / "whole", out)))
