@@ -151,3 +151,27 @@ def test_every_format_reads_the_same_odd_images_with_the_same_pixels(tmp_path):
     assert abs(float(means["folder"][0].mean()) - 0.5) < 0.02  # the 16-bit ramp scaled: mid-grey on average
     for fmt in ("ffcv", "dali"):
         torch.testing.assert_close(means[fmt], means["folder"], atol=0.02, rtol=0, msg=fmt)
+
+
+def test_a_visit_gives_the_same_pixels_in_a_worker_and_in_the_main_process(coloured_source):
+    """Workers seed their streams per visit without saving them; the main process puts its streams back."""
+    import random
+
+    import numpy as np
+
+    from ddmim.data.folder import train_loader
+    from ddmim.data.transforms import train_transform
+
+    cfg = make_config("tiny", ["train.batch_size=8", "data.crop_scale=[0.1,0.5]"])
+    dataset = open_split(coloured_source, "train", train_transform(cfg.model.img_size, cfg.data))
+    batches = {}
+    for workers in (0, 2):
+        cfg.data.num_workers = workers
+        torch.manual_seed(1), np.random.seed(1), random.seed(1)
+        batches[workers] = [images for images, _ in train_loader(dataset, cfg)]
+        if workers == 0:
+            after = torch.rand(1), np.random.rand(), random.random()
+    assert len(batches[0]) == len(batches[2]) > 1
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    assert after == (torch.rand(1), np.random.rand(), random.random())  # the visits left the caller's streams alone
