@@ -8,7 +8,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # FFCV compiles against these system libraries (found by pkg-config).
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 
-.PHONY: install install-all system-deps demo test test-fast lint bench clean
+.PHONY: install install-all system-deps demo test test-fast check-loaders lint bench clean
 
 # the core: enough for `ddmim train` on folders and the demo
 $(BIN)/.installed: pyproject.toml Makefile
@@ -41,6 +41,12 @@ test: install-all
 
 test-fast: install-all
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# each ddmim training loader against its plain library (torchvision, FFCV, DALI), each in its own processes,
+# alternating rounds; fails below 0.85x (the spread of single rounds on a 2-core machine reaches about 10%)
+check-loaders: install-all
+	$(BIN)/python benchmarks/compare_loaders.py --images 1024 --rounds 3 --epochs 2 --guard 0.85 \
+		--json $(or $(TMPDIR),/tmp)/ddmim-loader-guard.json
 
 lint: install
 	$(BIN)/ruff check .

@@ -23,16 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchvision.datasets import ImageFolder
 
 from ddmim.config import make_config
-from ddmim.data.dali_loader import list_shards, open_loader
+from ddmim.data.dali_loader import open_loader
 from ddmim.data.ffcv_loader import make_loader
 from ddmim.data.folder import open_split
 from ddmim.data.transforms import train_transform
 from ddmim_benchmarks.common import write_results
+from ddmim_benchmarks.loader_epochs import plain_dali, plain_ffcv
 from ddmim_data_prep import to_dali, to_ffcv
 from ddmim_data_prep.photo_sample import build_photo_dataset
 
@@ -81,47 +81,6 @@ def convert(photos: Path, cache: Path, resolution: int, workers: int, repeats: i
     sizes = {"ffcv_mib": (paths["ffcv"] / "train.beton").stat().st_size / 2**20,
              "dali_mib": sum(p.stat().st_size for p in (paths["dali"] / "train").glob("*.tar")) / 2**20}
     return paths, {**rates, **sizes}
-
-
-def plain_ffcv(path: Path, cfg, workers: int):
-    """FFCV's documented ImageNet training pipeline on the CPU, without ddmim's checked decoder."""
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToTensor, ToTorchImage
-
-    size = cfg.model.img_size
-    mean, std = np.array(cfg.data.mean) * 255, np.array(cfg.data.std) * 255
-    image = [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip(),
-             NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
-    return Loader(str(path), batch_size=cfg.train.batch_size, num_workers=workers, order=OrderOption.RANDOM,
-                  os_cache=True, drop_last=True, pipelines={"image": image, "label": [IntDecoder(), ToTensor()]})
-
-
-def plain_dali(folder: Path, cfg, workers: int):
-    """DALI's documented webdataset training pipeline on the CPU (crop-window decoding, linear resize)."""
-    from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-    tars, indexes = list_shards(folder)
-    size = cfg.model.img_size
-
-    @pipeline_def
-    def pipeline():
-        jpegs, labels = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["jpg", "cls"],
-                                              dtypes=[types.UINT8, types.INT32], random_shuffle=True,
-                                              name="Reader")
-        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
-        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=False)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                          mean=[m * 255 for m in cfg.data.mean], std=[s * 255 for s in cfg.data.std],
-                                          mirror=fn.random.coin_flip())
-        return images, labels
-
-    pipe = pipeline(batch_size=cfg.train.batch_size, num_threads=workers, device_id=None)
-    pipe.build()
-    return DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
-                               last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
 
 
 def epoch(loader) -> tuple[float, int]:
