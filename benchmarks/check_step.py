@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddmim.config import config_from_dict, preset_values, with_overrides
 from ddmim.finetune_config import finetune_config_from_dict
@@ -32,6 +33,26 @@ from ddmim.train.trainer import build_trainer
 from ddmim_benchmarks.common import write_results
 
 BLOCKING_METHODS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy", "nonzero")
+
+
+class DispatchSyncs(TorchDispatchMode):
+    """Counts, at the dispatcher, the operators that make a host wait for a GPU or copy host data to it: reads of
+    a value (`_local_scalar_dense`, behind .item(), bool() and C++ reads such as `_foreach_lerp_` with a tensor
+    weight, which Python-level patches miss), data-dependent shapes (nonzero, masked_select, unique) and
+    tensors built from Python data inside an operator (`lift_fresh`, as in `x[:, [0, -1]]`)."""
+
+    OPS = ("_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2",
+           "unique_consecutive", "lift_fresh")
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.OPS:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
 
 
 class SyncCounter:

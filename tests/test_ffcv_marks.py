@@ -112,3 +112,51 @@ def test_only_the_first_batch_is_looked_at_on_the_host(monkeypatch):
         rest = list(stream)
         counter.active = False
     assert len(rest) == 5 and dict(counter.calls) == {}
+
+
+def test_batches_after_the_first_neither_read_nor_build_host_data_at_the_dispatcher(monkeypatch):
+    from ddmim_benchmarks.check_step import DispatchSyncs
+
+    monkeypatch.setattr("ddmim.data.bad_samples.on_host", lambda tensor: False)  # the batches as if on a GPU
+    raw = [batch(4, {1: 5} if i % 2 else {}) * torch.tensor(STD).view(1, 3, 1, 1) * 255
+           + torch.tensor(MEAN).view(1, 3, 1, 1) * 255 for i in range(4)]
+    raw = [(r.round().to(torch.uint8), torch.arange(4)) for r in raw]  # the CUDA pipeline's uint8 batches
+    for batches in (raw, [(batch(4, {1: 5} if i % 2 else {}), torch.arange(4)) for i in range(4)]):
+        stream = iter(CheckedBatches(Batches(batches), Path("train.beton"), make_config("tiny"), SkippedSamples(8)))
+        next(stream)
+        with DispatchSyncs() as syncs:
+            rest = list(stream)
+        assert len(rest) == 3 and dict(syncs.calls) == {}
+    weight = torch.tensor(0.5)
+    with DispatchSyncs() as control:  # the control: the same read by an index list, and a value read in C++
+        raw[0][0][:, :, [0, -1], 0]
+        torch._foreach_lerp_([torch.zeros(2)], [torch.ones(2)], weight)
+    assert control.calls["lift_fresh"] == 1 and control.calls["_local_scalar_dense"] >= 1
+
+
+def test_raw_batches_are_normalised_as_ffcvs_cpu_pipeline_does():
+    pixels = torch.randint(0, 256, (3, 3, 6, 5), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    checked = CheckedBatches(Batches([(pixels, torch.arange(3))]), Path("x.beton"), make_config("tiny"),
+                             SkippedSamples(4))
+    (images, _), = list(checked)
+    assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
+    data = make_config("tiny").data
+    expected = (pixels / 255 - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(1, 3, 1, 1)
+    assert torch.allclose(images, expected, atol=1e-5)
+
+
+def test_the_cuda_pipeline_needs_no_module_that_ddmim_does_not_install(monkeypatch):
+    """FFCV compiles each operation after ToDevice in its GPU form; NormalizeImage's imports cupy."""
+    import numpy as np
+    from ffcv.pipeline.state import State
+
+    from ddmim.data.ffcv_loader import image_pipeline
+
+    monkeypatch.setitem(__import__("sys").modules, "cupy", None)  # import cupy fails, as where it is missing
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # no CUDA here to put a table on
+    decoder, *rest = image_pipeline(object(), make_config("tiny"), torch.device("cuda"))
+    state = State(jit_mode=True, device=torch.device("cpu"), dtype=np.dtype("uint8"), shape=(32, 32, 3))
+    for operation in rest:
+        state, _ = operation.declare_state_and_memory(state)
+        operation.generate_code()
+    assert state.device == torch.device("cuda") and state.shape == (3, 32, 32)

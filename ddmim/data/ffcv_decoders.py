@@ -119,8 +119,9 @@ class CheckedCenterCrop(_CheckedDecode, CenterCropRGBImageDecoder):
 
 
 class MarkReader:
-    """Reads the marker images of normalised (B, 3, H, W) batches on their own device, so that checking a batch
-    never makes the host wait: (failed (B,) bool, .beton sample index (B,) long, meaningful where failed)."""
+    """Reads the marker images of (B, 3, H, W) batches on their own device, so that checking a batch never makes
+    the host wait: (failed (B,) bool, .beton sample index (B,) long, meaningful where failed). A batch is either
+    raw uint8 pixels or normalised with `mean` and `std`; `normalise` turns a raw one into the normalised form."""
 
     def __init__(self, mean: list[float], std: list[float]):
         self.mean, self.std = mean, std
@@ -129,15 +130,22 @@ class MarkReader:
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # made once per device: a tensor built from Python values is a blocking copy on a GPU
         if device not in self._constants:
-            self._constants[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1) * 255,
-                                       torch.tensor(self.std, device=device).view(1, 3, 1) * 255,
+            self._constants[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * 255,
+                                       torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255,
                                        torch.tensor(MARK, dtype=torch.float32, device=device).view(1, 3))
         return self._constants[device]
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 (pixel - 255 mean) / (255 std) of a uint8 batch, in its memory format."""
+        mean, std, _ = self._on(images.device)
+        return (images.float() - mean) / std
+
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, std, mark = self._on(images.device)
-        corners = images[:, :, [0, -1], 0].float()  # (B, 3, 2): top-left and bottom-left pixels
-        pixels = (corners * std + mean).round()
+        # top-left and bottom-left pixels, (B, 3, 2), as views: indexing with [0, -1] builds an index tensor from
+        # host data, a blocking copy on a GPU
+        corners = torch.stack((images[:, :, 0, 0], images[:, :, -1, 0]), dim=2).float()
+        pixels = corners if images.dtype == torch.uint8 else (corners * std[..., 0] + mean[..., 0]).round()
         failed = (pixels[:, :, 0] == mark).all(dim=1)
         rgb = pixels[:, :, 1].long()
         return failed, rgb[:, 0] + 256 * rgb[:, 1] + 65536 * rgb[:, 2]

@@ -1,8 +1,10 @@
 """FFCV data (ROOT/train.beton, ROOT/val.beton from data_prep/to_ffcv.py) through ffcv.loader.Loader.
 
 Decoding, cropping and flipping run in FFCV's compiled (numba) pipeline. On CUDA the uint8 batch goes
-to the GPU right after decoding (non-blocking) and is normalised there; on the CPU everything stays on
-the CPU, with normalisation before ToTensor (ffcv 1.0.2 never finishes compiling the opposite order there).
+to the GPU right after decoding (non-blocking) and is normalised there by torch (FFCV's own GPU
+normalisation imports cupy, which neither ddmim nor a usual cluster installs); on the CPU everything stays
+on the CPU, with FFCV's normalisation before ToTensor (ffcv 1.0.2 never finishes compiling the opposite
+order there).
 The decoders check every JPEG (`ffcv_decoders`); a sample that does not decode is skipped by the policy of
 `ddmim.data.bad_samples`. Files of older converters held placeholders (label -1) for undecodable sources; they
 are never read.
@@ -60,6 +62,8 @@ class CheckedBatches:
     def __iter__(self):
         for images, labels in self.loader:
             failed, samples = self.read_marks(images)
+            if images.dtype == torch.uint8:  # the CUDA pipeline's raw pixels
+                images = self.read_marks.normalise(images)
             self.skipped.note(failed, samples, self._describe)
             if self.spare is None:  # the host looks until it has kept a good sample: once per loader, mostly
                 good = (~failed).nonzero()
@@ -71,14 +75,14 @@ class CheckedBatches:
 
 
 def image_pipeline(decoder, cfg: Config, device: torch.device) -> list:
-    """The decoder (which crops and flips) and the normalisation, on the device."""
+    """The decoder (which crops and flips) and, on the CPU, the normalisation (on CUDA `CheckedBatches`
+    normalises the uint8 batch)."""
     from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 
     mean = np.array(cfg.data.mean) * 255
     std = np.array(cfg.data.std) * 255
     if device.type == "cuda":
-        return [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
-                NormalizeImage(mean, std, np.float32)]
+        return [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
     return [decoder, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
 
 
