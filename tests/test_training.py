@@ -1,4 +1,5 @@
 import json
+import math
 
 import torch
 
@@ -68,3 +69,29 @@ def test_throughput_reports_give_images_memory_and_flops(sample_root, tmp_path, 
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")) if r.get("perf/tflops_device")]
     assert all(float(r["perf/tflops_device"]) > 0 and float(r["perf/images_per_s"]) > 0 for r in rows)
     assert len({r["perf/tflops_device"] for r in rows}) == 3  # one measurement per report
+
+
+def test_sixteen_bit_mixed_precision_trains_under_the_nonfinite_guard(tmp_path):
+    """GradScaler sets and deletes the fused optimiser's found_inf itself; the guard must not delete it again
+    (16-mixed is the `auto` choice on GPUs without bf16; Lightning's CPU GradScaler follows the same protocol).
+    On the CPU, fp16 autocast makes SwinV2's forward NaN (the cosine attention's norms stay fp16 there), so every
+    step is one that GradScaler skips: the guard and the scaler must count the same steps, and skip them."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from ddmim.train.speed_test import OnDevice
+    from ddmim.train.trainer import build_trainer
+
+    torch.manual_seed(0)
+    cfg = make_config("tiny", ["train.batch_size=4", "data.num_workers=0"])
+    module = DDMIMModule(cfg.to_dict(), cuda=False)
+    before = [p.detach().clone() for p in module.parameters()]
+    run = build_trainer(tmp_path, cfg, Launch(accelerator="cpu", precision="32", max_steps=3, progress_bar=False))
+    # Lightning turns 16-mixed on the CPU into bf16-mixed: its fp16 plugin, with a GradScaler, is put in by hand
+    scaler = torch.amp.GradScaler("cpu", 256.0)
+    run.trainer.strategy.precision_plugin = MixedPrecision("16-mixed", "cpu", scaler)
+    batch = (torch.randn(4, 3, cfg.model.img_size, cfg.model.img_size), torch.zeros(4, dtype=torch.long))
+    run.trainer.fit(module, train_dataloaders=OnDevice(batch, 3))
+    assert run.trainer.global_step == 3
+    halvings = round(math.log2(256.0 / scaler.get_scale()))
+    assert halvings == module.skipped_steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))

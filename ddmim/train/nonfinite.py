@@ -68,11 +68,15 @@ class NonFiniteGuard:
         state = self._guard_state()
         flag = nonfinite_flag(loss, self.parameters())
         inner = getattr(optimizer, "optimizer", optimizer)
-        inner.found_inf = flag  # the fused optimiser skips its update where the flag is set (as under GradScaler)
+        # the fused optimiser skips its update where found_inf is set. Under 16-mixed, GradScaler puts its own
+        # flag there (the same check, over the scaled gradients) and deletes it after the step: the attribute
+        # is removed here only while it is still this guard's
+        inner.found_inf = flag
         try:
             optimizer.step(closure=lambda: loss)  # the closure already ran: hand its loss back
         finally:
-            del inner.found_inf
+            if getattr(inner, "found_inf", None) is flag:
+                del inner.found_inf
         state["last"] = flag
         state["skipped"] += flag
         state["in_a_row"] = (state["in_a_row"] + flag) * flag
