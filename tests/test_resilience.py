@@ -303,3 +303,31 @@ def test_resuming_from_an_end_of_epoch_checkpoint_numbers_every_row_as_the_unint
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(30))
+
+
+def test_each_rank_gets_back_its_own_random_streams_and_cuda_only_its_device(monkeypatch):
+    """Rank 0's streams used to be restored on every rank, and every device's CUDA state set from rank 0's list:
+    a process that sees fewer GPUs at resume than rank 0 saw indexed past them."""
+    from ddmim.train.checkpoint_files import every_rank_rng_state, restore_rng_state, rng_state
+
+    ranks = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        ranks.append({**rng_state(), "cuda": torch.full((16,), seed, dtype=torch.uint8)})
+    earlier = {**rng_state(), "cuda": [torch.full((16,), d, dtype=torch.uint8) for d in range(8)]}  # 8 GPUs
+    set_on_device = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": set_on_device.append(state))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [torch.cuda.set_rng_state(s, i)
+                                                                          for i, s in enumerate(states)])
+    restore_rng_state(ranks, rank=1)
+    torch.manual_seed(2)
+    assert torch.equal(torch.get_rng_state(), ranks[1]["torch"]) and set_on_device[-1][0] == 2
+    restore_rng_state(ranks, rank=5)  # a resume with more ranks than the run had: rank 0's streams
+    assert set_on_device[-1][0] == 1
+    set_on_device.clear()
+    restore_rng_state(earlier, rank=3)  # an earlier version's checkpoint: this device's state of its list
+    assert len(set_on_device) == 1 and set_on_device[0][0] == 0
+    monkeypatch.undo()
+    assert len(every_rank_rng_state()) == 1  # one process: its own state, no collective

@@ -117,20 +117,39 @@ def resume_checkpoint(folder: Path, *, announce: bool = True) -> Path | None:
 
 
 def rng_state() -> dict:
-    """Every random generator a run draws from, so a resumed run continues the same streams."""
+    """Every random generator this process draws from, so a resumed run continues the same streams: CUDA's of
+    this process's device only (a rank of a data-parallel run owns one device)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     # plain types and tensors only, so checkpoints stay loadable with torch.load(weights_only=True)
     state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
                                                        gauss), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def every_rank_rng_state() -> list[dict]:
+    """`rng_state()` of every rank, in rank order (a collective under data-parallel training)."""
+    mine = rng_state()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    ranks = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(ranks, mine)
+    return ranks
+
+
+def restore_rng_state(saved: dict | list[dict], rank: int = 0) -> None:
+    """`saved`: `every_rank_rng_state()` (this rank's entry is used; rank 0's where the run had fewer ranks), or one
+    state of an earlier version, whose "cuda" holds every device's state of rank 0's process."""
+    state = saved if isinstance(saved, dict) else saved[rank if rank < len(saved) else 0]
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # every device of one process: this one's, if that process had it
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)

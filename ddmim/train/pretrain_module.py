@@ -11,7 +11,7 @@ from ddmim.errors import UserError
 from ddmim.models.factory import pretraining_model
 from ddmim.models.kernels import resolve_kernels
 from ddmim.train.base_module import TrainingModule
-from ddmim.train.checkpoint_files import restore_rng_state, rng_state
+from ddmim.train.checkpoint_files import every_rank_rng_state, restore_rng_state
 from ddmim.train.compile import CompiledForward
 from ddmim.train.schedules import make_scheduler, scaled_lr, step_scheduler
 
@@ -49,7 +49,7 @@ class DDMIMModule(TrainingModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[KIND_KEY] = "pretrain"
-        checkpoint["rng"] = rng_state()
+        checkpoint["rng"] = every_rank_rng_state()
         checkpoint["ema_updates"] = self.ema_updates
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -61,7 +61,7 @@ class DDMIMModule(TrainingModule):
                             f"model trains {trained}: it was written by an earlier ddmim and cannot be resumed "
                             "(export, fine-tuning and evaluation still read it)")
         if "rng" in checkpoint:
-            restore_rng_state(checkpoint["rng"])
+            restore_rng_state(checkpoint["rng"], self.global_rank)
         self.ema_updates = checkpoint.get("ema_updates", 1)
 
     def flops_per_image(self, batch: int = 2) -> float | None:
