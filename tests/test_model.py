@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from ddmim.config import make_config
@@ -67,6 +68,31 @@ def test_ema_update_matches_formula(tiny_cfg):
         assert not torch.equal(t_new, t_old)
     for t_buf, s_buf in zip(model.teacher.buffers(), model.student.stages.buffers()):
         assert torch.equal(t_buf, s_buf)
+
+
+@pytest.mark.parametrize("decay, skipped", [(0.999, 0.0), (0.999, 1.0), (0.0, 0.0)])
+def test_the_device_flagged_ema_update_follows_the_formula_without_a_sync(tiny_cfg, decay, skipped):
+    from ddmim_benchmarks.check_step import DispatchSyncs
+
+    model = pretraining_model(tiny_cfg)
+    with torch.no_grad():
+        for p in model.student.stages.parameters():
+            p.add_(torch.randn_like(p))
+        for b in model.teacher.buffers():
+            b.fill_(0)  # so that the copy of the student's shows
+    before = copy.deepcopy(model.teacher)
+    flag = torch.tensor(skipped)
+    with DispatchSyncs() as syncs:
+        ema_update_(model.teacher, model.student.stages, decay, skip=flag)
+    assert dict(syncs.calls) == {}  # _foreach_lerp_ with this flag read it on the host
+    for t_new, t_old, s in zip(model.teacher.parameters(), before.parameters(), model.student.stages.parameters()):
+        if skipped:
+            assert torch.equal(t_new, t_old)
+        elif decay == 0.0:
+            assert torch.equal(t_new, s)  # the first update is an exact copy
+        else:
+            torch.testing.assert_close(t_new, t_old * decay + (1 - decay) * s, rtol=0, atol=1e-7)
+    assert all(torch.equal(t, s) for t, s in zip(model.teacher.buffers(), model.student.stages.buffers()))
 
 
 def test_loss_combines_terms_with_stagefactor_and_alpha(tiny_cfg):
