@@ -1,4 +1,7 @@
-"""The model's loss with `kernels: triton` equals the `torch` path; the option is refused where it cannot run."""
+"""The model's loss with `kernels: triton` equals the `torch` path; the option is refused where it cannot run.
+
+Everything is built on DEVICE: a GPU where there is one (the GPU suite runs this file there without Triton's
+interpreter, whose kernels refuse CPU tensors), else the CPU under the interpreter."""
 import pytest
 import torch
 
@@ -9,8 +12,12 @@ from ddmim.models.factory import pretraining_model
 from ddmim.models.kernels import check_kernels, resolve_kernels
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _model(kernels: str) -> DDMIM:
-    return pretraining_model(make_config("tiny"), kernels=resolve_kernels(kernels, cuda=False))
+    kernels = resolve_kernels(kernels, cuda=DEVICE.type == "cuda")
+    return pretraining_model(make_config("tiny"), kernels=kernels).to(DEVICE)
 
 
 def _losses_and_grads(kernels, images, base, masks):
@@ -24,9 +31,9 @@ def _losses_and_grads(kernels, images, base, masks):
 
 @pytest.mark.parametrize("normalize", ["all", "masked"])
 def test_triton_path_equals_torch_path(normalize):
-    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     model = _model("torch")
-    base, masks = model.draw_masks(4, seed=3)
+    base, masks = model.draw_masks(4, seed=3, device=DEVICE)
     ref, ref_grads = _losses_and_grads("torch", images, base, masks)
     fused, fused_grads = _losses_and_grads("triton", images, base, masks)
     assert ref.keys() == fused.keys()
@@ -40,10 +47,10 @@ def test_triton_path_equals_torch_path(normalize):
 def test_model_draws_masks_with_the_kernel():
     model = _model("triton")
     assert model.kernels.triton
-    base, masks = model.draw_masks(2, seed=0, index=3)
-    assert base.shape == (2, 16, 16) and masks[3] is None
+    base, masks = model.draw_masks(2, seed=0, index=3, device=DEVICE)
+    assert base.shape == (2, 16, 16) and masks[3] is None and base.device.type == DEVICE.type
     assert torch.equal(masks[2], base[:, ::4, ::4])
-    assert torch.equal(model.draw_masks(2, seed=0, index=3)[0], base)
+    assert torch.equal(model.draw_masks(2, seed=0, index=3, device=DEVICE)[0], base)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
