@@ -69,3 +69,37 @@ def test_the_fused_attention_changes_no_weight_and_no_output():
     images = torch.randn(2, 3, cfg.img_size, cfg.img_size)
     for a, b in zip(fused.forward_features(images), plain.forward_features(images)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_every_window_attention_of_a_swin_t_reaches_a_fused_backend(monkeypatch):
+    """Fused SDPA backends take 4-D q/k/v of one dtype and an attention mask that broadcasts to (B, heads, L, S);
+    5-D inputs (the shifted windows once) fall back to the math path. PyTorch's own checks need a GPU to run,
+    so the shape rules are checked on the calls of a Swin-T forward: 12 blocks, 6 of them shifted."""
+    import torch.nn.functional as F
+
+    import ddmim.models.window_attention as window_attention
+
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def recorded(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.shape, k.shape, v.shape, None if attn_mask is None else attn_mask.shape, q.dtype, k.dtype,
+                      v.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(window_attention.F, "scaled_dot_product_attention", recorded)
+    cfg = make_config("seed").model
+    swin = MaskedSwin(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depths=cfg.depths,
+                      num_heads=cfg.num_heads, window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio,
+                      drop_path_rate=0.0, head_dim=cfg.head_dim, perceptual_tap=cfg.perceptual_tap,
+                      fused_attention=True).eval()
+    with torch.no_grad():
+        swin.forward_features(torch.randn(1, 3, cfg.img_size, cfg.img_size))
+    assert len(calls) == sum(cfg.depths) == 12
+    masked = 0
+    for q, k, v, mask, *dtypes in calls:
+        assert len(q) == len(k) == len(v) == 4 and q == k == v and len(set(dtypes)) == 1
+        assert mask is not None and len(mask) <= 4
+        full = (1,) * (4 - len(mask)) + tuple(mask)
+        assert all(m in (1, n) for m, n in zip(full, (q[0], q[1], q[2], k[2])))  # broadcasts to (B, H, L, S)
+        masked += full[1] > 1 and full[1] != cfg.num_heads[0]  # heads x windows: a shifted block
+    assert masked >= 1

@@ -11,7 +11,6 @@ from ddmim.models.ddmim import DDMIM
 from ddmim.models.factory import pretraining_model
 from ddmim.models.kernels import check_kernels, resolve_kernels
 
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -37,9 +37,12 @@ class FusedWindowAttention(WindowAttention):
         bias = table[self.relative_position_index.view(-1)].view(tokens, tokens, -1).permute(2, 0, 1)
         bias = 16 * torch.sigmoid(bias)  # (heads, N, N)
         if mask is not None:  # (windows of one image, N, N): per window of each image, shared by the heads
+            # every fused backend takes 4-D q/k/v only: the windows of an image become heads of one sequence
+            # batch, (images, windows x heads, N, d), and the mask + bias (1, windows x heads, N, N) broadcasts
+            # over the images
             per_image = mask.shape[0]
-            q, k, v = (t.view(-1, per_image, *t.shape[1:]) for t in (q, k, v))
-            bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # (windows of one image, heads, N, N)
+            q, k, v = (t.reshape(-1, per_image * self.num_heads, tokens, t.shape[-1]) for t in (q, k, v))
+            bias = (bias.unsqueeze(0) + mask.unsqueeze(1)).reshape(1, per_image * self.num_heads, tokens, tokens)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                              dropout_p=self.attn_drop.p if self.training else 0.0, scale=1.0)
         out = out.reshape(windows, self.num_heads, tokens, -1).transpose(1, 2).reshape(windows, tokens, channels)
