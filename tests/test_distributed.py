@@ -174,3 +174,17 @@ def test_two_nodes_under_torchrun_share_one_run_folder(sample_root, tmp_path):
     assert set(first) | set(second) == set(range(images))
     assert len(first) == len(second) == len(set(first)) == len(set(second))
     assert len(first) + len(second) - images == images % 2
+
+
+def test_data_parallel_runs_do_not_broadcast_the_constant_buffers(tmp_path):
+    from ddmim.models.factory import pretraining_model
+    from ddmim.train.launch import Launch
+    from ddmim.train.trainer import build_trainer
+
+    cfg = make_config("tiny")
+    run = build_trainer(tmp_path, cfg, Launch(accelerator="cpu", precision="32", devices=2, strategy="ddp"))
+    assert run.trainer.strategy._ddp_kwargs.get("broadcast_buffers") is False
+    model = pretraining_model(cfg)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    model(torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size), model.draw_masks(2)[0])
+    assert all(torch.equal(b, before[name]) for name, b in model.named_buffers())  # nothing to keep in step
