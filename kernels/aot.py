@@ -121,6 +121,8 @@ def compile_launch(launch: Launch, capability: int = 90, warp_size: int = 32) ->
                               options=options.__dict__)
     arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"  # as Triton's own ptxas call
     usage = ptxas_usage(compiled.asm["ptx"], arch)
+    # 64-bit integer division is a long instruction sequence on the GPU, not one instruction
+    usage["div64"] = len(re.findall(r"\b(?:div|rem)\.[su]64\b", compiled.asm["ptx"]))
     pointers = {k: v for k, v in signature.items() if v.startswith("*")}
     constants = {k: v for k, v in bound.items() if signature.get(k) == "constexpr"}
     return {"kernel": launch.kernel.__name__, "label": launch.label, "arch": arch, "pointers": pointers,

@@ -42,10 +42,13 @@ def _write_stage_masks(visible, b, y, x, valid, G, out0, out1, out2, out3, NUM_W
 
 @triton.jit
 def _independent_mask_kernel(out0, out1, out2, out3, n_tokens, G, ratio, seed, offset,
-                             NUM_WRITTEN: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                             NUM_WRITTEN: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    # 32-bit token indices where the batch allows them, so that the index arithmetic divides in 32 bits (24
+    # 64-bit divisions and remainders per element before); the random stream's position stays 64-bit
+    offs = (pid.to(tl.int64) if INDEX_64 else pid) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n_tokens
-    u = tl.rand(seed, offs + offset)
+    u = tl.rand(seed, offs.to(tl.int64) + offset)
     visible = (u >= ratio).to(tl.float32)
     x = offs % G
     y = (offs // G) % G
@@ -97,6 +100,7 @@ def fused_masks(batch: int, grid: int, ratios: list[float], *, seed: int, offset
     else:
         n = batch * grid * grid
         _independent_mask_kernel[(triton.cdiv(n, BLOCK),)](
-            *ptrs, n, grid, float(ratios[0]), seed, offset, NUM_WRITTEN=num_written, BLOCK=BLOCK)
+            *ptrs, n, grid, float(ratios[0]), seed, offset, NUM_WRITTEN=num_written,
+            INDEX_64=triton.cdiv(n, BLOCK) * BLOCK >= 2**31, BLOCK=BLOCK)
     stages = [outs[i] if i in masked_stages else None for i in range(num_stages)]
     return outs[0], stages

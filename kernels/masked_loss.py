@@ -27,10 +27,12 @@ def _masked_loss_kernel(
     pred_ptr, target_ptr, mask_ptr, grad_ptr, partial_ptr, scale_ptr,
     n_elements, C, H, W, mask_h, mask_w, patch_h, patch_w, beta,
     MODE: tl.constexpr, HAS_MASK: tl.constexpr, CHANNELS_LAST: tl.constexpr, TARGET_CHANNELS_LAST: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # 32-bit offsets where the tensor allows them: the index arithmetic below then divides in 32 bits (64-bit
+    # division and remainder are long instruction sequences, 10 per element here)
+    offs = (pid.to(tl.int64) if INDEX_64 else pid) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n_elements
     t_offs = offs
     if HAS_MASK:  # (B, C, H, W): memory offset -> (b, c, y, x) of the element, in pred's own layout
@@ -107,7 +109,8 @@ def masked_loss_forward(pred, target, mask, *, mode, beta, normalize, write_grad
         pred, target, mask_u8, grad, partials, scale,
         n, C, H, W, mh, mw, ph, pw, float(beta),
         MODE=MODES[mode], HAS_MASK=mask is not None, CHANNELS_LAST=channels_last,
-        TARGET_CHANNELS_LAST=_layout(target), WRITE_GRAD=write_grad, BLOCK=BLOCK, num_warps=8,
+        TARGET_CHANNELS_LAST=_layout(target), WRITE_GRAD=write_grad, INDEX_64=grid[0] * BLOCK >= 2**31, BLOCK=BLOCK,
+        num_warps=8,
     )
     loss = partials.sum() * scale[0]
     return loss, (grad if write_grad else None)

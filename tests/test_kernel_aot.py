@@ -1,4 +1,5 @@
-"""Every kernel specialisation the presets launch compiles for Hopper (sm_90) with no register spills.
+"""Every kernel specialisation the presets launch compiles for Hopper (sm_90) with no register spills and no 64-bit
+integer division.
 
 No GPU needed: Triton's compiler and bundled ptxas run here. The compile runs in a child process because the
 test session uses Triton's interpreter (TRITON_INTERPRET=1), which replaces the JIT this needs.
@@ -25,7 +26,9 @@ rows = aot_rows(["seed", "simmim", "mae_vit_s16"], 128, 90)
 loss = [x for x in preset_launches(["seed"], 128, dtypes=("fp32",), layouts=(False,))
         if x.kernel.__name__ == "_masked_loss_kernel"][0]
 squeezed = compile_launch(replace(loss, kwargs={**loss.kwargs, "maxnreg": 24}), 90)
-json.dump({"rows": rows, "squeezed": squeezed}, sys.stdout)
+# and the same kernel with 64-bit offsets must show 64-bit divisions, or the division count is blind
+wide = compile_launch(replace(loss, kwargs={**loss.kwargs, "INDEX_64": True}), 90)
+json.dump({"rows": rows, "squeezed": squeezed, "wide": wide}, sys.stdout)
 """
 
 
@@ -55,6 +58,13 @@ def test_the_presets_launches_cover_each_kernel_dtype_and_layout(compiled):
     assert combos == {(p, cl, g) for p in ("*bf16", "*fp32") for cl in (False, True) for g in (False, True)}
     assert {r["pointers"]["target_ptr"] for r in masked} == {"*fp32"}  # the images stay fp32 under bf16
     assert any(not r["constants"]["HAS_MASK"] for r in rows if r["kernel"] == "_masked_loss_kernel")
+
+
+def test_no_specialisation_divides_in_64_bits(compiled):
+    """The index arithmetic of every kernel the presets launch divides in 32 bits (the loss kernel had 10 64-bit
+    divisions and remainders per element, the mask kernel 24)."""
+    assert [(r["kernel"], r["div64"]) for r in compiled["rows"] if r["div64"]] == []
+    assert compiled["wide"]["div64"] >= 8
 
 
 def test_the_spill_reading_sees_spills(compiled):
