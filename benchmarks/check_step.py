@@ -8,7 +8,8 @@ graphs and graph breaks torch.compile would make of the training forward.
    that neither logs nor reports, each call that would make the host wait for a GPU is counted, at the Python
    level: Tensor.item, __bool__, __float__, __int__, tolist, cpu, numpy, nonzero (and torch.nonzero), boolean-
    mask indexing, torch.cuda.synchronize. On a CPU they cost nothing, but they are the same calls. Fine-tuning
-   runs the batch RandAugment of the FFCV and DALI loaders where the preset sets one.
+   runs the batch RandAugment of the FFCV and DALI loaders where the preset sets one. The same windows are
+   counted at the dispatcher too (`DispatchSyncs`), which also sees the reads made in C++.
 2. Graphs: `torch._dynamo.explain` of the training forward: graphs, breaks (with reasons), ops per graph.
 Prints and writes one JSON object (benchmarks/results/check-step-<device>.json, or --json).
 """
@@ -44,13 +45,15 @@ class DispatchSyncs(TorchDispatchMode):
     OPS = ("_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2",
            "unique_consecutive", "lift_fresh")
 
-    def __init__(self):
+    def __init__(self, gate=None):
+        """`gate`: counts only while `gate.active` (a SyncCounter's window), else always."""
         super().__init__()
         self.calls: Counter = Counter()
+        self.gate = gate
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in self.OPS:
+        if name in self.OPS and (self.gate is None or self.gate.active):
             self.calls[name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -141,11 +144,12 @@ def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: 
         device = run.trainer.strategy.root_device
         size = cfg.model.img_size
         synthetic = (torch.randn(batch, 3, size, size, device=device), torch.arange(batch, device=device) % 10)
-        with counter.patched():
+        with counter.patched(), DispatchSyncs(gate=counter) as dispatched:
             run.trainer.fit(module, train_dataloaders=OnDevice(synthetic, total))
-    calls = sum(counter.calls.values())
-    return {"steps_counted": counting.steps, "syncs_per_step": calls / max(1, counting.steps),
-            "calls": dict(counter.calls)}
+    steps = max(1, counting.steps)
+    return {"steps_counted": counting.steps, "syncs_per_step": sum(counter.calls.values()) / steps,
+            "calls": dict(counter.calls), "dispatch_syncs_per_step": sum(dispatched.calls.values()) / steps,
+            "dispatch_calls": dict(dispatched.calls)}
 
 
 def explain_forward(preset: str, finetune: bool, batch: int, overrides: list[str]) -> dict:
@@ -186,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
               **count_syncs(args.preset, args.finetune, args.steps, args.batch, args.overrides),
               **explain_forward(args.preset, args.finetune, args.batch, args.overrides)}
     print(f"{result['kind']} {args.preset}: {result['syncs_per_step']:g} syncs per quiet step "
-          f"({result['calls'] or 'none'}); {result['graphs']} graph(s), {result['graph_breaks']} break(s), "
+          f"({result['calls'] or 'none'}), {result['dispatch_syncs_per_step']:g} at the dispatcher "
+          f"({result['dispatch_calls'] or 'none'}); {result['graphs']} graph(s), {result['graph_breaks']} break(s), "
           f"ops per graph {result['ops_per_graph']}")
     for reason in result["break_reasons"]:
         print(f"  break: {reason}")

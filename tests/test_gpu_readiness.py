@@ -16,6 +16,22 @@ def test_a_quiet_training_step_never_makes_the_host_wait(preset, finetune):
     result = count_syncs(preset, finetune, steps=2, batch=2, overrides=[])
     assert result["steps_counted"] == 2
     assert result["syncs_per_step"] == 0, result["calls"]
+    assert result["dispatch_syncs_per_step"] == 0, result["dispatch_calls"]  # reads made in C++ included
+
+
+def test_the_dispatcher_count_sees_a_read_made_in_cpp(monkeypatch):
+    """The control: the EMA update of before, whose _foreach_lerp_ read its weight on the host, counts 1 per
+    quiet step of the tiny preset (its teacher updates every step) where the Python-level count saw none."""
+    import ddmim.models.ema as ema
+
+    def lerp_update(teacher, student, decay, skip=None):
+        weight = (1.0 - decay) * (1.0 - skip.float())
+        torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], weight)
+
+    monkeypatch.setattr(ema, "ema_update_", torch.no_grad()(lerp_update))
+    monkeypatch.setattr("ddmim.models.ddmim.ema_update_", ema.ema_update_)
+    result = count_syncs("tiny", False, steps=2, batch=2, overrides=[])
+    assert result["syncs_per_step"] == 0 and result["dispatch_calls"] == {"_local_scalar_dense": 2}
 
 
 def test_the_sync_count_sees_a_planted_sync(monkeypatch):
