@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU-only measurement in one go, on a machine as the lent H200 is: its own python3 (torch, triton, timm,
-# pytorch-lightning, numpy, pytest, scikit-image), no venv, no FFCV or DALI unless carried, no network, and the
-# project not installed. The steps, their limits and how long they take: benchmarks/gpu_suite.py.
+# Every GPU-only measurement in one go, on a GPU machine without network, FFCV or DALI: its own python3 (torch,
+# triton, timm, pytorch-lightning, numpy, pytest, scikit-image), no venv, and the project not installed. The steps, their limits and how long they take: benchmarks/gpu_suite.py.
 #   bash benchmarks/gpu_suite.sh OUT               on the GPU machine
 #   bash benchmarks/gpu_suite.sh --dry-run OUT     the same steps rehearsed on a CPU (tiny presets, few steps), with
 #                                                  FFCV and DALI blocked and any installed copy of the project hidden
-# Extra options go to gpu_suite.py (--budget S, --only STEP...). A packed FFCV (.ffcv-gpu, made by
-# benchmarks/pack_ffcv_for_gpu.sh and carried by the device call) is installed into a temporary folder first.
+# Extra options go to gpu_suite.py (--budget S, --only STEP...). A packed FFCV (.ffcv-gpu in the checkout, made by
+# benchmarks/pack_ffcv_for_gpu.sh) is installed into a temporary folder first.
 # Exit status: 0 when every step that could run passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."

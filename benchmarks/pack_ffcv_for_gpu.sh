@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# FFCV for the lent GPU machine, whose python3 is CPython 3.12 without FFCV and without a network: a cp312 wheel
-# of ffcv built here, the wheels of its pure-Python needs that the machine lacks, and the shared libraries its
-# extension loads (what `ldd` lists, less the C and C++ runtimes that every Linux has), in one folder that a
-# device call carries and `benchmarks/gpu_suite.sh` installs.
+# FFCV for a GPU machine whose python3 is CPython 3.12 without FFCV and without network: a cp312 wheel of ffcv
+# built here, the wheels of its pure-Python needs that such a machine lacks, and the shared libraries its
+# extension loads (what `ldd` lists, less the C and C++ runtimes that every Linux has), in one folder that is
+# copied into the checkout there and that `benchmarks/gpu_suite.sh` installs.
 #   bash benchmarks/pack_ffcv_for_gpu.sh [DEST]      (default .ffcv-gpu, git-ignored)
 # Needs a Python 3.12 here ($PYTHON312, else python3.12 or pyenv's), pip access to PyPI, and the system
-# libraries FFCV builds against (`make system-deps`). Fails, saying why, if the folder would exceed 60 MiB (the
-# device tool carries 64 MiB a call, the working tree included).
+# libraries FFCV builds against (`make system-deps`). Fails, saying why, if the folder would exceed 60 MiB (it is
+# meant to travel with the checkout, and the libraries it needs come to about 23 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-.ffcv-gpu}
@@ -35,11 +35,11 @@ ldd "$ext"/ffcv/_libffcv*.so | awk '$2 == "=>" && $3 ~ /^\// {print $3}' \
 rm -rf "$ext"
 size=$(du -sm "$dest.tmp" | cut -f1)
 if [ "$size" -gt 60 ]; then
-    echo "pack_ffcv_for_gpu: $size MiB, over the 60 MiB that fit beside the working tree in one device call:" >&2
+    echo "pack_ffcv_for_gpu: $size MiB, over the 60 MiB limit set for a folder copied along with the checkout:" >&2
     du -sh "$dest.tmp"/lib/* | sort -h | tail -n 5 >&2
     rm -rf "$dest.tmp"; exit 2
 fi
 rm -rf "$dest"
 mv "$dest.tmp" "$dest"
 echo "packed FFCV for Python 3.12 into $dest ($size MiB: $(ls "$dest/wheels" | wc -l) wheels, $(ls "$dest/lib" | wc -l) libraries)"
-echo "carry it in a device call: run(carry=[\"$dest\"], command=\"bash benchmarks/gpu_suite.sh /tmp/suite ...\")"
+echo "copy $dest into the checkout on the GPU machine; benchmarks/gpu_suite.sh installs it from there"

@@ -2,6 +2,7 @@
 (the project not installed, FFCV and DALI absent), and H200 figures get an MFU."""
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,26 @@ def test_an_h200_gets_the_published_peak_when_lightning_has_none(monkeypatch):
     assert machine.peak_flops("32") == 494.7e12
     monkeypatch.setattr(machine.torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
     assert machine.peak_flops("bf16-mixed") is None
+
+
+def test_a_step_cut_by_the_budget_is_not_finished_and_keeps_the_rows_it_wrote(tmp_path):
+    """A benchmark writes its JSON row by row; the suite's budget cutting it is not a failure, its own limit is."""
+    import os
+    import sys
+    import time
+
+    from ddmim_benchmarks import gpu_suite
+
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    row = {"preset": "tiny", "variant": "eager", "batch": 8, "images_per_s": 5.0, "compile": "off"}
+    script = f"import json, sys, time; json.dump({{'rows': [{row!r}]}}, open(sys.argv[1], 'w')); time.sleep(60)"
+    step = gpu_suite.Step("seed-eager", lambda s, name: [[sys.executable, "-c", script, str(s.json(name))]], 1, 30)
+    entries = {}
+    for budget in (3, 0):  # 3 s left of the suite's budget; then no budget, so the step's own limit of 3 s cuts it
+        mode = {**gpu_suite.MODES[True], "budget": budget, "limit_scale": 1}
+        suite = gpu_suite.Suite(out, tmp_path, True, sys.executable, dict(os.environ), dict(os.environ), mode)
+        entries[budget] = gpu_suite.run_step(suite, replace(step, limit_s=30 if budget else 3), time.monotonic())
+    cut = entries[3]
+    assert cut["status"] == "not finished" and cut["json"] == "seed-eager.json" and "5 img/s" in cut["headline"]
+    assert entries[0]["status"] == "failed" and "its own limit" in entries[0]["reason"]
