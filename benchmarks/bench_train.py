@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"})
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                write_results("train", payload, args.json)  # row by row: a run cut short keeps what it measured
+                path = write_results("train", payload, args.json)  # row by row: a run cut short keeps its rows
     print(f"{'preset':<14}{'variant':<15}{'batch':>6}{'step ms':>10}{'images/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
           f"{'GiB':>7}  compile")
     for r in rows:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['preset']:<14}{r['variant']:<15}{r['batch']:>6}{r['step_ms_median']:>10.1f}"
               f"{r['images_per_s']:>10.1f}{r['tflops']:>9.2f}{mfu:>7}{r['peak_memory_gib']:>7.2f}  {r['compile']}")
-    print(f"wrote {write_results('train', payload, args.json)}")
+    print(f"wrote {path}")
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -1,4 +1,5 @@
-"""Argument checks shared by the kernels' launchers: every mistake is a ValueError raised before a launch."""
+"""What the kernels' launchers share: argument checks (every mistake is a ValueError raised before a launch) and
+the choice of index width."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,11 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def index_64(programs: int, block: int) -> bool:
+    """Whether a launch of `programs` programs of `block` elements needs 64-bit offsets (the kernels' INDEX_64)."""
+    return programs * block >= 2**31
 
 
 def check_device(name: str, tensor: torch.Tensor) -> None:

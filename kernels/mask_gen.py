@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ddmim_kernels.checks import check_device
+from ddmim_kernels.checks import check_device, index_64
 
 BLOCK = 1024
 
@@ -99,8 +99,9 @@ def fused_masks(batch: int, grid: int, ratios: list[float], *, seed: int, offset
             NUM_WRITTEN=num_written, BLOCK_L=block_l, INDEX_BITS=max(1, int(math.log2(block_l))))
     else:
         n = batch * grid * grid
-        _independent_mask_kernel[(triton.cdiv(n, BLOCK),)](
+        programs = triton.cdiv(n, BLOCK)
+        _independent_mask_kernel[(programs,)](
             *ptrs, n, grid, float(ratios[0]), seed, offset, NUM_WRITTEN=num_written,
-            INDEX_64=triton.cdiv(n, BLOCK) * BLOCK >= 2**31, BLOCK=BLOCK)
+            INDEX_64=index_64(programs, BLOCK), BLOCK=BLOCK)
     stages = [outs[i] if i in masked_stages else None for i in range(num_stages)]
     return outs[0], stages

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ddmim_kernels.checks import check_loss_inputs
+from ddmim_kernels.checks import check_loss_inputs, index_64
 
 MODES = {"smooth_l1": 0, "l1": 1, "l2": 2}
 BLOCK = 2048
@@ -109,7 +109,7 @@ def masked_loss_forward(pred, target, mask, *, mode, beta, normalize, write_grad
         pred, target, mask_u8, grad, partials, scale,
         n, C, H, W, mh, mw, ph, pw, float(beta),
         MODE=MODES[mode], HAS_MASK=mask is not None, CHANNELS_LAST=channels_last,
-        TARGET_CHANNELS_LAST=_layout(target), WRITE_GRAD=write_grad, INDEX_64=grid[0] * BLOCK >= 2**31, BLOCK=BLOCK,
+        TARGET_CHANNELS_LAST=_layout(target), WRITE_GRAD=write_grad, INDEX_64=index_64(grid[0], BLOCK), BLOCK=BLOCK,
         num_warps=8,
     )
     loss = partials.sum() * scale[0]
