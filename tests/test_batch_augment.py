@@ -6,7 +6,7 @@ from collections import Counter
 import torch
 
 from ddmim.data.batch_augment import BatchRandAugment
-from ddmim_benchmarks.check_step import SyncCounter
+from ddmim_benchmarks.check_step import DispatchSyncs, SyncCounter
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -25,6 +25,22 @@ def test_grouped_operations_equal_the_same_draws_image_by_image():
             image = augment.apply(image, *picks[position])
         one_by_one.append(image)
     assert torch.allclose(grouped, torch.cat(one_by_one), atol=1e-6)
+
+
+def test_every_operation_at_both_signs_equals_torchvisions_on_a_wide_image():
+    """The operations done without torchvision's functions (the geometric ones in one grid sample, each image
+    with its matrix; Sharpness; AutoContrast, also on a flat channel) against those functions, image by image."""
+    augment = BatchRandAugment("rand-m9", MEAN, STD)
+    pixels = torch.rand(len(augment.names) * 2, 3, 40, 56)
+    pixels[0, 1] = 0.25  # a flat channel, which AutoContrast leaves as it is
+    signed = {name: augment._magnitude(name, 40, 56) for name in augment.names}
+    picks = [(name, sign * value if is_signed else value) for name, (value, is_signed) in signed.items()
+             for sign in (1, -1)]
+    batched = augment.transform(pixels, [picks])
+    for position, (name, magnitude) in enumerate(picks):
+        alone = augment.apply(pixels[position:position + 1], name, magnitude)
+        assert torch.allclose(batched[position:position + 1], alone, atol=1e-6), (name, magnitude)
+    assert not torch.equal(batched, pixels)
 
 
 def test_each_image_draws_every_operation_and_both_signs():
@@ -69,3 +85,19 @@ def test_an_augmented_batch_makes_no_call_that_waits_for_the_device():
         augment(images).sum().item()  # the counter does see a sync when there is one
     assert dict(counter.calls) == {}
     assert planted.calls["Tensor.item"] == 1
+
+
+def test_an_augmented_batch_builds_no_tensor_from_python_values_at_the_dispatcher():
+    """A tensor built from Python values on a GPU is a blocking copy; torchvision's affine, rotate, sharpness
+    and autocontrast build one at every call. The control: torchvision's own ShearX is seen."""
+    augment = BatchRandAugment("rand-m9-mstd0.5-inc1", MEAN, STD)
+    images = torch.randn(32, 3, 32, 32)
+    augment(images)  # the first call caches the constants
+    with DispatchSyncs() as dispatched:
+        for seed in range(8):
+            random.seed(seed)
+            augment(images)
+    with DispatchSyncs() as control:
+        augment.apply(images, "ShearX", 0.3)
+    assert dict(dispatched.calls) == {}
+    assert control.calls["lift_fresh"] >= 1

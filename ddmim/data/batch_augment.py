@@ -3,9 +3,9 @@
 
 Each image draws its own operations, as torchvision's per-image RandAugment does (same space, magnitudes
 and sign rule, from torchvision's own table and functions). The draws are made on the host, and the images
-that drew the same operation and sign are transformed together: a few batched calls a round instead of a
-Python loop over images, and the host never waits for the device (the positions travel to the device from
-pinned memory without blocking).
+that drew the same operation and sign are transformed together, the geometric operations all in one grid
+sample: a few batched calls a round instead of a Python loop over images. The host never waits for the device,
+and no operator builds a device tensor from Python values (`augment_ops`).
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from collections import defaultdict
 
 import torch
 from torchvision.transforms import v2
+from torchvision.transforms.v2._utils import _get_fill
+
+from ddmim.data.augment_ops import GEOMETRIC, GeometricBatch, Kernels, autocontrast, sharpness, staged
 
 
 class BatchRandAugment:
@@ -28,6 +31,10 @@ class BatchRandAugment:
         self.mean, self.std = mean, std
         self._constants: dict = {}
         self._magnitudes: dict = {}
+        self.fill = _get_fill(self.augment._fill, torch.Tensor)
+        interpolation = self.augment.interpolation  # an InterpolationMode or its name, by version
+        self.geometric = GeometricBatch(getattr(interpolation, "value", interpolation), self.fill)
+        self.kernels = Kernels()
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # made once per device: a tensor built from Python values is a blocking copy on a GPU
@@ -60,24 +67,41 @@ class BatchRandAugment:
         return rounds
 
     def apply(self, pixels: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
-        """One operation on (N, 3, H, W) pixels in [0, 1], through torchvision's own function."""
+        """One operation on (N, 3, H, W) pixels in [0, 1], through torchvision's own function: the reference."""
         return self.augment._apply_image_or_video_transform(pixels, name, magnitude,
                                                             interpolation=self.augment.interpolation,
                                                             fill=self.augment._fill)
 
+    def _apply_group(self, pixels: torch.Tensor, name: str, magnitude: float) -> torch.Tensor:
+        """`apply`, where torchvision's function would build a tensor from Python values on the device."""
+        if name == "Sharpness":
+            return sharpness(pixels, 1.0 + magnitude, self.kernels.smoothing(pixels.device, pixels.dtype))
+        if name == "AutoContrast":
+            return autocontrast(pixels)
+        return self.apply(pixels, name, magnitude)
+
     def transform(self, pixels: torch.Tensor, rounds: list[list[tuple[str, float]]]) -> torch.Tensor:
-        """Applies the drawn rounds, each group of images with the same draw in one call."""
+        """Applies the drawn rounds: the geometric draws of a round in one call, each other group of images
+        with the same draw in one call."""
+        height, width = pixels.shape[-2:]
         for picks in rounds:
+            moved = [p for p, (name, _) in enumerate(picks) if name in GEOMETRIC]
             groups = defaultdict(list)
             for position, pick in enumerate(picks):
-                groups[pick].append(position)
-            order = torch.tensor([p for members in groups.values() for p in members])
-            if pixels.is_cuda:
-                order = order.pin_memory().to(pixels.device, non_blocking=True)
-            out, start = torch.empty_like(pixels), 0
+                if pick[0] not in GEOMETRIC:
+                    groups[pick].append(position)
+            order = staged([*moved, *(p for members in groups.values() for p in members)], torch.int64,
+                           pixels.device)
+            out = torch.empty_like(pixels)
+            if moved:
+                thetas = staged(self.geometric.thetas([picks[p] for p in moved], height, width), torch.float32,
+                                pixels.device)
+                where = order[:len(moved)]
+                out.index_copy_(0, where, self.geometric(pixels.index_select(0, where), thetas))
+            start = len(moved)
             for (name, magnitude), members in groups.items():
                 where = order[start:start + len(members)]
-                out.index_copy_(0, where, self.apply(pixels.index_select(0, where), name, magnitude))
+                out.index_copy_(0, where, self._apply_group(pixels.index_select(0, where), name, magnitude))
                 start += len(members)
             pixels = out
         return pixels
