@@ -1,15 +1,18 @@
 """Is a training step ready for a GPU? Counts the host-device synchronisations of real Lightning steps, and the
 graphs and graph breaks torch.compile would make of the training forward.
 
-    python benchmarks/check_step.py --preset seed [--finetune] [--steps 4] [--json PATH]
+    python benchmarks/check_step.py --preset seed [--finetune] [--batches ffcv] [--steps 4] [--json PATH]
 
 1. Syncs: `ddmim train`'s Trainer (its callbacks, loggers and checkpoints) runs the preset's module on a
    synthetic batch already on the device, with logging and throughput reports far apart. During every step
    that neither logs nor reports, each call that would make the host wait for a GPU is counted, at the Python
-   level: Tensor.item, __bool__, __float__, __int__, tolist, cpu, numpy, nonzero (and torch.nonzero), boolean-
-   mask indexing, torch.cuda.synchronize. On a CPU they cost nothing, but they are the same calls. Fine-tuning
-   runs the batch RandAugment of the FFCV and DALI loaders where the preset sets one. The same windows are
-   counted at the dispatcher too (`DispatchSyncs`), which also sees the reads made in C++.
+   level: Tensor.item, __bool__, __float__, __int__, tolist, cpu, nonzero (and torch.nonzero), boolean-mask
+   indexing, torch.cuda.synchronize (not numpy: a device tensor has none, the wait is the .cpu() before it).
+   On a CPU they cost nothing, but they are the same calls. Fine-tuning runs the batch RandAugment of the FFCV
+   and DALI loaders where the preset sets one. The same windows are counted at the dispatcher too
+   (`DispatchSyncs`), which also sees the reads made in C++. `--batches ffcv` hands the step what FFCV gives
+   on a GPU (raw uint8 pixels in channels-last memory, through ddmim's batch check and normalisation, on its
+   device path as on a GPU), `--batches dali` what DALI gives (normalised HWC batches viewed as NCHW).
 2. Graphs: `torch._dynamo.explain` of the training forward: graphs, breaks (with reasons), ops per graph.
 Prints and writes one JSON object (benchmarks/results/check-step-<device>.json, or --json).
 """
@@ -21,6 +24,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import pytorch_lightning as pl
 import torch
@@ -33,7 +37,7 @@ from ddmim.train.speed_test import OnDevice
 from ddmim.train.trainer import build_trainer
 from ddmim_benchmarks.common import write_results
 
-BLOCKING_METHODS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy", "nonzero")
+BLOCKING_METHODS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "nonzero")
 
 
 class DispatchSyncs(TorchDispatchMode):
@@ -122,7 +126,28 @@ class CountQuietSteps(pl.Callback):
         self._close()
 
 
-def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: list[str]) -> dict:
+BATCHES = ("synthetic", "ffcv", "dali")
+
+
+def loader_batches(kind: str, cfg, device: torch.device, batch: int, steps: int):
+    """`steps` batches shaped as the loader `kind` hands them to the step on a GPU, and a context to count in."""
+    size, labels = cfg.model.img_size, torch.arange(batch, device=device) % 10
+    if kind == "synthetic":
+        return OnDevice((torch.randn(batch, 3, size, size, device=device), labels), steps), contextlib.nullcontext()
+    if kind == "dali":  # normalised HWC batches, which DaliLoader views as NCHW in channels-last memory
+        hwc = torch.randn(batch, size, size, 3, device=device)
+        return OnDevice((hwc.permute(0, 3, 1, 2), labels), steps), contextlib.nullcontext()
+    from ddmim.data.bad_samples import SkippedSamples
+    from ddmim.data.ffcv_loader import CheckedBatches
+
+    raw = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+    checked = CheckedBatches(OnDevice((raw, labels), steps), Path("synthetic.beton"), cfg, SkippedSamples(batch))
+    # the batch check's device path, which a GPU takes, where a CPU would read the flags on the host
+    return checked, mock.patch("ddmim.data.bad_samples.on_host", lambda tensor: False)
+
+
+def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: list[str],
+                batches: str = "synthetic") -> dict:
     from ddmim.train.finetune import FinetuneModule
     from ddmim.train.pretrain_module import DDMIMModule
 
@@ -141,11 +166,9 @@ def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: 
     with tempfile.TemporaryDirectory() as tmp:
         run = build_trainer(Path(tmp), cfg, launch)
         run.trainer.callbacks.append(counting)
-        device = run.trainer.strategy.root_device
-        size = cfg.model.img_size
-        synthetic = (torch.randn(batch, 3, size, size, device=device), torch.arange(batch, device=device) % 10)
-        with counter.patched(), DispatchSyncs(gate=counter) as dispatched:
-            run.trainer.fit(module, train_dataloaders=OnDevice(synthetic, total))
+        loader, placement = loader_batches(batches, cfg, run.trainer.strategy.root_device, batch, total)
+        with placement, counter.patched(), DispatchSyncs(gate=counter) as dispatched:
+            run.trainer.fit(module, train_dataloaders=loader)
     steps = max(1, counting.steps)
     return {"steps_counted": counting.steps, "syncs_per_step": sum(counter.calls.values()) / steps,
             "calls": dict(counter.calls), "dispatch_syncs_per_step": sum(dispatched.calls.values()) / steps,
@@ -183,13 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune", action="store_true", help="a fine-tuning preset")
     parser.add_argument("--steps", type=int, default=3, help="quiet steps counted")
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batches", choices=BATCHES, default="synthetic", help="shaped as this loader gives them")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    result = {"preset": args.preset, "kind": "finetune" if args.finetune else "pretrain",
-              **count_syncs(args.preset, args.finetune, args.steps, args.batch, args.overrides),
+    result = {"preset": args.preset, "kind": "finetune" if args.finetune else "pretrain", "batches": args.batches,
+              **count_syncs(args.preset, args.finetune, args.steps, args.batch, args.overrides, args.batches),
               **explain_forward(args.preset, args.finetune, args.batch, args.overrides)}
-    print(f"{result['kind']} {args.preset}: {result['syncs_per_step']:g} syncs per quiet step "
+    print(f"{result['kind']} {args.preset} ({args.batches} batches): {result['syncs_per_step']:g} syncs per quiet step "
           f"({result['calls'] or 'none'}), {result['dispatch_syncs_per_step']:g} at the dispatcher "
           f"({result['dispatch_calls'] or 'none'}); {result['graphs']} graph(s), {result['graph_breaks']} break(s), "
           f"ops per graph {result['ops_per_graph']}")

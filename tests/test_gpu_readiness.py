@@ -9,14 +9,37 @@ from ddmim_benchmarks.bench_attention import relative_error, stage_cases
 from ddmim_benchmarks.check_step import count_syncs, explain_forward
 
 
+WORKLOADS = [("seed", False), ("simmim", False), ("mae_vit_s16", False), ("seed", True), ("mim", True)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, finetune", [("seed", False), ("simmim", False), ("mae_vit_s16", False),
-                                              ("seed", True)])
-def test_a_quiet_training_step_never_makes_the_host_wait(preset, finetune):
-    result = count_syncs(preset, finetune, steps=2, batch=2, overrides=[])
+@pytest.mark.parametrize("preset, finetune, batches", [(*w, "ffcv") for w in WORKLOADS] +
+                         [("seed", False, "dali"), ("mim", True, "dali")])
+def test_a_quiet_training_step_never_makes_the_host_wait(preset, finetune, batches):
+    """Batches as FFCV (raw pixels through the batch check and normalisation) and DALI (channels-last
+    memory, the one way its batches differ at the step) give them on a GPU; mim fine-tunes with the batch
+    RandAugment."""
+    result = count_syncs(preset, finetune, steps=2, batch=2, overrides=[], batches=batches)
     assert result["steps_counted"] == 2
     assert result["syncs_per_step"] == 0, result["calls"]
     assert result["dispatch_syncs_per_step"] == 0, result["dispatch_calls"]  # reads made in C++ included
+
+
+def test_the_count_sees_the_ffcv_batch_check(monkeypatch):
+    """The control: a batch check that asks the host whether any sample failed (as one did before it filled
+    failures on the device) waits once per quiet step, and the loader's work is inside the counted window."""
+    import ddmim.data.ffcv_loader as ffcv_loader
+
+    fill = ffcv_loader.fill_from_others
+
+    def asks_the_host(images, labels, failed, spare):
+        if not failed.any():
+            return images, labels, spare
+        return fill(images, labels, failed, spare)
+
+    monkeypatch.setattr(ffcv_loader, "fill_from_others", asks_the_host)
+    result = count_syncs("tiny", False, steps=2, batch=2, overrides=[], batches="ffcv")
+    assert result["calls"] == {"Tensor.__bool__": 2} and result["dispatch_calls"] == {"_local_scalar_dense": 2}
 
 
 def test_the_dispatcher_count_sees_a_read_made_in_cpp(monkeypatch):
