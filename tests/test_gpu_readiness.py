@@ -8,7 +8,6 @@ from ddmim.models.swin import MaskedSwin
 from ddmim_benchmarks.bench_attention import relative_error, stage_cases
 from ddmim_benchmarks.check_step import count_syncs, explain_forward
 
-
 WORKLOADS = [("seed", False), ("simmim", False), ("mae_vit_s16", False), ("seed", True), ("mim", True)]
 
 
