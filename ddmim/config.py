@@ -126,6 +126,7 @@ class TrainConfig:
     report_every: int = 100  # steps between printed throughput lines (0: none)
     compile: bool = False  # torch.compile the model's forward (falls back to eager if compilation fails)
     compile_backend: str = "inductor"  # torch.compile's backend; aot_eager only traces (a quick check of the graphs)
+    ddp_bucket_mb: float = 25.0  # data-parallel gradient buckets (MiB); compiled, the graph is split at each one
 
 
 @dataclass

@@ -9,6 +9,7 @@ compile "on" | "fallback: <reason>" | "off", with the graphs and graph breaks th
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Callable
 
@@ -33,11 +34,22 @@ def is_compile_failure(exc: BaseException) -> bool:
     return isinstance(exc, TorchDynamoException)
 
 
-def dynamo_counts() -> tuple[int, int]:
-    """(graphs compiled, graph breaks) in this process so far: dynamo's own counters."""
+def dynamo_counts() -> tuple[int, int, int]:
+    """(graphs traced, graph breaks, graphs the backend compiled) in this process so far: dynamo's own counters.
+    Under data parallelism dynamo splits each traced graph at the gradient buckets (so that each bucket's
+    all-reduce overlaps the rest of the backward), and the backend compiles every part."""
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+    return (int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values())),
+            int(counters["aot_autograd"]["total"]))
+
+
+def data_parallel_wrapper(trainer):
+    """The DistributedDataParallel module a Lightning trainer runs its module in, or None."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = trainer.strategy.model
+    return model if isinstance(model, DistributedDataParallel) else None
 
 
 class CompiledForward:
@@ -69,10 +81,13 @@ class CompiledForward:
         print(f"torch.compile failed ({self.status[len('fallback: '):]}); continuing without compilation",
               file=sys.stderr)
 
-    def trial(self, loss_of: Callable[[Callable], torch.Tensor]) -> None:
+    def trial(self, loss_of: Callable[[Callable], torch.Tensor], ddp=None) -> None:
         """Compiles forward and backward now: `loss_of(forward)` must return a scalar loss of one batch shaped
         like the training batches. Leaves no trace: gradients, buffers (batch-norm statistics) and the random
-        streams are restored."""
+        streams are restored. `ddp`: the DistributedDataParallel wrapper training runs in. Dynamo splits a graph
+        at the gradient buckets only when it compiles inside that wrapper's forward, and training reuses what
+        the trial compiled, so the trial compiles there too (the backward does not all-reduce: DDP's forward,
+        which arms its hooks, is not run)."""
         if self._compiled is None:
             return
         buffers = {name: b.detach().clone() for name, b in self.module.named_buffers()}
@@ -81,7 +96,8 @@ class CompiledForward:
         device = next(iter(params), torch.empty(0)).device
         cuda = [device.index or 0] if device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=cuda):
+            inside_ddp = ddp._inside_ddp_forward() if ddp is not None else contextlib.nullcontext()
+            with torch.random.fork_rng(devices=cuda), inside_ddp:
                 loss_of(self._compiled).backward()
         except Exception as exc:
             if not is_compile_failure(exc):
@@ -95,8 +111,16 @@ class CompiledForward:
                     b.copy_(buffers[name])
 
     def report(self) -> dict:
-        graphs, breaks = dynamo_counts()
-        return {"compile": self.status, "compile_backend": self.backend, "graphs": graphs, "graph_breaks": breaks}
+        graphs, breaks, compiled = dynamo_counts()
+        return {"compile": self.status, "compile_backend": self.backend, "graphs": graphs, "graph_breaks": breaks,
+                "compiled_graphs": compiled}
+
+
+def compile_line(report: dict) -> str:
+    """The summary line of a compile report: traced graphs, breaks, and the parts the backend compiled (more
+    than the graphs under data parallelism: one per gradient bucket)."""
+    return (f"  torch.compile   {report['compile']} ({report['graphs']} graphs, {report['graph_breaks']} breaks, "
+            f"{report['compiled_graphs']} compiled parts)")
 
 
 def compile_report(compiled: CompiledForward | None) -> dict:

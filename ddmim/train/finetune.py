@@ -22,7 +22,7 @@ from ddmim.finetune_config import FinetuneConfig, finetune_config_from_dict
 from ddmim.models.classifier import load_encoder_weights
 from ddmim.models.factory import classifier
 from ddmim.train.base_module import TrainingModule
-from ddmim.train.compile import CompiledForward
+from ddmim.train.compile import CompiledForward, data_parallel_wrapper
 from ddmim.train.launch import Launch, resolve_launch
 from ddmim.train.run import FitPlan, run_fit
 from ddmim.train.schedules import make_scheduler, scaled_lr, step_scheduler
@@ -75,7 +75,7 @@ class FinetuneModule(TrainingModule):
 
     def on_train_start(self) -> None:
         if self.compiled is not None:
-            self.compiled.trial(self._trial_loss)
+            self.compiled.trial(self._trial_loss, ddp=data_parallel_wrapper(self.trainer))
 
     def _trial_loss(self, forward) -> torch.Tensor:
         """The cross-entropy of one synthetic batch shaped like the training batches."""

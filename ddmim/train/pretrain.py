@@ -7,6 +7,7 @@ from ddmim.config import Config
 from ddmim.data import make_datamodule
 from ddmim.models.factory import check_pretraining
 from ddmim.models.kernels import check_kernels
+from ddmim.train.compile import compile_line
 from ddmim.train.launch import Launch, resolve_launch
 from ddmim.train.pretrain_module import DDMIMModule
 from ddmim.train.run import FitPlan, run_fit
@@ -45,8 +46,7 @@ def format_summary(summary: dict) -> str:
         (f"  val loss        {first:.4f} before training -> {last:.4f} after{ratio}" if not summary["resumed_from"]
          else f"  val loss        {first:.4f} first after resuming -> {last:.4f} after{ratio}")
         if first is not None else "  val loss        not measured",
-        *([f"  torch.compile   {summary['compile']} ({summary['graphs']} graphs, {summary['graph_breaks']} breaks)"]
-          if summary["compile"] != "off" else []),
+        *([compile_line(summary)] if summary["compile"] != "off" else []),
         f"  run folder      {summary['run_dir']}",
         f"  metrics (CSV)   {summary['logs']}",
         f"  tensorboard     tensorboard --logdir {summary['tensorboard']}",

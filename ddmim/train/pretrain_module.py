@@ -12,7 +12,7 @@ from ddmim.models.factory import pretraining_model
 from ddmim.models.kernels import resolve_kernels
 from ddmim.train.base_module import TrainingModule
 from ddmim.train.checkpoint_files import every_rank_rng_state, restore_rng_state
-from ddmim.train.compile import CompiledForward
+from ddmim.train.compile import CompiledForward, data_parallel_wrapper
 from ddmim.train.schedules import make_scheduler, scaled_lr, step_scheduler
 
 VAL_STREAM = 7919  # validation masks use seed + VAL_STREAM, apart from the training masks
@@ -37,7 +37,7 @@ class DDMIMModule(TrainingModule):
 
     def on_train_start(self) -> None:
         if self.compiled is not None:
-            self.compiled.trial(self._trial_loss)
+            self.compiled.trial(self._trial_loss, ddp=data_parallel_wrapper(self.trainer))
 
     def _trial_loss(self, forward) -> torch.Tensor:
         """The loss of one synthetic batch shaped like the training batches, as training_step computes it."""
@@ -82,11 +82,16 @@ class DDMIMModule(TrainingModule):
         return self.cfg.train.batch_size * world
 
     def _gather(self, z_t: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Negatives from every data-parallel rank; z_t is a stop-gradient target, so no gradient to route."""
-        if self.trainer is None or self.trainer.world_size == 1:
+        """Negatives from every data-parallel rank; z_t is a stop-gradient target, so no gradient to route.
+        torch.distributed's collective, which dynamo traces into the compiled graph; Lightning's all_gather
+        goes through torch.distributed.nn, which torch.compile refuses: the whole forward fell back to eager
+        and dynamo compiled its inner frames one by one."""
+        world = 1 if self.trainer is None else self.trainer.world_size
+        if world == 1:
             return z_t, 0
-        gathered = self.all_gather(z_t)  # (world, B, D)
-        return gathered.flatten(0, 1), self.global_rank * z_t.shape[0]
+        gathered = z_t.new_empty(world * z_t.shape[0], *z_t.shape[1:])
+        torch.distributed.all_gather_into_tensor(gathered, z_t.contiguous())
+        return gathered, self.global_rank * z_t.shape[0]
 
     def _images(self, batch) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch

@@ -19,7 +19,7 @@ from ddmim.config import Config
 from ddmim.data import make_datamodule
 from ddmim.machine import peak_flops, user_results_folder, write_results
 from ddmim.train.callbacks import ThroughputReport
-from ddmim.train.compile import compile_report
+from ddmim.train.compile import compile_line, compile_report
 from ddmim.train.launch import Launch, resolve_launch
 from ddmim.train.pretrain_module import DDMIMModule
 
@@ -112,7 +112,6 @@ def format_benchmark(r: dict) -> str:
         f"loader stall {100 * r['loader_stall_share']:.1f}% of step time",
         f"  loader alone                            {r['loader_images_per_s']:.1f} images/s",
         f"  FLOPs per step {r['flops_per_step'] / 1e9:.1f} G, model FLOP utilisation {mfu}",
-        f"  torch.compile   {r['compile']}" + (f" ({r['graphs']} graphs, {r['graph_breaks']} breaks)"
-                                               if r["compile"] != "off" else ""),
+        compile_line(r) if r["compile"] != "off" else "  torch.compile   off",
         f"  JSON: {r['results_file']}",
     ])

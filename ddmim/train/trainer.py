@@ -28,14 +28,14 @@ class Run:
     log_dir: Path
 
 
-def strategy(launch: Launch):
+def strategy(launch: Launch, bucket_mb: float = 25.0):
     """DDP (every trained weight gets a gradient: the methods freeze what they skip) without broadcasting the
     buffers before each forward: the models' buffers are constants (position indices, window masks: 2.19 MiB a
-    step for the seed preset's student and teacher)."""
+    step for the seed preset's student and teacher). Gradients are all-reduced in buckets of `bucket_mb`."""
     if launch.strategy == "ddp" or launch.devices * launch.num_nodes > 1:
         from pytorch_lightning.strategies import DDPStrategy
 
-        return DDPStrategy(broadcast_buffers=False)
+        return DDPStrategy(broadcast_buffers=False, bucket_cap_mb=bucket_mb)
     return launch.strategy
 
 
@@ -63,7 +63,7 @@ def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tup
         accelerator=launch.accelerator,
         devices=launch.devices,
         num_nodes=launch.num_nodes,
-        strategy=strategy(launch),
+        strategy=strategy(launch, t.ddp_bucket_mb),
         precision=launch.precision,
         max_epochs=t.epochs,
         max_steps=launch.max_steps,
