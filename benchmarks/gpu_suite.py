@@ -14,16 +14,12 @@ left out, as it takes minutes on a CPU), and torch_kernels as the "best variant"
 they do not compile again. Its step limits are five times the GPU's: on a CPU of unknown speed and load they
 only guard against a hang.
 
-Time on one H200 (the real run's budget is 420 s by default; give the command a limit of its own 90 s above it).
-The compute of a step comes from its FLOPs: a seed training image costs about 22.5 GFLOP (student forward and backward,
-teacher forward: the issue's 44k images/s at 989 TFLOP/s; each step's JSON records the measured count), so at
-an assumed 150 TFLOP/s achieved a step of 128 images takes about 19 ms and one of 256 about 38 ms. A variant
-runs both batch sizes for 3 warm-up and 20 timed steps plus the compile trial and the FLOP count: about 1.5 s
-of compute. What dominates is fixed cost, which FLOPs do not give: about 10 s to start a process (imports,
-CUDA context), and torch.compile of Swin-T's forward and backward, guessed at 60 s per batch size (the graph
-holds some 300 kernels; inductor compiles them on 16 cores). The estimates below are those sums; the limits
-allow about twice that. Steps run in order of need, so a slow compile costs the last steps, which are then
-reported as not run.
+The real run's budget is 420 s by default; give the command a limit of its own at least 90 s above it. Steps
+run in order of value: the kernel tests, the kernel and attention benchmarks, the eager ceilings, end to end,
+the profile, then the compiled variants (at one batch size: a compile takes about a minute), SimMIM/MAE and
+fine-tuning. A step starts only when the time left covers its estimate (`suite_costs.py` states the cost model
+and prints the plan for an H100 and an H200); a step cut by the budget is "not finished" and keeps the rows it
+wrote. OUT/summary.json and summary.md are rewritten after every step.
 """
 from __future__ import annotations
 
@@ -41,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ddmim_benchmarks.suite_costs import Cost, timed_images
+
 # the uncompiled variants share one process (one start-up); each compiled one has its own, and its own limit
 SEED_STEPS = {"seed-eager": ("eager", "channels_last", "torch_kernels", "timm_attention"),
               "seed-compile_fused": ("compile_fused",),
@@ -50,7 +48,7 @@ NO_DALI = "NVIDIA DALI is not installed on this GPU machine; the DALI steps run 
 MODES = {
     False: {  # the H200
         "presets": {"seed": "seed", "simmim": "simmim", "mae": "mae_vit_s16", "finetune": "seed"},
-        "batches": ["128", "256"], "timing": ["--warmup", "3", "--repeats", "5", "--steps", "4"],
+        "batches": ["128", "256"],  # SEED_BATCHES "timing": ["--warmup", "3", "--repeats", "5", "--steps", "4"],
         "backend": "inductor", "photos": ("2000", "100"), "workers": "16", "e2e_steps": "30", "e2e_batch": "128",
         "kernel_tests": ["tests/test_kernel_masked_loss.py", "tests/test_kernel_masks.py",
                          "tests/test_kernel_dispatch.py"],
@@ -112,7 +110,7 @@ class Suite:
 class Step:
     name: str
     commands: Callable[[Suite, str], list[list[str]]]  # given the suite and the step's name
-    estimate_s: int
+    cost: Cost  # what it is expected to take on an H100 or H200 (suite_costs)
     limit_s: int
     needs: str = ""  # ffcv | dali
     moved_json: Callable[[Suite], Path] | None = None  # a file a command writes, moved to OUT/<name>.json
@@ -123,12 +121,13 @@ def py(s: Suite, *args: str) -> list[str]:
     return [s.python, *args]
 
 
-def train_bench(keys: tuple[str, ...], variant_of: Callable[[Suite], list[str]], finetune: bool = False):
+def train_bench(keys: tuple[str, ...], variant_of: Callable[[Suite], list[str]], finetune: bool = False,
+                first_batch: bool = False):
     def commands(s: Suite, name: str) -> list[list[str]]:
         m = s.mode
         return [py(s, "benchmarks/bench_train.py", "--presets", *(m["presets"][k] for k in keys),
                    "--variants", *variant_of(s),
-                   "--batches", *m["batches"], *m["timing"], "--compile-backend", m["backend"],
+                   "--batches", *(m["batches"][:1] if first_batch else m["batches"]), *m["timing"], "--compile-backend", m["backend"],
                    *(["--finetune"] if finetune else []), "--json", str(s.json(name)))]
     return commands
 
@@ -185,28 +184,39 @@ def best(s: Suite) -> list[str]:
     return [s.best_variant()]
 
 
+SEED_BATCHES = [128, 256]
 STEPS = [
-    Step("kernel-tests", kernel_tests, 40, 120, finish=junit_to_json),
+    Step("kernel-tests", kernel_tests, Cost(fixed_s=30), 120, finish=junit_to_json),
     Step("bench-kernels", lambda s, name: [py(s, "benchmarks/bench_kernels.py", *s.mode["bench_kernels"],
                                               "--compile-backend", s.mode["backend"], "--json", str(s.json(name)))],
-         60, 150),
+         Cost(fixed_s=50), 150),
     Step("bench-attention", lambda s, name: [py(s, "benchmarks/bench_attention.py", *s.mode["attention"],
-                                                "--json", str(s.json(name)))], 20, 90),
-    *[Step(name, train_bench(("seed",), lambda s, v=variants: list(v)), 140 if len(variants) == 1 else 25,
-           240 if len(variants) == 1 else 90) for name, variants in SEED_STEPS.items()],
-    Step("e2e-folder", lambda s, name: [photos(s), benchmark_run(s, s.work / "photos", name)], 45, 120,
-         moved_json=benchmark_json("e2e-folder")),
-    Step("e2e-ffcv", converted_e2e("ffcv"), 50, 150, needs="ffcv", moved_json=benchmark_json("e2e-ffcv")),
-    Step("e2e-dali", converted_e2e("dali"), 50, 150, needs="dali", moved_json=benchmark_json("e2e-dali")),
+                                                "--json", str(s.json(name)))], Cost(fixed_s=10), 90),
+    Step("seed-eager", train_bench(("seed",), lambda s: list(SEED_STEPS["seed-eager"])),
+         Cost(images=timed_images(4, SEED_BATCHES), fixed_s=5), 90),
+    Step("e2e-folder", lambda s, name: [photos(s), benchmark_run(s, s.work / "photos", name)],
+         Cost(starts=2, images=30 * 128, fixed_s=25), 120, moved_json=benchmark_json("e2e-folder")),
+    Step("e2e-ffcv", converted_e2e("ffcv"), Cost(starts=3, images=30 * 128, fixed_s=20), 150, needs="ffcv",
+         moved_json=benchmark_json("e2e-ffcv")),
+    Step("e2e-dali", converted_e2e("dali"), Cost(starts=3, images=30 * 128, fixed_s=20), 150, needs="dali",
+         moved_json=benchmark_json("e2e-dali")),
     Step("profile", lambda s, name: [py(s, "benchmarks/profile_step.py", "--preset", s.mode["presets"]["seed"],
                                         "--variant", s.best_variant(), *s.mode["profile"], "--compile-backend",
-                                        s.mode["backend"], "--json", str(s.json(name)))], 30, 120),
+                                        s.mode["backend"], "--json", str(s.json(name)))],
+         Cost(images=10 * 128, fixed_s=20), 120),
     Step("lightning-overhead", lambda s, name: [py(s, "benchmarks/bench_lightning.py", "--preset",
                                                    s.mode["presets"]["seed"], "--variant", s.best_variant(),
                                                    *s.mode["lightning"], "--compile-backend", s.mode["backend"],
-                                                   "--json", str(s.json(name)))], 40, 150),
-    Step("simmim-mae-best", train_bench(("simmim", "mae"), best), 40, 240),
-    Step("finetune", train_bench(("finetune",), lambda s: ["eager"], finetune=True), 25, 120),
+                                                   "--json", str(s.json(name)))],
+         Cost(images=60 * 128, fixed_s=30), 150),
+    # compiled, at the first batch size only: a compile per batch size would double the longest steps
+    *[Step(name, train_bench(("seed",), lambda s, v=variants: list(v), first_batch=True),
+           Cost(compiles=1, images=timed_images(1, SEED_BATCHES[:1]), fixed_s=5), 240)
+      for name, variants in SEED_STEPS.items() if name != "seed-eager"],
+    Step("simmim-mae-best", train_bench(("simmim", "mae"), best, first_batch=True),
+         Cost(compiles=2, images=timed_images(2, SEED_BATCHES[:1]), fixed_s=5), 300),
+    Step("finetune", train_bench(("finetune",), lambda s: ["eager"], finetune=True),
+         Cost(images=timed_images(1, SEED_BATCHES) * 3 // 5, fixed_s=5), 120),
 ]
 
 
@@ -252,13 +262,13 @@ def last_line(path: Path) -> str:
 def run_step(s: Suite, step: Step, started: float) -> dict:
     limit = step.limit_s * s.mode["limit_scale"]
     entry = {"name": step.name, "status": "not run", "reason": "", "seconds": 0.0, "json": None,
-             "estimate_s": step.estimate_s, "limit_s": limit}
+             "estimate_s": round(step.cost.seconds(), 1), "limit_s": limit}
     reason = availability(s, step.needs)
     budget = s.mode["budget"]
     left = budget - (time.monotonic() - started) if budget else limit
-    if not reason and left < step.estimate_s:
+    if not reason and left < entry["estimate_s"]:
         reason = f"the suite's {budget} s budget had {left:.0f} s left, less than this step's estimate of " \
-                 f"{step.estimate_s} s"
+                 f"{entry['estimate_s']} s"
     if reason:
         entry["reason"] = reason
         return entry

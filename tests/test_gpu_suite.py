@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from ddmim import machine
+from ddmim_benchmarks import gpu_suite
 from ddmim_benchmarks.gpu_suite import STEPS
+from ddmim_benchmarks.suite_costs import BUDGET_S, Cost, describe, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +77,8 @@ def test_a_step_cut_by_the_budget_is_not_finished_and_keeps_the_rows_it_wrote(tm
     (out / "logs").mkdir(parents=True)
     row = {"preset": "tiny", "variant": "eager", "batch": 8, "images_per_s": 5.0, "compile": "off"}
     script = f"import json, sys, time; json.dump({{'rows': [{row!r}]}}, open(sys.argv[1], 'w')); time.sleep(60)"
-    step = gpu_suite.Step("seed-eager", lambda s, name: [[sys.executable, "-c", script, str(s.json(name))]], 1, 30)
+    step = gpu_suite.Step("seed-eager", lambda s, name: [[sys.executable, "-c", script, str(s.json(name))]],
+                          Cost(starts=0, fixed_s=1), 30)
     entries = {}
     for budget in (3, 0):  # 3 s left of the suite's budget; then no budget, so the step's own limit of 3 s cuts it
         mode = {**gpu_suite.MODES[True], "budget": budget, "limit_scale": 1}
@@ -84,3 +87,54 @@ def test_a_step_cut_by_the_budget_is_not_finished_and_keeps_the_rows_it_wrote(tm
     cut = entries[3]
     assert cut["status"] == "not finished" and cut["json"] == "seed-eager.json" and "5 img/s" in cut["headline"]
     assert entries[0]["status"] == "failed" and "its own limit" in entries[0]["reason"]
+
+
+def _run_stubbed_suite(tmp_path, monkeypatch, slower: dict[str, float]) -> tuple[int, list[dict]]:
+    """gpu_suite.main on a stubbed H100 without FFCV and DALI, on a virtual clock: each step writes its JSON
+    at once and takes its modelled time, times `slower[name]`, or is cut where the suite cuts it."""
+    clock = {"now": 0.0}
+
+    def run_commands(s, step, timeout):
+        s.json(step.name).write_text(json.dumps({"rows": []}))
+        needed = step.cost.seconds() * slower.get(step.name, 1.0)
+        clock["now"] += min(needed, timeout)
+        return ("ok", "") if needed <= timeout else ("timed out", f"stopped after {timeout:.0f} s")
+
+    probed = {"device": "NVIDIA H100 80GB HBM3", "cuda": True, "python": "3.12", "versions": {},
+              "imported_from": {}, "ffcv": "ModuleNotFoundError: No module named 'ffcv'",
+              "dali": "ModuleNotFoundError: No module named 'nvidia'"}
+    monkeypatch.setattr(gpu_suite, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock["now"])}))
+    monkeypatch.setattr(gpu_suite, "run_commands", run_commands)
+    monkeypatch.setattr(gpu_suite, "probe", lambda s: probed)
+    monkeypatch.setattr(gpu_suite, "headline", lambda name, r: "")
+    out = tmp_path / f"out-{len(slower)}"
+    code = gpu_suite.main([str(out), "--work", str(tmp_path / "work")])
+    return code, json.loads((out / "summary.json").read_text())["steps"]
+
+
+def test_the_scheduler_runs_its_plan_and_returns_the_results_when_the_budget_is_cut(tmp_path, monkeypatch):
+    """The real scheduler with stubbed steps whose durations come from the cost model (suite_costs): what it
+    runs in 420 s on an H100 without FFCV and DALI is the plan, in the order of value; when a compile takes
+    twice its estimate, the budget cuts that step ("not finished", its JSON kept), the exit status stays 0
+    and the steps after it are not run, with the reason."""
+    expected = plan(STEPS, BUDGET_S, "H100", missing=("ffcv", "dali"))
+    print(describe(expected, BUDGET_S, "H100", ("ffcv", "dali")))
+    print(describe(plan(STEPS, BUDGET_S, "H200", missing=("ffcv", "dali")), BUDGET_S, "H200", ("ffcv", "dali")))
+    names = [r["name"] for r in expected]
+    assert names[:4] == ["kernel-tests", "bench-kernels", "bench-attention", "seed-eager"]
+    assert names.index("profile") < names.index("seed-compile_fused") < names.index("simmim-mae-best")
+    assert all(r["finish_s"] is not None or r["not_run"] in ("no ffcv here", "no dali here")
+               for r in expected[:names.index("seed-compile") + 1])
+    assert max(r["finish_s"] or 0 for r in expected) <= BUDGET_S
+
+    code, steps = _run_stubbed_suite(tmp_path, monkeypatch, {})
+    assert code == 0 and [e["name"] for e in steps] == names
+    assert [e["status"] == "ok" for e in steps] == [r["finish_s"] is not None for r in expected]
+
+    code, steps = _run_stubbed_suite(tmp_path, monkeypatch, {"seed-compile": 2.0})
+    status = {e["name"]: e for e in steps}
+    assert code == 0
+    assert status["seed-compile"]["status"] == "not finished" and status["seed-compile"]["json"]
+    assert status["seed-compile_fused"]["status"] == "ok"
+    after = names[names.index("seed-compile") + 1:]
+    assert all(status[n]["status"] == "not run" and "budget" in status[n]["reason"] for n in after)
