@@ -126,8 +126,8 @@ def train_bench(keys: tuple[str, ...], variant_of: Callable[[Suite], list[str]],
     def commands(s: Suite, name: str) -> list[list[str]]:
         m = s.mode
         return [py(s, "benchmarks/bench_train.py", "--presets", *(m["presets"][k] for k in keys),
-                   "--variants", *variant_of(s),
-                   "--batches", *(m["batches"][:1] if first_batch else m["batches"]), *m["timing"], "--compile-backend", m["backend"],
+                   "--variants", *variant_of(s), "--batches", *(m["batches"][:1] if first_batch else m["batches"]),
+                   *m["timing"], "--compile-backend", m["backend"],
                    *(["--finetune"] if finetune else []), "--json", str(s.json(name)))]
     return commands
 
