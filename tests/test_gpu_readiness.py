@@ -141,3 +141,24 @@ def test_every_window_attention_of_a_swin_t_reaches_a_fused_backend(monkeypatch)
         assert all(m in (1, n) for m, n in zip(full, (q[0], q[1], q[2], k[2])))  # broadcasts to (B, H, L, S)
         masked += full[1] > 1 and full[1] != cfg.num_heads[0]  # heads x windows: a shifted block
     assert masked >= 1
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_gpu_dali_pipelines_are_defined_and_serialised_here(converted, train, channels_last, monkeypatch):
+    """DALI refuses to build a GPU pipeline without CUDA, but defines and serialises one without a device: every
+    operator of the GPU configuration (nvJPEG's "mixed" decoders, the labels moved to the device) is created
+    and its arguments checked against DALI's schemas. The control: a wrong argument fails here."""
+    from nvidia.dali import fn
+
+    from ddmim.data.dali_loader import define_pipeline
+
+    cfg = make_config("tiny")
+    options = dict(train=train, gpu=True, device_id=None, channels_last=channels_last, batch_size=4, threads=1)
+    graph = define_pipeline(converted["dali"] / ("train" if train else "val"), cfg, **options).serialize()
+    assert b"mixed" in graph and (b"decoders__ImageRandomCrop" if train else b"decoders__Image") in graph
+
+    resize = fn.resize
+    monkeypatch.setattr(fn, "resize", lambda *a, **k: resize(*a, **k, resize_shortest=1))  # no such argument
+    with pytest.raises(KeyError, match="resize_shortest"):
+        define_pipeline(converted["dali"] / ("train" if train else "val"), cfg, **options).serialize()

@@ -90,11 +90,21 @@ def shuffle_buffer(batch_size: int, samples_per_rank: int) -> int:
     return max(1, min(samples_per_rank, max(4096, 8 * batch_size)))
 
 
-def build_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, shard_id: int = 0, num_shards: int = 1,
-                   batch_size: int | None = None, channels_last: bool = False, threads: int | None = None,
-                   shards: tuple[list[str], list[str]] | None = None, **pipeline_kw):
-    """`shards`: (tars, indexes) to read instead of the folder's own (after samples were left out);
-    `pipeline_kw`: more options of the Pipeline (enable_checkpointing, checkpoint)."""
+def build_pipeline(folder: Path, cfg: Config, *, gpu: bool, **options):
+    """The built pipeline (`define_pipeline`'s options), on the current CUDA device when `gpu`."""
+    pipe = define_pipeline(folder, cfg, gpu=gpu, device_id=torch.cuda.current_device() if gpu else None, **options)
+    pipe.build()
+    return pipe
+
+
+def define_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, device_id: int | None,
+                    shard_id: int = 0, num_shards: int = 1, batch_size: int | None = None,
+                    channels_last: bool = False, threads: int | None = None,
+                    shards: tuple[list[str], list[str]] | None = None, **pipeline_kw):
+    """The pipeline, not built: `gpu` decodes with nvJPEG ("mixed") and leaves the batches on the device.
+    `device_id` None defines even a GPU pipeline where there is no CUDA (so that its operators and arguments
+    are checked on any machine). `shards`: (tars, indexes) to read instead of the folder's own (after samples
+    were left out); `pipeline_kw`: more options of the Pipeline (enable_checkpointing, checkpoint)."""
     from nvidia.dali import fn, pipeline_def, types
 
     tars, indexes = shards or list_shards(folder)
@@ -130,11 +140,8 @@ def build_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, shard_i
             labels = labels.gpu()
         return images, labels
 
-    pipe = pipeline(batch_size=batch_size, num_threads=threads or loader_threads(cfg.data.num_workers),
-                    device_id=torch.cuda.current_device() if gpu else None, seed=cfg.train.seed + shard_id,
-                    prefetch_queue_depth=2, **pipeline_kw)
-    pipe.build()
-    return pipe
+    return pipeline(batch_size=batch_size, num_threads=threads or loader_threads(cfg.data.num_workers),
+                    device_id=device_id, seed=cfg.train.seed + shard_id, prefetch_queue_depth=2, **pipeline_kw)
 
 
 class DaliLoader:
