@@ -196,6 +196,9 @@ def _dali_rank(rank: int, port: int, root: str, out: str) -> None:  # one proces
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    waited = []  # per all-reduce: whether the caller waited for it
+    all_reduce = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: waited.append(not k.get("async_op")) or all_reduce(*a, **k)
     cfg = make_config("tiny", ["train.batch_size=5", "data.num_workers=1"])
     folder = Path(root) / "train"
     skipped = SkippedSamples(sample_count(list_shards(folder)[1]))
@@ -204,14 +207,15 @@ def _dali_rank(rank: int, port: int, root: str, out: str) -> None:  # one proces
     counts = [sum(1 for _ in loader) for _ in range(3)]
     lists = [Path(i).read_text() for i in loader.shards[1]] if loader.shards else None
     Path(out, f"rank{rank}.json").write_text(jsonlib.dumps({"counts": counts, "indexes": lists,
-                                                            "failed": skipped.failed()}))
+                                                            "failed": skipped.failed(), "waited": waited}))
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("how", ["found after DALI failed", "checksum", "header"])
 def test_data_parallel_ranks_repair_a_dali_split_together(how, converted, tmp_path, capfd):
     """The rank that meets the bad JPEG (or checks its shard) and the one that does not: same step, same
-    filtered list, same counts, and the sample named once."""
+    filtered list, same counts, and the sample named once. The ranks wait for each other once an epoch (its
+    batch count); the exchange after each batch runs in the background."""
     import json as jsonlib
     import socket
 
@@ -228,6 +232,8 @@ def test_data_parallel_ranks_repair_a_dali_split_together(how, converted, tmp_pa
     assert ranks[0]["indexes"] is not None and ranks[0]["indexes"] == ranks[1]["indexes"]
     assert ranks[0]["failed"] == ranks[1]["failed"] and len(ranks[0]["failed"]) == 1  # one sample, on both
     assert capfd.readouterr().err.count(where) == 1
+    for rank in ranks:
+        assert rank["waited"].count(True) == 3 and rank["waited"].count(False) == sum(rank["counts"])
 
 
 def test_the_checks_before_dali_split_only_the_cores_ranks_share():
@@ -267,3 +273,57 @@ def test_a_bad_sample_under_data_parallel_training_neither_hangs_nor_counts_twic
     assert strict.returncode != 0 and "Traceback" not in strict.stderr, strict.stderr[-3000:]
     errors = [line for line in strict.stderr.splitlines() if line.startswith("ddmim: error")]
     assert errors and all("1 samples could not be decoded" in e or "rank" in e for e in errors), errors
+
+
+def _resumed_rank(rank: int, port: int, root: str, out: str) -> None:  # one process of the resume test below
+    import json as jsonlib
+    import os
+
+    import torch.distributed as dist
+
+    from ddmim.data.dali_loader import list_shards, open_loader
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    cfg = make_config("tiny", ["train.batch_size=5", "data.num_workers=1"])
+    folder = Path(root) / "train"
+
+    def loader():
+        return open_loader(folder, cfg, train=True, gpu=False, shard_id=rank, num_shards=2,
+                           group=dist.new_group(backend="gloo"))
+
+    first = loader()
+    stream = iter(first)
+    next(stream), next(stream)
+    state = first.state_at(2)
+    tar, index = list_shards(folder)[0][0], list_shards(folder)[1][0]
+    where = f"{tar}:{Path(index).read_text().splitlines()[1].split()[3].rsplit('.', 1)[0]}"
+    state["ranks"][0]["unsettled"] = [(0, where, "planted")]  # rank 0's batch failed; the exchange not yet read
+    resumed = loader()
+    resumed.restore(state, 2)
+    lines = [Path(i).read_text() for i in resumed.shards[1]]
+    Path(out, f"resumed{rank}.json").write_text(jsonlib.dumps({
+        "left_out": sorted(resumed.left_out), "indexes": lines, "failed": resumed.skipped.failed(),
+        "repaired": resumed.repaired, "batches": sum(1 for _ in resumed), "where": where}))
+    dist.destroy_process_group()
+
+
+def test_a_resume_between_a_failed_batch_and_the_ranks_agreeing_leaves_out_the_sample_on_every_rank(converted,
+                                                                                                    tmp_path):
+    """A checkpoint taken after a rank's batch failed but before the ranks read their exchange: every rank
+    resumes over the same list without the sample (as the run would have gone on), counts it, and starts the
+    next epoch with a pass of its own."""
+    import json as jsonlib
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_resumed_rank, args=(port, str(converted["dali"]), str(tmp_path)), nprocs=2, join=True)
+    ranks = [jsonlib.loads((tmp_path / f"resumed{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["left_out"] == ranks[1]["left_out"] == [ranks[0]["where"]]
+    assert ranks[0]["indexes"] == ranks[1]["indexes"]
+    assert ranks[0]["failed"] == ranks[1]["failed"] == [0]
+    assert ranks[0]["repaired"] and ranks[1]["repaired"] and ranks[0]["batches"] == ranks[1]["batches"] > 0

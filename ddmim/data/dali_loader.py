@@ -151,10 +151,12 @@ class DaliLoader:
     folder's own shards. When a batch fails to decode, the split is searched for the samples that cannot be
     decoded; they are recorded in `skipped`, the pipeline is rebuilt without them, and the epoch goes on.
 
-    Under data-parallel training (`group`, a gloo group of every rank) the ranks tell each other after every
-    batch whether theirs failed: a host-side exchange of one number, no device synchronisation. When one
-    failed, every rank takes the union of what the failing ranks found, rebuilds its pipeline over the same
-    filtered sample list at that same step, and keeps the epoch's batch count, so no rank waits for another."""
+    Under data-parallel training (`group`, a gloo group of every rank) a rank whose batch failed repairs its
+    pipeline at once, and the ranks tell each other whether theirs failed with an all-reduce of one number that
+    runs in the background while the step trains; each rank reads it at its next batch, when the ranks' previous
+    steps have met in DDP's gradient all-reduce, so the read does not wait. When one failed, every rank takes
+    the union of what the failing ranks found and rebuilds its pipeline over the same filtered sample list at
+    that same step, keeping the epoch's batch count, so no rank waits for another."""
 
     def __init__(self, make_pipe, *, train: bool, channels_last: bool, folder: Path, skipped: SkippedSamples,
                  group=None):
@@ -166,6 +168,8 @@ class DaliLoader:
         self.consumed = 0  # training batches yielded in this run, counting those of the run it resumed
         self.resume_done = 0  # batches of the first epoch after a resume that the checkpoint had already trained
         self.states: dict[int, dict] = {}  # consumed -> the state after that batch, for the last few batches
+        self.sent = None  # (the all-reduce in flight, its flag, what this rank found) of the last batch
+        self.repaired = False  # a pipeline rebuilt in this epoch: the next epoch starts a pass of its own
 
     def _screened(self) -> Shards | None:
         """The split's shards without the samples whose JPEG header is malformed or whose bytes fail their
@@ -209,7 +213,8 @@ class DaliLoader:
         """Keeps the state after the batch just yielded: Lightning asks for it at the step that trained that
         batch, when it may already have fetched the next one."""
         self.states[self.consumed] = {"dali": self.iterator.checkpoints()[0], "epoch_done": epoch_done,
-                                      "left_out": sorted(self.left_out)}
+                                      "left_out": sorted(self.left_out), "repaired": self.repaired,
+                                      "unsettled": self.sent[2] if self.sent else []}
         self.states.pop(self.consumed - 4, None)
 
     def state_at(self, step: int) -> dict:
@@ -232,9 +237,15 @@ class DaliLoader:
                   f"{step}; the DALI data order starts over", file=sys.stderr, flush=True)
             return
         mine = ranks[rank]
-        if mine["left_out"]:
-            self.shards = self._leave_out(set(mine["left_out"]))
-        self.iterator = self._iterator(mine["dali"])
+        unsettled = {entry[1]: entry for r in ranks if r for entry in r.get("unsettled", [])}
+        if unsettled:  # a rank's batch had failed and the ranks had not yet agreed: agree now, as the run would have
+            self.skipped.mark(ordinal for ordinal, _, _ in unsettled.values())
+            self.shards = self._leave_out(set(mine["left_out"]) | set(unsettled))
+            self.iterator, self.repaired = self._iterator(), True
+        else:
+            if mine["left_out"]:
+                self.shards = self._leave_out(set(mine["left_out"]))
+            self.iterator, self.repaired = self._iterator(mine["dali"]), mine.get("repaired", False)
         self.consumed, self.resume_done = step, mine["epoch_done"]
 
     def __len__(self) -> int:
@@ -252,16 +263,22 @@ class DaliLoader:
 
     def _repair(self, bad: list[tuple[int, str, str]]) -> None:
         self.shards = self._leave_out({where for _, where, _ in bad})
-        self.iterator = self._iterator()
+        self.iterator, self.repaired = self._iterator(), True
 
-    def _agreed_failures(self, error: RuntimeError | None) -> list[tuple[int, str, str]]:
-        """The samples to leave out, the same on every rank; [] when no rank's batch failed."""
-        bad = self._find_bad(error) if error is not None else []
-        if self.group is None:
-            return bad
-        failed = torch.tensor([int(error is not None)])
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
-        if not failed.item():  # a CPU tensor of the gloo group: no device synchronisation
+    def _send(self, bad: list[tuple[int, str, str]]) -> None:
+        """Starts telling the other ranks whether this batch failed (`bad`: what this rank found)."""
+        flag = torch.zeros(1, dtype=torch.int32)
+        flag[0] = int(bool(bad))
+        self.sent = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag, bad)
+
+    def _agreed_failures(self) -> list[tuple[int, str, str]]:
+        """The samples the ranks found at their previous batch, the same on every rank: [] when none failed."""
+        if self.sent is None:
+            return []
+        work, flag, bad = self.sent
+        self.sent = None
+        work.wait()
+        if not flag[0]:  # a CPU tensor of the gloo group: no device synchronisation
             return []
         found = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(found, bad, group=self.group)
@@ -286,7 +303,8 @@ class DaliLoader:
         """A validation batch as large as the largest rank's, padded with its own first samples (as
         DistributedSampler pads a rank's part). The ranks' parts differ by a sample, so their last batches
         can too, and a collective over the batch (the contrastive loss gathers every rank's features) needs
-        one size on every rank: a 2-rank run with 355 validation images aborted in gloo."""
+        one size on every rank: a 2-rank run with 355 validation images aborted in gloo. Only the epoch's last
+        batch can be short, so only it is exchanged."""
         size = torch.tensor([len(labels)])
         dist.all_reduce(size, op=dist.ReduceOp.MAX, group=self.group)
         missing = int(size.item()) - len(labels)  # a CPU tensor of the gloo group: no device synchronisation
@@ -306,33 +324,38 @@ class DaliLoader:
         return count
 
     def __iter__(self):
-        stream, repaired = iter(self.iterator), False
+        stream = iter(self.iterator)
         total = self.epoch_batches()
         done = self.resume_done if self.resume_done < total else 0  # a checkpoint at an epoch's end: a new one
         self.resume_done = 0
         for _ in range(total - done):
+            agreed = self._agreed_failures()
+            if agreed:
+                self._repair(agreed)
+                stream = iter(self.iterator)
             out, error = self._next(stream)
-            bad = self._agreed_failures(error) if error is not None or self.group is not None else []
+            bad = self._find_bad(error) if error is not None else []
             if bad:
                 self._repair(bad)
-                stream, repaired = iter(self.iterator), True
-                if out is None:
-                    out, error = self._next(stream)
-                    if error is not None:
-                        raise UserError(f"DALI failed on {self.folder} again after leaving out the samples that "
-                                        f"do not decode: {str(error).strip().splitlines()[-1]}") from None
+                stream = iter(self.iterator)
+                out, error = self._next(stream)
+                if error is not None:
+                    raise UserError(f"DALI failed on {self.folder} again after leaving out the samples that "
+                                    f"do not decode: {str(error).strip().splitlines()[-1]}") from None
+            if self.group is not None:
+                self._send(bad)
             images, labels = out[0]["images"], out[0]["labels"].reshape(-1).long()
             if self.channels_last:  # HWC batches viewed as NCHW tensors in channels-last memory
                 images = images.permute(0, 3, 1, 2)
-            if self.group is not None and not self.train:
+            if self.group is not None and not self.train and done == total - 1:
                 images, labels = self._even(images, labels)
             done += 1
             if self.train:
                 self.consumed += 1
                 self._remember(done)
             yield images, labels
-        if repaired:  # the rebuilt pipeline's pass began mid-epoch: the next epoch starts a pass of its own
-            self.iterator = self._iterator()
+        if self.repaired:  # the rebuilt pipeline's pass began mid-epoch: the next epoch starts a pass of its own
+            self.iterator, self.repaired = self._iterator(), False
             if self.train:
                 self._remember(done)
 
