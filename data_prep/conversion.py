@@ -20,6 +20,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -229,7 +230,12 @@ class Workers:
             for _ in range(in_flight):
                 submit_next()
             while pending:
-                results = pending.popleft().result()
+                try:
+                    results = pending.popleft().result()
+                except BrokenProcessPool:  # a worker killed (out of memory, a signal): said once, not respawned
+                    raise UserError(f"a worker process of the conversion died while decoding images (the "
+                                    f"system may be out of memory); run it again with fewer --workers than "
+                                    f"{self.workers}") from None
                 submit_next()
                 for result in results:
                     yield result

@@ -9,9 +9,9 @@ content at ImageNet's typical size and compression, never noise.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -58,8 +58,9 @@ def build_photo_dataset(dst: Path, n_train: int = 2000, n_val: int = 200, seed: 
             for name in PHOTOS:
                 (tmp / split / name).mkdir(parents=True)
             jobs += [(len(jobs) + i, split, PHOTOS[i % len(PHOTOS)]) for i in range(count)]
-        with mp.get_context("spawn").Pool(workers or os.cpu_count()) as pool:
-            pool.map(partial(_make_one, dst=tmp, seed=seed), jobs, chunksize=32)
+        # threads (PIL resizes and encodes without the GIL): no process that imports the caller's script again
+        with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+            list(pool.map(partial(_make_one, dst=tmp, seed=seed), jobs))
     return dst
 
 

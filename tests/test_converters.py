@@ -382,3 +382,19 @@ def test_where_folders_cannot_be_swapped_a_set_aside_output_is_put_back(tmp_path
     os.replace(final, tmp_path / f".train{conversion.OLD_MARK}{socket.gethostname()}:999999999")
     conversion.clear_stale(final)
     assert (final / "new.tar").read_text() == "new" and "put back" in capsys.readouterr().err
+
+
+def _dies(item):
+    os._exit(9)  # as a worker the kernel killed for memory
+
+
+def test_a_conversion_worker_that_dies_ends_in_one_line_not_a_respawn():
+    from ddmim.errors import UserError
+    from ddmim_data_prep.conversion import Workers
+
+    workers = Workers(2)
+    try:
+        with pytest.raises(UserError, match="worker process of the conversion died.*fewer --workers than 2"):
+            list(workers.imap(_dies, list(range(8)), "test"))
+    finally:
+        workers.close()

@@ -331,3 +331,32 @@ def test_each_rank_gets_back_its_own_random_streams_and_cuda_only_its_device(mon
     assert len(set_on_device) == 1 and set_on_device[0][0] == 0
     monkeypatch.undo()
     assert len(every_rank_rng_state()) == 1  # one process: its own state, no collective
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from pathlib import Path
+
+from ddmim.config import make_config
+from ddmim.data.dali_loader import open_loader
+
+loader = open_loader(Path(sys.argv[1]) / "train", make_config("tiny"), train=True, gpu=False)
+print("screened", len(loader.shards[0]) if loader.shards else "all", "skipped", loader.skipped.count)
+"""
+
+
+@pytest.mark.parametrize("how", ["standard input", "script file"])
+def test_a_script_without_a_main_guard_builds_the_dali_loader(converted, tmp_path, how):
+    """The DALI loader checks its shards with several workers before DALI reads them. Spawned processes ran
+    the caller's script again: an unguarded script failed, and one read from standard input respawned its
+    workers for ever (a 900 s hang). The limit here only guards against that hang."""
+    from ddmim.data.dali_repair import usable_cores
+
+    assert len(usable_cores()) > 1 and len(list((converted["dali"] / "train").glob("*.tar"))) > 1  # in parallel
+    script = tmp_path / "check.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    command = [sys.executable, "-" if how == "standard input" else str(script), str(converted["dali"])]
+    done = subprocess.run(command, input=UNGUARDED_SCRIPT if how == "standard input" else None, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert done.returncode == 0 and "bootstrapping" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.strip() == "screened all skipped 0"

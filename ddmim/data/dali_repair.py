@@ -17,11 +17,12 @@ import atexit
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
 import shutil
 import tempfile
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -108,7 +109,7 @@ def _check_remembered(job: tuple[str, str]) -> list[tuple[str, str]]:
     bad = _check_stored(job)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps({"tar": os.path.realpath(tar), "stamp": stamp, "bad": bad}))
         os.replace(tmp, cache)
     except OSError:
@@ -146,13 +147,13 @@ def ranks_sharing_cores(mine: tuple[str, frozenset[int]], every_rank: list[tuple
 
 
 def _named(shards: Shards, own: Shards, check, workers: int | None = None) -> list[tuple[int, str, str]]:
+    # threads: reading, CRC-32 and PIL's decoding release the GIL, and a thread neither imports the caller's
+    # script again (as a spawned process does: an unguarded script then fails, one read from standard input
+    # respawned workers for ever) nor dies without its error reaching the caller
     jobs = list(zip(*shards))
     workers = min(len(jobs), workers or os.cpu_count() or 1)
-    if workers > 1:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            found = pool.map(check, jobs)
-    else:
-        found = [check(job) for job in jobs]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        found = list(pool.map(check, jobs))
     ordinals, count = {}, 0
     for tar, index in zip(*own):
         entries = index_entries(index)
