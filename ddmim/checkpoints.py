@@ -72,6 +72,11 @@ def checkpoint_kind(ckpt: dict[str, Any]) -> str | None:
     return ckpt.get(KIND_KEY) if isinstance(ckpt, dict) else None
 
 
+# what a checkpoint's weights fix: every model setting but the attention's implementation and the drop-path rate
+SHAPE_KEYS = ("method", "backbone", "img_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size",
+              "mlp_ratio", "head_dim", "perceptual_tap")
+
+
 def read_pretraining(path: Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, torch.Tensor]]:
     """The pretraining config (with `section.key=value` overrides applied) and the whole state dict of a
     checkpoint written by `ddmim train`."""
@@ -80,7 +85,15 @@ def read_pretraining(path: Path, overrides: list[str] | None = None) -> tuple[Co
     if kind != "pretrain":
         found = f"a {kind} checkpoint" if kind else "not a ddmim checkpoint"
         raise UserError(f"checkpoint {path} is {found}; a pretraining checkpoint (from ddmim train) is needed")
-    return config_from_dict(with_overrides(ckpt["hyper_parameters"]["config"], overrides)), ckpt["state_dict"]
+    saved = ckpt["hyper_parameters"]["config"]
+    cfg = config_from_dict(with_overrides(saved, overrides))
+    trained = config_from_dict(saved).model
+    for key in SHAPE_KEYS:
+        if getattr(cfg.model, key) != getattr(trained, key):
+            raise UserError(f"--set model.{key}={getattr(cfg.model, key)}: checkpoint {path} was trained with "
+                            f"model.{key}={getattr(trained, key)}, and its weights fix the backbone's shape "
+                            f"(fine-tune it to use another)")
+    return cfg, ckpt["state_dict"]
 
 
 def load_pretraining(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:

@@ -136,6 +136,7 @@ class PretrainConfig(TrainConfig):
 
 class RunConfig(typing.Protocol):
     """What the shared run flow reads of a pretraining or fine-tuning config."""
+    kind: typing.ClassVar[str]
     name: str
     data: DataConfig
     train: TrainConfig
@@ -148,6 +149,7 @@ class RunConfig(typing.Protocol):
 
 @dataclass
 class Config:
+    kind: typing.ClassVar[str] = "pretrain"  # the kind of checkpoint a run of this config writes
     name: str = "seed"
     model: ModelConfig = field(default_factory=ModelConfig)
     ddmim: DDMIMConfig = field(default_factory=DDMIMConfig)
@@ -210,10 +212,20 @@ def _preset_file(name: str, kind: str, chain: tuple[str, ...]) -> dict[str, Any]
     path = resources.files(package).joinpath(f"{name}.yaml")
     if not path.is_file():
         raise UserError(f"preset {chain[-1] if chain else name} names base '{name}', which does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"preset file {path} is not YAML text: {type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:160]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"preset file {path} holds a {type(values).__name__}, not sections of settings "
+                        f"(model:, train:, ...)")
     bases = values.pop("base", [])
+    names = [bases] if isinstance(bases, str) else bases
+    if not isinstance(names, list) or not all(isinstance(base, str) for base in names):
+        raise UserError(f"preset file {path}: base must name presets (a name or a list of names), got {bases!r}")
     merged: dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in names:
         merged = _merge(merged, _preset_file(base, kind, (*chain, name)))
     return _merge(merged, values)
 

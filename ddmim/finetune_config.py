@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ddmim.config import (
     MOVED_KEYS,
@@ -47,6 +47,7 @@ class AugmentConfig:
 
 @dataclass
 class FinetuneConfig:
+    kind: ClassVar[str] = "finetune"  # the kind of checkpoint a run of this config writes
     name: str = "seed"
     model: ModelConfig = field(default_factory=ModelConfig)  # the backbone when no checkpoint gives one
     head: HeadConfig = field(default_factory=HeadConfig)

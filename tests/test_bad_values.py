@@ -139,3 +139,69 @@ def test_undecodable_files_in_a_row_in_a_loader_worker_are_one_line(capsys, tmp_
     err = one_line_error(capsys, ["train", "--data", str(tmp_path), "--preset", "tiny", "--batch-size", "4",
                                   "--workers", "2", "--out", str(tmp_path / "run"), "--no-progress"])
     assert "64 files in a row" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"train: [1, 2\n", "is not YAML text: ParserError"),
+    (b"- a\n- b\n", "holds a list, not sections of settings"),
+    (b"\xff\xfe\x00binary", "is not YAML text: UnicodeDecodeError"),
+    (b"base: 3\n", "base must name presets"),
+])
+def test_a_damaged_preset_file_is_one_line(content, expected, capsys):
+    """A preset a user added to ddmim/presets that does not parse, holds no mapping or names its bases wrongly."""
+    path = REPO / "ddmim" / "presets" / "zz_damaged_by_a_test.yaml"
+    path.write_bytes(content)
+    try:
+        err = one_line_error(capsys, ["config", "--preset", "zz_damaged_by_a_test"])
+    finally:
+        path.unlink()
+    assert str(path) in err and expected in err
+
+
+def test_evaluating_at_another_size_than_the_checkpoint_is_one_line(capsys, pretrain_ckpt, sample_root):
+    err = one_line_error(capsys, ["eval", "knn", "--data", str(sample_root), "--ckpt", str(pretrain_ckpt),
+                                  "--set", "model.img_size=64"])
+    assert "model.img_size=64" in err and "trained with model.img_size=32" in err
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line(capsys, sample_root, tmp_path, monkeypatch):
+    """An existing, empty, read-only --out (made so by refusing the write: root writes anywhere)."""
+    write_text = Path.write_text
+
+    def refused(self, *args, **kwargs):
+        if self.name == "config.yaml":
+            raise PermissionError(13, "Permission denied", str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", refused)
+    (tmp_path / "run").mkdir()
+    err = one_line_error(capsys, ["train", "--data", str(sample_root), "--preset", "tiny", "--out",
+                                  str(tmp_path / "run"), "--no-progress"])
+    assert f"cannot write {tmp_path / 'run' / 'config.yaml'}: Permission denied" in err
+
+
+def _copied_run(pretrain_ckpt: Path, to: Path) -> Path:
+    shutil.copytree(pretrain_ckpt.parent.parent, to)
+    return to
+
+
+def test_resuming_from_a_fine_tuning_checkpoint_in_a_pretraining_run_is_one_line(capsys, pretrain_ckpt,
+                                                                                  finetune_ckpt, sample_root,
+                                                                                  tmp_path):
+    run = _copied_run(pretrain_ckpt, tmp_path / "run")
+    shutil.copy(finetune_ckpt, run / "checkpoints" / "step99999999.ckpt")  # the newest
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    err = one_line_error(capsys, ["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(run),
+                                  "--resume", "auto", "--no-progress"])
+    assert "step99999999.ckpt, is a finetune checkpoint, and this is a pretrain run" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing renamed or removed
+
+
+@pytest.mark.parametrize("garbled", [b"model: [\x00\x01\n", b"- a\n- b\n"])
+def test_resuming_a_run_whose_config_is_garbled_is_one_line(garbled, capsys, pretrain_ckpt, sample_root, tmp_path):
+    run = _copied_run(pretrain_ckpt, tmp_path / "run")
+    (run / "config.yaml").write_bytes(garbled)
+    err = one_line_error(capsys, ["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(run),
+                                  "--resume", "auto", "--no-progress"])
+    assert f"{run / 'config.yaml'} is not a readable run config" in err
+    assert (run / "config.yaml").read_bytes() == garbled

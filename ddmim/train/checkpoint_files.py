@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from ddmim.checkpoints import DIGEST_KEY, payload_digest, read_checkpoint
+from ddmim.checkpoints import DIGEST_KEY, checkpoint_kind, payload_digest, read_checkpoint
 from ddmim.errors import UserError
 
 TMP_MARK = ".tmp-"
@@ -77,22 +77,26 @@ def is_loadable(path: Path) -> bool:
     return unusable(path) is None
 
 
+def _read(path: Path) -> tuple[str | None, str | None]:
+    """(Why a checkpoint cannot be resumed from (it does not load, or it is damaged), or None; its kind)."""
+    try:
+        return None, checkpoint_kind(read_checkpoint(path))
+    except UserError as exc:  # a checkpoint that does not load is not one to resume from
+        return str(exc), None
+
+
 def unusable(path: Path) -> str | None:
     """Why a checkpoint cannot be resumed from (it does not load, or it is damaged), or None."""
-    try:
-        read_checkpoint(path)
-        return None
-    except UserError as exc:  # a checkpoint that does not load is not one to resume from
-        return str(exc)
+    return _read(path)[0]
 
 
-def resume_checkpoint(folder: Path, *, announce: bool = True) -> Path | None:
+def resume_checkpoint(folder: Path, *, announce: bool = True, kind: str | None = None) -> Path | None:
     """The newest checkpoint in `folder` that loads; None for a folder without any checkpoint.
 
     A folder whose checkpoints all fail to load is refused, naming them: starting over there would silently
     drop the run. Unreadable checkpoints newer than the one chosen are renamed to *.unreadable (kept, but out
     of the way of the pruning of recent checkpoints, which goes by name). `announce`: say what was done
-    (rank 0); other ranks only look."""
+    (rank 0); other ranks only look. `kind`: the one that loads must be of this kind (pretrain, finetune)."""
     folder = Path(folder)
     candidates = sorted((p for p in folder.glob("*.ckpt") if TMP_MARK not in p.name),
                         key=lambda p: p.stat().st_mtime_ns, reverse=True)
@@ -102,7 +106,11 @@ def resume_checkpoint(folder: Path, *, announce: bool = True) -> Path | None:
         return None
     unreadable = []
     for path in candidates:
-        why = unusable(path)
+        why, found = _read(path)
+        if why is None and kind is not None and found != kind:
+            what = f"a {found}" if found else "not a ddmim"
+            raise UserError(f"--resume auto: the newest checkpoint in {folder}, {path.name}, is {what} checkpoint, "
+                            f"and this is a {kind} run; move it out of the folder to resume from the one before")
         if why is not None:
             unreadable.append((path, why.split(": ", 1)[-1] if "damaged" in why else "it does not load"))
             continue

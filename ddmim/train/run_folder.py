@@ -51,7 +51,14 @@ def resume_point(out: Path, cfg, fixed: tuple[str, ...]) -> Path | None:
         # killed before it wrote anything
         print(f"no checkpoint found in {out / 'checkpoints'}, starting from step 0")
         return None
-    saved = cfg.upgrade(yaml.safe_load(saved_path.read_text()))  # an earlier ddmim's keys, in today's places
+    try:
+        raw = yaml.safe_load(saved_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raw = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    if not isinstance(raw, dict):
+        raise UserError(f"--resume auto: {saved_path} is not a readable run config ({str(raw)[:80]}); restore it "
+                        f"from a copy, or start a new run with another --out")
+    saved = cfg.upgrade(raw)  # an earlier ddmim's keys, in today's places
     current = cfg.to_dict()
     for section in fixed:
         if saved.get(section) != current[section]:
@@ -59,7 +66,7 @@ def resume_point(out: Path, cfg, fixed: tuple[str, ...]) -> Path | None:
                             f"'{section}' section than this run (preset '{cfg.name}')")
     for stale in (out / "checkpoints").glob(f"*{TMP_MARK}*"):
         stale.unlink()  # left by a writer that was killed; no writer runs while a run is being resumed
-    return resume_checkpoint(out / "checkpoints")
+    return resume_checkpoint(out / "checkpoints", kind=cfg.kind)
 
 
 def open_run_folder(out: Path, cfg, resume: bool, fixed: tuple[str, ...]) -> tuple[Path, Path | None]:
@@ -74,7 +81,11 @@ def open_run_folder(out: Path, cfg, resume: bool, fixed: tuple[str, ...]) -> tup
     ckpt = resume_point(out, cfg, fixed) if resume else None
     if not resume or not (out / "config.yaml").is_file():
         prepare_run_dir(out)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    try:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except OSError as exc:
+        raise UserError(f"cannot write {out / 'config.yaml'}: {exc.strerror}; choose an --out you can write to") \
+            from None
     os.environ[RUN_DIR_ENV] = str(out.resolve())
     os.environ[RESUME_ENV] = str(ckpt.resolve()) if ckpt else ""
     return out, ckpt
