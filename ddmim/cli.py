@@ -264,12 +264,27 @@ def out_of_memory(exc: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     from ddmim.train.launch import is_launched_worker
+    from ddmim.train.rank_notes import close_notes, open_notes
 
     args = build_parser().parse_args(argv)
+    folder = None if is_launched_worker() else open_notes()
+    try:
+        return _run(args)
+    finally:
+        if folder is not None:
+            close_notes(folder)
+
+
+def _run(args) -> int:
+    from ddmim.train.launch import is_launched_worker
+    from ddmim.train.rank_notes import leave_note, lost_a_rank, notes, this_rank
+
     try:
         return HANDLERS[args.command](args)
     except UserError as exc:
         print(f"ddmim: error: {one_line(exc)}", file=sys.stderr)
+        if is_launched_worker():
+            leave_note(one_line(exc))
         return 2
     except KeyboardInterrupt:
         print("ddmim: interrupted", file=sys.stderr)
@@ -279,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ddmim: error: out of memory ({one_line(exc)[:200]}); lower --batch-size, or --workers for "
                   "the loader's share", file=sys.stderr)
             return 2
-        if is_launched_worker():  # another rank's failure ends this one in a collective: one line, not 90
-            import os
-
-            print(f"ddmim: error on rank {os.environ.get('RANK', os.environ.get('LOCAL_RANK', '?'))}: "
-                  f"{type(exc).__name__}: {one_line(exc)[:300]} (the first rank to fail says why)", file=sys.stderr)
+        if lost_a_rank(exc) and notes():  # a rank this one launched stopped on a bad input: say it once more
+            rank, message = notes()[0]
+            print(f"ddmim: error: rank {rank} stopped: {message}", file=sys.stderr)
+            return 2
+        if is_launched_worker() or lost_a_rank(exc):  # another rank's failure ends this one in a collective
+            print(f"ddmim: error on rank {this_rank()}: {type(exc).__name__}: {one_line(exc)[:300]} (the first "
+                  f"rank to fail says why)", file=sys.stderr)
             return 1
         raise
 

@@ -1,6 +1,7 @@
 """Data-parallel training on 2 CPU processes (gloo): identical weights, and the same loss as one process."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -202,3 +203,39 @@ def test_compiled_training_under_ddp_is_one_graph_split_at_the_gradient_buckets(
                                         "--set", "train.ddp_bucket_mb=1"))
     assert (summary["compile"], summary["graphs"], summary["graph_breaks"]) == ("on", 1, 0), summary
     assert summary["compiled_graphs"] >= 4, summary
+
+
+def _two_cpu_processes_stopping(data, out, *extra: str) -> str:
+    """`ddmim train` on two gloo processes that must stop on a bad input: exit code 2 and, on every rank, one
+    `ddmim: error` line and no traceback; returns their error output."""
+    proc = subprocess.run([sys.executable, "-m", "ddmim", "train", "--data", str(data), "--preset", "tiny",
+                           "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--max-steps", "3",
+                           "--epochs", "1", "--workers", "0", "--out", str(out), "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_a_batch_larger_than_a_ranks_part_of_the_data_stops_every_rank_in_one_line(sample_root, tmp_path):
+    """1,442 training images: enough for one batch of 800, not for one per rank on 2 ranks (a sampler divided
+    by the rank's zero batches)."""
+    err = _two_cpu_processes_stopping(sample_root, tmp_path / "run", "--batch-size", "800")
+    lines = [line for line in err.splitlines() if line.startswith("ddmim: error")]
+    assert len(lines) == 2 and all("721 per rank over 2 ranks: fewer than one batch of 800" in x for x in lines)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_that_stops_on_bad_data_stops_the_other_in_one_line(sample_root, tmp_path):
+    """Validation meets 64 undecodable files in a row on rank 1, which stops; rank 0 then loses it in a
+    collective and said so in a gloo traceback. Now it repeats rank 1's reason, exit code 2."""
+    data = tmp_path / "data"
+    shutil.copytree(sample_root, data, copy_function=os.symlink)
+    (data / "train" / "junk").mkdir()  # a class of the train split, whose validation images are all damaged
+    shutil.copy(next((sample_root / "train" / "0").iterdir()), data / "train" / "junk")
+    (data / "val" / "junk").mkdir()
+    for i in range(64):
+        (data / "val" / "junk" / f"{i:02d}.jpg").write_bytes(os.urandom(2000))
+    err = _two_cpu_processes_stopping(data, tmp_path / "run", "--batch-size", "8",
+                                      "--set", "data.max_bad_samples=1000")
+    assert "ddmim: error: rank 1 stopped: 64 files in a row" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from ddmim.data.bad_samples import SkippedSamples
+from ddmim.errors import UserError
 
 
 @runtime_checkable
@@ -16,3 +17,13 @@ class TrainingData(Protocol):
     def train_dataloader(self): ...
 
     def val_dataloader(self): ...
+
+
+def check_one_batch_per_rank(where, images: int, batch_size: int, world: int = 1) -> None:
+    """Each of `world` ranks trains on its part of the `images` of `where` and drops its last, short batch: a
+    part smaller than a batch would train on nothing (and a sampler would divide by its zero batches)."""
+    if images // world >= batch_size:
+        return
+    ranks = f", {images // world} per rank over {world} ranks" if world > 1 else ""
+    raise UserError(f"{where} holds {images} training images{ranks}: fewer than one batch of {batch_size}; set "
+                    f"--batch-size to at most {images // world}" + (" or train on fewer devices" if world > 1 else ""))

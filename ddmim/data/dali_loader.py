@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from ddmim.config import Config
 from ddmim.data.bad_samples import SkippedSamples
+from ddmim.data.contracts import check_one_batch_per_rank
 from ddmim.data.dali_repair import (
     Shards,
     damaged_samples,
@@ -380,11 +381,11 @@ class DALIDataModule(pl.LightningDataModule):
     def __init__(self, root: Path, cfg: Config, channels_last: bool = False):
         super().__init__()
         self.root, self.cfg, self.channels_last = Path(root), cfg, channels_last
-        self.skipped = {}
-        for split in ("train", "val"):
-            _, indexes = list_shards(self.root / split)
-            self.skipped[split] = SkippedSamples(sample_count(indexes))
+        sizes = {split: sample_count(list_shards(self.root / split)[1]) for split in ("train", "val")}
+        self.skipped = {split: SkippedSamples(size) for split, size in sizes.items()}
+        self.train_size = sizes["train"]
         check_shuffled(self.root / "train")
+        check_one_batch_per_rank(self.root / "train", self.train_size, cfg.train.batch_size)
         self.num_classes = read_class_count(self.root)
         self.group = None
         self.train_loader: DaliLoader | None = None
@@ -403,6 +404,9 @@ class DALIDataModule(pl.LightningDataModule):
                            skipped=self.skipped[split], shard_id=rank, num_shards=world, group=self.group)
 
     def train_dataloader(self) -> DaliLoader:
+        if self.trainer is not None:
+            check_one_batch_per_rank(self.root / "train", self.train_size, self.cfg.train.batch_size,
+                                     self.trainer.world_size)
         self.train_loader = self._loader("train", train=True)
         if self.to_restore is not None and self.trainer is not None:
             self.train_loader.restore(self.to_restore, self.trainer.global_step)

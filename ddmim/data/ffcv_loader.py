@@ -19,6 +19,7 @@ import torch
 
 from ddmim.config import Config
 from ddmim.data.bad_samples import SkippedSamples, fill_from_others
+from ddmim.data.contracts import check_one_batch_per_rank
 from ddmim.data.layout import read_class_count
 from ddmim.data.workers import loader_threads
 from ddmim.errors import UserError
@@ -153,8 +154,7 @@ class FFCVDataModule(pl.LightningDataModule):
         self.train_size = len(indices["train"])
         self.skipped = {split: SkippedSamples(int(i.max(initial=0)) + 1) for split, i in indices.items()}
         self.num_classes = read_class_count(self.root)
-        if self.train_size < cfg.train.batch_size:
-            raise UserError(f"{self.root / 'train.beton'} holds {self.train_size} images, fewer than one batch")
+        check_one_batch_per_rank(self.root / "train.beton", self.train_size, cfg.train.batch_size)
 
     def _loader(self, split: str, train: bool):
         trainer = self.trainer
@@ -167,6 +167,9 @@ class FFCVDataModule(pl.LightningDataModule):
 
 
     def train_dataloader(self):
+        if self.trainer is not None:
+            check_one_batch_per_rank(self.root / "train.beton", self.train_size, self.cfg.train.batch_size,
+                                     self.trainer.world_size)
         return self._loader("train", train=True)
 
     def val_dataloader(self):

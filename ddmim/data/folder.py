@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from ddmim.data.bad_samples import SkippedSamples
+from ddmim.data.contracts import check_one_batch_per_rank
 from ddmim.data.layout import list_split, train_classes
 from ddmim.data.pixels import EXTENSIONS, load_rgb
 from ddmim.data.resumable import ResumableSampler, seeded_visit
@@ -94,9 +95,7 @@ class FolderDataModule(pl.LightningDataModule):
         self.train_set = open_split(self.root, "train", train_transform(size, cfg.data, randaugment))
         self.num_classes = len(self.train_set.classes)
         self.val_set = open_split(self.root, "val", val_transform(size, cfg.data), self.train_set.classes)
-        if len(self.train_set) < cfg.train.batch_size:
-            raise UserError(f"{self.root}/train holds {len(self.train_set)} images, fewer than one batch "
-                            f"of {cfg.train.batch_size} (set train.batch_size lower)")
+        check_one_batch_per_rank(self.root / "train", len(self.train_set), cfg.train.batch_size)
 
     @property
     def skipped(self) -> dict:
@@ -106,6 +105,8 @@ class FolderDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return train_loader(self.train_set, self.cfg)
+        check_one_batch_per_rank(self.root / "train", len(self.train_set), self.cfg.train.batch_size,
+                                 trainer.world_size)
         return train_loader(self.train_set, self.cfg, rank=trainer.global_rank, world=trainer.world_size,
                             global_step=trainer.global_step)
 

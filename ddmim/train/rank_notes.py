@@ -1,0 +1,60 @@
+"""Why a data-parallel run stopped, said by every rank in one line.
+
+A rank that stops on a bad input (a UserError) ends the other ranks in their next collective: gloo reports
+"Connection closed by peer", NCCL an aborted communicator. Under Lightning's launcher the other ranks are
+child processes of rank 0, so the stopping rank leaves its message in a folder they share (named in the
+environment they inherit), and rank 0 says it with the exit code of a bad input instead of a traceback.
+Ranks started independently (torchrun, SLURM) share no such folder and say that another rank stopped.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+NOTES_ENV = "DDMIM_RANK_NOTES"
+LOST_RANK = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+             "NCCL error", "Broken pipe")
+
+
+def this_rank() -> str:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return str(dist.get_rank())
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+
+
+def open_notes() -> Path:
+    """The folder ranks leave their notes in: made by the process that launches the others."""
+    if NOTES_ENV not in os.environ:
+        os.environ[NOTES_ENV] = tempfile.mkdtemp(prefix="ddmim-rank-notes-")
+    return Path(os.environ[NOTES_ENV])
+
+
+def close_notes(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def leave_note(message: str) -> None:
+    """Called by a rank that stops on a bad input, before it exits."""
+    folder = os.environ.get(NOTES_ENV)
+    if folder and Path(folder).is_dir():
+        (Path(folder) / f"rank{this_rank()}").write_text(message)
+
+
+def notes() -> list[tuple[str, str]]:
+    """(rank, message) of every rank that left a note."""
+    folder = os.environ.get(NOTES_ENV)
+    if not folder or not Path(folder).is_dir():
+        return []
+    return sorted((p.name[len("rank"):], p.read_text()) for p in Path(folder).glob("rank*"))
+
+
+def lost_a_rank(exc: BaseException) -> bool:
+    """Whether `exc` is a collective ending because another rank stopped."""
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", ())
+    return isinstance(exc, backend_error) or any(text in str(exc) for text in LOST_RANK)
