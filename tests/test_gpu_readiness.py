@@ -133,14 +133,26 @@ def test_every_window_attention_of_a_swin_t_reaches_a_fused_backend(monkeypatch)
     with torch.no_grad():
         swin.forward_features(torch.randn(1, 3, cfg.img_size, cfg.img_size))
     assert len(calls) == sum(cfg.depths) == 12
-    masked = 0
-    for q, k, v, mask, *dtypes in calls:
-        assert len(q) == len(k) == len(v) == 4 and q == k == v and len(set(dtypes)) == 1
-        assert mask is not None and len(mask) <= 4
-        full = (1,) * (4 - len(mask)) + tuple(mask)
-        assert all(m in (1, n) for m, n in zip(full, (q[0], q[1], q[2], k[2])))  # broadcasts to (B, H, L, S)
-        masked += full[1] > 1 and full[1] != cfg.num_heads[0]  # heads x windows: a shifted block
-    assert masked >= 1
+    assert all(fused_backend_takes(*call) for call in calls)
+    masks = [call[3] for call in calls if call[3] is not None and len(call[3]) >= 3]
+    shifted = [mask for mask in masks if mask[-3] > 1 and mask[-3] != cfg.num_heads[0]]
+    assert shifted  # heads x windows in the mask's head dimension: the shifted blocks are among them
+    # the control: the shifted blocks' call of before, 5-D (B, windows, heads, L, d) with a 5-D mask
+    q5 = (2, 64, 3, 49, 32)
+    assert not fused_backend_takes(q5, q5, q5, (1, 64, 1, 49, 49), torch.float32, torch.float32, torch.float32)
+
+
+def fused_backend_takes(q, k, v, mask, *dtypes) -> bool:
+    """The shape rules of PyTorch's fused SDPA backends: 4-D q/k/v of one shape and dtype, and an attention mask
+    that broadcasts to (B, heads, L, S)."""
+    if not (len(q) == len(k) == len(v) == 4 and q == k == v and len(set(dtypes)) == 1):
+        return False
+    if mask is None:
+        return True
+    if len(mask) > 4:
+        return False
+    full = (1,) * (4 - len(mask)) + tuple(mask)
+    return all(m in (1, n) for m, n in zip(full, (q[0], q[1], q[2], k[2])))
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -162,3 +174,41 @@ def test_the_gpu_dali_pipelines_are_defined_and_serialised_here(converted, train
     monkeypatch.setattr(fn, "resize", lambda *a, **k: resize(*a, **k, resize_shortest=1))  # no such argument
     with pytest.raises(KeyError, match="resize_shortest"):
         define_pipeline(converted["dali"] / ("train" if train else "val"), cfg, **options).serialize()
+
+
+FACTORIES = {"randn", "rand", "zeros", "ones", "empty", "tensor", "arange", "randint", "full", "randperm", "linspace"}
+
+
+def tensors_made_off_the_kernel_device(source: str) -> list[str]:
+    """Tensor factories of a kernel test that name no device and whose result is not moved `.to(DEVICE...)`:
+    such a tensor is a CPU tensor, which Triton's CPU interpreter takes and a GPU's kernels refuse."""
+    import ast
+
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in FACTORIES
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+            continue
+        if any(k.arg == "device" for k in node.keywords):
+            continue
+        outer = parents.get(node)
+        while outer is not None and not isinstance(outer, ast.Call):
+            outer = parents.get(outer)
+        moved = (outer is not None and isinstance(outer.func, ast.Attribute) and outer.func.attr == "to"
+                 and outer.args and isinstance(outer.args[0], ast.Name) and outer.args[0].id == "DEVICE")
+        if not moved:
+            found.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_kernel_tests_make_their_tensors_on_the_kernel_device():
+    """The GPU suite's kernel tests run without the interpreter there: a tensor one of them makes on the CPU
+    would fail only on the GPU (three did). The control: the way they were written is caught."""
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.glob("test_kernel_*.py")):
+        assert tensors_made_off_the_kernel_device(path.read_text()) == [], path.name
+    before = "images = torch.randn(4, 3, 32, 32, generator=g)\nmask = (torch.rand(4, 8, 8) > 0.5).to(DEVICE)\n"
+    assert tensors_made_off_the_kernel_device(before) == ["line 1: torch.randn(4, 3, 32, 32, generator=g)"]
