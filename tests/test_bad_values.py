@@ -147,14 +147,19 @@ def test_undecodable_files_in_a_row_in_a_loader_worker_are_one_line(capsys, tmp_
     (b"\xff\xfe\x00binary", "is not YAML text: UnicodeDecodeError"),
     (b"base: 3\n", "base must name presets"),
 ])
-def test_a_damaged_preset_file_is_one_line(content, expected, capsys):
-    """A preset a user added to ddmim/presets that does not parse, holds no mapping or names its bases wrongly."""
-    path = REPO / "ddmim" / "presets" / "zz_damaged_by_a_test.yaml"
+def test_a_damaged_preset_file_is_one_line(content, expected, capsys, tmp_path, monkeypatch):
+    """A preset a user added that does not parse, holds no mapping or names its bases wrongly (in a presets
+    package of its own here, so that no other test sees it)."""
+    import ddmim.config
+
+    package = f"user_presets_{tmp_path.name.rsplit('_', 1)[-1]}"  # one per case: a package stays imported
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    path = tmp_path / package / "damaged.yaml"
     path.write_bytes(content)
-    try:
-        err = one_line_error(capsys, ["config", "--preset", "zz_damaged_by_a_test"])
-    finally:
-        path.unlink()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(ddmim.config.PRESET_PACKAGES, "pretrain", package)
+    err = one_line_error(capsys, ["config", "--preset", "damaged"])
     assert str(path) in err and expected in err
 
 
