@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import sys
 import tempfile
+import traceback
 from collections import Counter
 from pathlib import Path
 from unittest import mock
@@ -53,12 +54,15 @@ class DispatchSyncs(TorchDispatchMode):
         """`gate`: counts only while `gate.active` (a SyncCounter's window), else always."""
         super().__init__()
         self.calls: Counter = Counter()
+        self.where: list[str] = []  # the Python line that led to each call counted, for the message
         self.gate = gate
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in self.OPS and (self.gate is None or self.gate.active):
             self.calls[name] += 1
+            frames = [f for f in traceback.extract_stack()[:-1] if "torch/utils/_python_dispatch" not in f.filename]
+            self.where.append(f"{name} at " + " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-4:]))
         return func(*args, **(kwargs or {}))
 
 
@@ -172,7 +176,7 @@ def count_syncs(preset: str, finetune: bool, steps: int, batch: int, overrides: 
     steps = max(1, counting.steps)
     return {"steps_counted": counting.steps, "syncs_per_step": sum(counter.calls.values()) / steps,
             "calls": dict(counter.calls), "dispatch_syncs_per_step": sum(dispatched.calls.values()) / steps,
-            "dispatch_calls": dict(dispatched.calls)}
+            "dispatch_calls": dict(dispatched.calls), "dispatch_where": dispatched.where}
 
 
 def explain_forward(preset: str, finetune: bool, batch: int, overrides: list[str]) -> dict:

@@ -294,8 +294,9 @@ def _run(args) -> int:
             print(f"ddmim: error: out of memory ({one_line(exc)[:200]}); lower --batch-size, or --workers for "
                   "the loader's share", file=sys.stderr)
             return 2
-        if lost_a_rank(exc) and notes():  # a rank this one launched stopped on a bad input: say it once more
-            rank, message = notes()[0]
+        found = notes(wait_s=10.0) if lost_a_rank(exc) else []
+        if found:  # a rank this one launched stopped on a bad input: say it once more
+            rank, message = found[0]
             print(f"ddmim: error: rank {rank} stopped: {message}", file=sys.stderr)
             return 2
         if is_launched_worker() or lost_a_rank(exc):  # another rank's failure ends this one in a collective

@@ -21,7 +21,7 @@ def test_a_quiet_training_step_never_makes_the_host_wait(preset, finetune, batch
     result = count_syncs(preset, finetune, steps=2, batch=2, overrides=[], batches=batches)
     assert result["steps_counted"] == 2
     assert result["syncs_per_step"] == 0, result["calls"]
-    assert result["dispatch_syncs_per_step"] == 0, result["dispatch_calls"]  # reads made in C++ included
+    assert result["dispatch_syncs_per_step"] == 0, result["dispatch_where"]  # reads made in C++ included
 
 
 def test_the_count_sees_the_ffcv_batch_check(monkeypatch):

@@ -37,10 +37,12 @@ class BatchRandAugment:
         self.kernels = Kernels()
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # made once per device: a tensor built from Python values is a blocking copy on a GPU
+        # made once per device, at the first batch, with Sharpness's kernel (not at the first batch that draws
+        # it, which may be any step): a tensor built from Python values is a blocking copy on a GPU
         if device not in self._constants:
             self._constants[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
                                        torch.tensor(self.std, device=device).view(1, 3, 1, 1))
+            self.kernels.smoothing(device, torch.float32)
         return self._constants[device]
 
     def _magnitude(self, name: str, height: int, width: int) -> tuple[float, bool]:

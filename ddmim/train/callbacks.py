@@ -7,7 +7,10 @@ import time
 import pytorch_lightning as pl
 import torch
 
+from ddmim.errors import UserError
 from ddmim.machine import peak_flops, peak_memory_gib
+from ddmim.train.launch import is_launched_worker
+from ddmim.train.rank_notes import leave_note
 
 
 def logged_step(trainer: pl.Trainer) -> int:
@@ -155,3 +158,12 @@ class ValLossHistory(pl.Callback):
         if value is not None:
             self.losses.append(float(value))
             self.steps.append(trainer.global_step)
+
+
+class NoteOnStop(pl.Callback):
+    """A rank other than 0 that stops on a bad input leaves its note (`rank_notes`) while the process group
+    still lives: Lightning reports the exception here before its teardown."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, UserError) and is_launched_worker():
+            leave_note(" ".join(str(exception).split()))

@@ -4,13 +4,16 @@ A rank that stops on a bad input (a UserError) ends the other ranks in their nex
 "Connection closed by peer", NCCL an aborted communicator. Under Lightning's launcher the other ranks are
 child processes of rank 0, so the stopping rank leaves its message in a folder they share (named in the
 environment they inherit), and rank 0 says it with the exit code of a bad input instead of a traceback.
-Ranks started independently (torchrun, SLURM) share no such folder and say that another rank stopped.
+The note is left when Lightning reports the exception to the callbacks, before its teardown closes the
+process group (which is when rank 0 learns that the rank is gone), and rank 0 gives a note a few seconds to
+arrive. Ranks started independently (torchrun, SLURM) share no such folder and say that another rank stopped.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 NOTES_ENV = "DDMIM_RANK_NOTES"
@@ -41,15 +44,23 @@ def leave_note(message: str) -> None:
     """Called by a rank that stops on a bad input, before it exits."""
     folder = os.environ.get(NOTES_ENV)
     if folder and Path(folder).is_dir():
-        (Path(folder) / f"rank{this_rank()}").write_text(message)
+        tmp = Path(folder) / f".rank{this_rank()}.tmp"  # whole or absent when rank 0 reads it
+        tmp.write_text(message)
+        os.replace(tmp, Path(folder) / f"rank{this_rank()}")
 
 
-def notes() -> list[tuple[str, str]]:
-    """(rank, message) of every rank that left a note."""
+def notes(wait_s: float = 0.0) -> list[tuple[str, str]]:
+    """(rank, message) of every rank that left a note; waits up to `wait_s` for a first one."""
     folder = os.environ.get(NOTES_ENV)
     if not folder or not Path(folder).is_dir():
         return []
-    return sorted((p.name[len("rank"):], p.read_text()) for p in Path(folder).glob("rank*"))
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = sorted((p.name[len("rank"):], p.read_text()) for p in Path(folder).glob("rank*"))
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.1)
+
 
 
 def lost_a_rank(exc: BaseException) -> bool:
