@@ -135,3 +135,26 @@ def test_the_summary_names_a_best_checkpoint_only_when_there_is_one(best):
     line = format_summary(summary).splitlines()[-1]
     assert line.startswith("  checkpoints     /run/checkpoints/last.ckpt (last)")
     assert (f", {best} (best val loss)" in line) == bool(best) and ",  (" not in line
+
+
+def test_the_last_step_is_saved_and_resumes_as_if_the_run_went_on(sample_root, tmp_path):
+    """--max-steps 5 between two periodic checkpoints: last.ckpt held step 4 while the summary said 5
+    steps and named it. Now it holds step 5, and a resume from it to step 7 gives
+    the weights of a run of 7 steps."""
+    from ddmim.train.pretrain import pretrain
+
+    def run(out, steps, resume=False):
+        cfg = make_config("tiny", ["train.batch_size=8", "data.num_workers=0", "train.ckpt_every_steps=2",
+                                   "train.epochs=1"])
+        return pretrain(cfg, sample_root, out, QUIET_STEPS(steps), resume=resume)
+
+    summary = run(tmp_path / "a", 5)
+    last = torch.load(summary["checkpoint_last"], map_location="cpu", weights_only=False)
+    assert summary["steps"] == last["global_step"] == 5
+    run(tmp_path / "a", 7, resume=True)
+    straight = run(tmp_path / "b", 7)
+    resumed = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    expected = torch.load(straight["checkpoint_last"], map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == expected["global_step"] == 7
+    for name, value in expected["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name

@@ -3,12 +3,14 @@ of the logs, and the validation-loss history."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 
 from ddmim.errors import UserError
 from ddmim.machine import peak_flops, peak_memory_gib
+from ddmim.train.checkpoint_files import STEP_PREFIX
 from ddmim.train.launch import is_launched_worker
 from ddmim.train.rank_notes import leave_note
 
@@ -167,3 +169,21 @@ class NoteOnStop(pl.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, UserError) and is_launched_worker():
             leave_note(" ".join(str(exception).split()))
+
+
+class FinalStepCheckpoint(pl.Callback):
+    """With checkpoints every N steps, saves the run's last step when they miss it (--max-steps 25 with one
+    every 10), as a step checkpoint and as last.ckpt, which the summary names. Saved where the periodic ones
+    are, at the end of the training batch, so a resume from it is as exact. (With one per epoch, Lightning
+    saves at --max-steps itself: the epoch ends there.)"""
+
+    def __init__(self, folder: Path, every_steps: int):
+        self.folder, self.every_steps = Path(folder), every_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        last_of_run = step == trainer.max_steps or (batch_idx + 1 == trainer.num_training_batches
+                                                    and trainer.current_epoch + 1 == trainer.max_epochs)
+        if self.every_steps and last_of_run and step % self.every_steps != 0:
+            trainer.save_checkpoint(self.folder / f"{STEP_PREFIX}{step:08d}.ckpt")
+            trainer.save_checkpoint(self.folder / "last.ckpt")

@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from ddmim.config import RunConfig
 from ddmim.train.bad_sample_guard import BadSampleGuard
-from ddmim.train.callbacks import NoteOnStop, StepRows, ThroughputReport, ValLossHistory
+from ddmim.train.callbacks import FinalStepCheckpoint, NoteOnStop, StepRows, ThroughputReport, ValLossHistory
 from ddmim.train.checkpoint_files import STEP_PREFIX, AtomicCheckpointIO
 from ddmim.train.history import HistoryCSVLogger, HistoryTensorBoardLogger
 from ddmim.train.launch import Launch
@@ -74,7 +74,8 @@ def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tup
         # buffers allocated during validation, which inference tensors forbid (the loader then hangs)
         inference_mode=False,
         callbacks=[StepRows(t.log_every), throughput, BadSampleGuard(cfg.data.max_bad_samples, t.log_every), history,
-                   recent, best, LearningRateMonitor(logging_interval="epoch"), NoteOnStop()],
+                   recent, best, LearningRateMonitor(logging_interval="epoch"), NoteOnStop(),
+                   FinalStepCheckpoint(folder, t.ckpt_every_steps)],
         plugins=[AtomicCheckpointIO(keep=t.keep_checkpoints)],
         logger=loggers,
         enable_progress_bar=launch.progress_bar,
