@@ -205,15 +205,16 @@ def test_compiled_training_under_ddp_is_one_graph_split_at_the_gradient_buckets(
     assert summary["compiled_graphs"] >= 4, summary
 
 
-def _two_cpu_processes_stopping(data, out, *extra: str) -> str:
-    """`ddmim train` on two gloo processes that must stop on a bad input: exit code 2 and, on every rank, one
-    `ddmim: error` line and no traceback; returns their error output."""
+def _two_cpu_processes_stopping(data, out, *extra: str, codes: tuple[int, ...] = (2,)) -> str:
+    """`ddmim train` on two gloo processes that must stop on a bad input: an exit code in `codes` and, on every
+    rank, one `ddmim: error` line and no traceback; returns their error output."""
     proc = subprocess.run([sys.executable, "-m", "ddmim", "train", "--data", str(data), "--preset", "tiny",
                            "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--max-steps", "3",
                            "--epochs", "1", "--workers", "0", "--out", str(out), "--no-progress", *extra],
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    said = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("ddmim: skipping"))
+    assert proc.returncode in codes, said[-3000:]
+    assert "Traceback" not in proc.stderr, said[-3000:]
     return proc.stderr
 
 
@@ -227,8 +228,9 @@ def test_a_batch_larger_than_a_ranks_part_of_the_data_stops_every_rank_in_one_li
 
 
 def test_a_rank_that_stops_on_bad_data_stops_the_other_in_one_line(sample_root, tmp_path):
-    """Validation meets 64 undecodable files in a row on rank 1, which stops; rank 0 then loses it in a
-    collective and said so in a gloo traceback. Now it repeats rank 1's reason, exit code 2."""
+    """Validation meets 64 undecodable files in a row. The rank that meets them first stops; the other then
+    loses it in a collective, and rank 0 said so in a gloo traceback. Now every rank says one line: rank 0
+    repeats rank 1's reason (exit code 2) or is the one that stopped, and a rank that lost the other says so."""
     data = tmp_path / "data"
     shutil.copytree(sample_root, data, copy_function=os.symlink)
     (data / "train" / "junk").mkdir()  # a class of the train split, whose validation images are all damaged
@@ -237,5 +239,9 @@ def test_a_rank_that_stops_on_bad_data_stops_the_other_in_one_line(sample_root, 
     for i in range(64):
         (data / "val" / "junk" / f"{i:02d}.jpg").write_bytes(os.urandom(2000))
     err = _two_cpu_processes_stopping(data, tmp_path / "run", "--batch-size", "8",
-                                      "--set", "data.max_bad_samples=1000")
-    assert "ddmim: error: rank 1 stopped: 64 files in a row" in err
+                                      "--set", "data.max_bad_samples=1000", codes=(1, 2))
+    errors = [line for line in err.splitlines() if line.startswith("ddmim: error")]
+    # one line per rank: the reason (its own, or rank 1's repeated by rank 0: exit code 2), or that it lost the
+    # other rank (exit code 1: once, under a CPU hog, rank 0 found no note from rank 1 within 10 s)
+    assert len(errors) >= 2 and any("64 files in a row" in e for e in errors), errors
+    assert all("64 files in a row" in e or e.startswith("ddmim: error on rank ") for e in errors), errors
