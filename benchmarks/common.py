@@ -2,16 +2,13 @@
 the checkout they are run from, or at an explicit --json path; the machine's description comes from ddmim)."""
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ddmim.machine import machine_info
 from ddmim.machine import write_results as _write
 
 RESULTS = Path("benchmarks") / "results"  # relative to the current folder: run the scripts from the checkout
@@ -19,14 +16,7 @@ RESULTS = Path("benchmarks") / "results"  # relative to the current folder: run 
 
 def write_results(name: str, payload: dict, path: Path | None = None) -> Path:
     """benchmarks/results/<name>-<device>.json, or `path` when given (the GPU suite gives one per step)."""
-    if path is None:
-        return _write(name, payload, RESULTS)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine_info(), **payload}
-    path.write_text(json.dumps(payload, indent=2))
-    return path
+    return _write(name, payload, RESULTS, path)
 
 
 def device_sync(device: torch.device) -> Callable[[], None]:

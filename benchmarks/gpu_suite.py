@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ddmim_benchmarks.suite_costs import Cost, timed_images
+from ddmim.atomic import write_text
+from ddmim_benchmarks.suite_costs import BUDGET_S, PEAK_BF16, Cost, describe, plan, timed_images
 
 # the uncompiled variants share one process (one start-up); each compiled one has its own, and its own limit
 SEED_STEPS = {"seed-eager": ("eager", "channels_last", "torch_kernels", "timm_attention"),
@@ -46,7 +47,7 @@ SEED_STEPS = {"seed-eager": ("eager", "channels_last", "torch_kernels", "timm_at
 NO_DALI = "NVIDIA DALI is not installed on this GPU machine; the DALI steps run only where it is"
 
 MODES = {
-    False: {  # the H200
+    False: {  # a GPU
         "presets": {"seed": "seed", "simmim": "simmim", "mae": "mae_vit_s16", "finetune": "seed"},
         "batches": ["128", "256"],  # SEED_BATCHES "timing": ["--warmup", "3", "--repeats", "5", "--steps", "4"],
         "backend": "inductor", "photos": ("2000", "100"), "workers": "16", "e2e_steps": "30", "e2e_batch": "128",
@@ -54,7 +55,7 @@ MODES = {
                          "tests/test_kernel_dispatch.py"],
         "bench_kernels": ["--batch", "128"], "profile": ["--batch", "128"], "lightning": ["--batch", "128"],
         "attention": ["--batch", "128", "--dtype", "bf16"],
-        "budget": 420, "best": None, "limit_scale": 1,
+        "budget": BUDGET_S, "best": None, "limit_scale": 1,
     },
     True: {  # the CPU rehearsal
         "presets": {"seed": "tiny", "simmim": "tiny_simmim", "mae": "tiny_mae", "finetune": "tiny"},
@@ -67,7 +68,7 @@ MODES = {
         "lightning": ["--batch", "8", "--steps", "3", "--warmup", "1", "--rounds", "1"],
         # the steps that take the best variant would compile again on the CPU, where it is the slow part
         "budget": 0, "best": "torch_kernels",
-        # the limits are sized for the H200; on a CPU of unknown speed and load they only guard against a hang
+        # the limits are sized for a Hopper GPU; on a CPU of unknown speed and load they only guard against a hang
         "limit_scale": 5,
     },
 }
@@ -145,7 +146,7 @@ def junit_to_json(s: Suite, step: Step) -> None:
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
               if case.find("failure") is not None or case.find("error") is not None]
-    s.json(step.name).write_text(json.dumps({
+    write_text(s.json(step.name), json.dumps({
         "tests": int(suite.get("tests", 0)), "failures": int(suite.get("failures", 0)),
         "errors": int(suite.get("errors", 0)), "skipped": int(suite.get("skipped", 0)),
         "seconds": float(suite.get("time", 0)), "interpreter": s.env.get("TRITON_INTERPRET") == "1",
@@ -368,7 +369,7 @@ def write_summary(s: Suite, steps: list[dict], seconds: float) -> None:
     summary = {"device": s.probe.get("device"), "dry_run": s.dry_run, "python": s.probe.get("python"),
                "versions": s.probe.get("versions", {}), "imported_from": s.probe.get("imported_from", {}),
                "budget_s": s.mode["budget"] or None, "seconds": round(seconds, 1), "steps": steps}
-    (s.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(s.out / "summary.json", json.dumps(summary, indent=2))
     lines = [f"# GPU suite{' (CPU rehearsal)' if s.dry_run else ''}: {summary['device']}", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()),
              f"Total {seconds:.0f} s" + (f" of a {s.mode['budget']} s budget" if s.mode["budget"] else ""), "",
@@ -379,17 +380,28 @@ def write_summary(s: Suite, steps: list[dict], seconds: float) -> None:
             what = f"{e['reason']}" + (f" ({e['headline']})" if e.get("headline") else "")
         lines.append(f"| {e['name']} | {e['status']} | {e['seconds']:.0f} | {what.replace('|', '/')} | "
                      f"{e['json'] or '-'} |")
-    (s.out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(s.out / "summary.md", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, nargs="?")
     parser.add_argument("--dry-run", action="store_true", help="rehearse on the CPU: tiny presets, few steps")
     parser.add_argument("--budget", type=int, help="seconds for all steps (default 420 on a GPU; none dry)")
     parser.add_argument("--work", type=Path, help="folder for generated data (default: a temporary folder)")
     parser.add_argument("--only", nargs="+", help="run these steps only")
+    parser.add_argument("--plan", action="store_true", help="print which steps the budget has room for on an H100 "
+                        "and an H200 (suite_costs' estimates), and run nothing")
+    parser.add_argument("--without", nargs="*", default=["ffcv", "dali"], choices=["ffcv", "dali"],
+                        help="with --plan: libraries the GPU machine lacks (default: both)")
     args = parser.parse_args(argv)
+    if args.plan:
+        budget = args.budget or BUDGET_S
+        for gpu in PEAK_BF16:
+            print(describe(plan(STEPS, budget, gpu, tuple(args.without)), budget, gpu, tuple(args.without)))
+        return 0
+    if args.out is None:
+        parser.error("OUT is required, unless --plan")
 
     mode = dict(MODES[args.dry_run])
     if args.budget is not None:

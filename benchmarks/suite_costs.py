@@ -1,6 +1,6 @@
 """What each step of the GPU suite is expected to take on an H100 or H200, and which steps a budget has room for.
 
-    python benchmarks/suite_costs.py [--budget 420]
+    python benchmarks/gpu_suite.py --plan [--budget 420]   (prints the plan for an H100 and an H200)
 
 The cost model, stated here because no step has been timed on such a GPU yet:
 - starting a process (imports, CUDA context): 10 s;
@@ -15,8 +15,6 @@ these estimates: each step is assumed to take exactly its estimate.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 
 START_S = 10.0
@@ -66,20 +64,3 @@ def describe(rows: list[dict], budget: float, gpu: str, missing: tuple[str, ...]
         finish = f"done at {r['finish_s']:6.1f} s" if r["finish_s"] is not None else f"not run ({r['not_run']})"
         lines.append(f"  {r['name']:<20}{r['estimate_s']:7.1f} s   {finish}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ddmim_benchmarks.gpu_suite import STEPS
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=BUDGET_S)
-    parser.add_argument("--without", nargs="*", default=["ffcv", "dali"], choices=["ffcv", "dali"],
-                        help="libraries the GPU machine lacks (default: both)")
-    args = parser.parse_args(argv)
-    for gpu in PEAK_BF16:
-        print(describe(plan(STEPS, args.budget, gpu, tuple(args.without)), args.budget, gpu, tuple(args.without)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

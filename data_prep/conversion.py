@@ -8,14 +8,11 @@ refuse. Errors a user can cause (bad paths or options, a full disk) end in one l
 from __future__ import annotations
 
 import argparse
-import ctypes
-import errno
 import json
 import multiprocessing as mp
 import os
 import random
 import shutil
-import socket
 import sys
 import time
 from collections import deque
@@ -28,12 +25,11 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from ddmim.atomic import OLD_MARK, TMP_MARK, owner_alive, write_text
 from ddmim.data.layout import CLASSES_FILE, list_split, read_classes_file, train_classes
 from ddmim.errors import UserError
 
 SPLITS = ("train", "val")
-TMP_MARK = ".tmp-"
-OLD_MARK = ".old-"  # an earlier output set aside while a new one is put in place
 
 
 @dataclass
@@ -94,32 +90,6 @@ def source_listing(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple
     return classes, splits
 
 
-def owner_tag() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def owner_alive(tag: str) -> bool | None:
-    """True or False for a process of this host; None when another host wrote it (cannot be checked)."""
-    host, _, rest = tag.rpartition(":")
-    if host and host != socket.gethostname():
-        return None
-    digits = rest[:len(rest) - len(rest.lstrip("0123456789"))]
-    if not digits:
-        return None
-    try:
-        os.kill(int(digits), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def temp_path(final: Path) -> Path:
-    """Where an output is built before it is renamed into place: a name no loader accepts."""
-    return final.with_name(f".{final.name}{TMP_MARK}{socket.gethostname()}:{os.getpid()}")
-
-
 def clear_stale(final: Path, keep: Path | None = None) -> None:
     """Removes temporary outputs for `final` left by killed runs (and says so); refuses while one is live. An
     earlier output that a killed publish had set aside (only where the filesystem cannot swap two folders) is
@@ -141,49 +111,6 @@ def clear_stale(final: Path, keep: Path | None = None) -> None:
             continue
         shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
         print(f"removed {tmp}, left by a conversion that was killed", file=sys.stderr)
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Moves a finished output into place so that a kill at any moment leaves the old output or the new one
-    complete under the final name, never a mix: a file is renamed over the old one; a folder is first renamed to
-    a temporary name, then swapped with the old folder in one atomic step (Linux renameat2 RENAME_EXCHANGE), and
-    the old one, now under the temporary name, is deleted last. Where the filesystem cannot swap, the old folder
-    is renamed aside first (clear_stale puts it back if a kill comes before the new one is in place)."""
-    if not (final.is_dir() and not final.is_symlink()):
-        os.replace(tmp, final)
-        return
-    staged = temp_path(final)
-    os.replace(tmp, staged)
-    if not exchange(staged, final):
-        aside = final.with_name(f".{final.name}{OLD_MARK}{owner_tag()}")
-        os.replace(final, aside)
-        os.replace(staged, final)
-        staged = aside
-    shutil.rmtree(staged)
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Swaps two paths atomically; False where the system or filesystem cannot (then nothing was changed)."""
-    rename2 = getattr(_libc(), "renameat2", None)
-    if rename2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if rename2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = temp_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Workers:
@@ -257,14 +184,14 @@ def _map_chunk(fn, chunk: list) -> list:
 def write_report(dst: Path, classes: list[str], results: list[SplitResult], seconds: float, backend: str) -> None:
     """classes.json (folder name -> label), skipped.tsv (rows of splits not converted now are kept), summary line."""
     if read_classes_file(dst) is None:
-        write_text_atomic(dst / CLASSES_FILE, json.dumps({name: label for label, name in enumerate(classes)}, indent=2))
+        write_text(dst / CLASSES_FILE, json.dumps({name: label for label, name in enumerate(classes)}, indent=2))
     report = dst / "skipped.tsv"
     done = {r.name for r in results}
     kept = []
     if report.is_file():
         kept = [line for line in report.read_text().splitlines()[1:] if line.split("\t", 1)[0] not in done]
     rows = kept + [f"{r.name}\t{path}\t{reason}" for r in results for path, reason in r.skipped]
-    write_text_atomic(report, "split\tpath\treason\n" + "".join(f"{row}\n" for row in rows))
+    write_text(report, "split\tpath\treason\n" + "".join(f"{row}\n" for row in rows))
     written = sum(r.written for r in results)
     skipped = sum(len(r.skipped) for r in results)
     per_split = ", ".join(f"{r.name} {r.written}" for r in results)

@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import random
 import shutil
 import struct
@@ -33,7 +32,8 @@ import zlib
 from functools import partial
 from pathlib import Path
 
-from ddmim.data.dali_repair import CHECKSUMS
+from ddmim.atomic import atomic_path, owner_alive, owner_tag, publish, write_text
+from ddmim.data.dali_format import CHECKSUMS, INDEX, MANIFEST, shard_name
 from ddmim.errors import UserError
 from ddmim_data_prep.conversion import (
     SplitResult,
@@ -42,15 +42,10 @@ from ddmim_data_prep.conversion import (
     check_common_options,
     clear_stale,
     convert,
-    owner_alive,
-    owner_tag,
-    publish,
     run_cli,
-    write_text_atomic,
 )
 from ddmim_data_prep.images import BadImage, jpeg_bytes
 
-MANIFEST = "conversion.json"  # in DST/<split>/: how the shards were written (the loaders read "shuffled")
 PLAN = "plan.json"
 OWNER = "owner"
 
@@ -75,11 +70,10 @@ def write_shard(path: Path, first_key: int, samples, encoded) -> tuple[int, list
     (samples written, skipped)."""
     from wds2idx import IndexCreator  # shipped with DALI: its own index format, written by its own tool
 
-    index, sums = path.with_suffix(".idx"), path.with_suffix(CHECKSUMS)
-    tmp, index_tmp = path.with_name(f".{path.name}.tmp"), index.with_name(f".{index.name}.tmp")
-    sums_tmp = sums.with_name(f".{sums.name}.tmp")
+    index, sums = path.with_suffix(INDEX), path.with_suffix(CHECKSUMS)
     written, skipped, lines = 0, [], []
-    try:
+    # renamed into place in reverse order, the tar last: a shard is complete once its tar is there
+    with atomic_path(path) as tmp, atomic_path(index) as index_tmp, atomic_path(sums) as sums_tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for offset, ((source, label), (data, reason)) in enumerate(zip(samples, encoded)):
                 if data is None:
@@ -94,13 +88,8 @@ def write_shard(path: Path, first_key: int, samples, encoded) -> tuple[int, list
             with IndexCreator(str(tmp), str(index_tmp), verbose=False) as creator:
                 creator.create_index()
             sums_tmp.write_text("".join(lines))
-            os.replace(index_tmp, index)
-            os.replace(sums_tmp, sums)
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        index_tmp.unlink(missing_ok=True)
-        sums_tmp.unlink(missing_ok=True)
+        else:
+            tmp.unlink()
     return written, skipped
 
 
@@ -118,9 +107,11 @@ def open_partial(final: Path, plan: dict, overwrite: bool) -> Path:
                 raise UserError(f"{partial_dir} holds a killed conversion made with other options or sources; "
                                       "rerun it with the same options to resume, or pass --overwrite to start over")
             shutil.rmtree(partial_dir)
+        for tmp in partial_dir.glob(".*"):  # the killed run's unfinished files: every one is hidden
+            tmp.unlink()
     partial_dir.mkdir(parents=True, exist_ok=True)
     (partial_dir / OWNER).write_text(owner_tag())
-    write_text_atomic(partial_dir / PLAN, json.dumps(plan))
+    write_text(partial_dir / PLAN, json.dumps(plan))
     return partial_dir
 
 
@@ -133,19 +124,19 @@ def write_split(split: str, files: list, final: Path, args, pool) -> SplitResult
             "max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality, "seed": args.seed}
     work = open_partial(final, plan, args.overwrite)
     # a shard is done once its report is written, after its tar and index: a kill between the two redoes it
-    done = [i for i in range(len(shards)) if (work / f"shard-{i:06d}.json").is_file()]
+    done = [i for i in range(len(shards)) if (work / shard_name(i)).with_suffix(".json").is_file()]
     if done:
         print(f"{split}: resuming a killed conversion, {len(done)} of {len(shards)} shards already written",
               file=sys.stderr)
     encoder = partial(encode, max_resolution=args.max_resolution, quality=args.jpeg_quality)
     result = SplitResult(split)
     for number, samples in enumerate(shards):
-        path = work / f"shard-{number:06d}.tar"
-        report = work / f"shard-{number:06d}.json"
+        path = work / shard_name(number)
+        report = path.with_suffix(".json")
         if number not in done:
             encoded = pool.imap(encoder, samples, f"{split} shard {number + 1}/{len(shards)}")
             written, skipped = write_shard(path, number * args.shard_size, samples, encoded)
-            write_text_atomic(report, json.dumps({"written": written, "skipped": skipped}))
+            write_text(report, json.dumps({"written": written, "skipped": skipped}))
         counts = json.loads(report.read_text())
         result.written += counts["written"]
         result.skipped += [tuple(s) for s in counts["skipped"]]

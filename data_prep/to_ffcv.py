@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddmim.atomic import publish, temp_path
 from ddmim.errors import UserError
 from ddmim_data_prep.conversion import (
     SplitResult,
@@ -33,9 +34,7 @@ from ddmim_data_prep.conversion import (
     check_common_options,
     clear_stale,
     convert,
-    publish,
     run_cli,
-    temp_path,
 )
 from ddmim_data_prep.images import BadImage, decode
 

@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    from ddmim.data.sample_digits import build_sample_dataset, default_sample_root
     from ddmim.train.pretrain import format_summary, pretrain
-    from ddmim_data_prep.sample_data import build_sample_dataset, default_sample_root
 
     cfg = make_config(args.preset or ("tiny" if args.data is None else "seed"), args.overrides, _typed(args))
     data = args.data

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ddmim.atomic import write_text
 from ddmim.config import make_config
 from ddmim.data import eval_batches
+from ddmim.data.sample_digits import build_sample_dataset, default_sample_root
 from ddmim.errors import UserError
 from ddmim.eval.frozen import evaluate
 from ddmim.eval.reconstruction import load_model, reconstruction_report, visualize
@@ -19,7 +21,6 @@ from ddmim.train.finetune import finetune
 from ddmim.train.launch import Launch
 from ddmim.train.pretrain import format_summary, pretrain
 from ddmim.train.run_folder import prepare_run_dir
-from ddmim_data_prep.sample_data import build_sample_dataset, default_sample_root
 
 # method -> (pretraining preset, fine-tuning preset), all at the digits' 32 px
 METHODS = {"ddmim": ("tiny", "tiny"), "simmim": ("tiny_simmim", "tiny"), "mae": ("tiny_mae", "tiny_linear")}
@@ -51,7 +52,7 @@ def run_demo(out: Path, methods: tuple[str, ...] = ("ddmim",)) -> dict:
     random_ft = finetune(make_finetune_config("tiny"), data, out / "random-init" / "finetune", quiet)["val_top1"]
     rows["random init"] = (random_knn, random_ft, None)
     summary["random_init"] = {"knn_top1": random_knn, "finetune_top1": random_ft}
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "demo.json", json.dumps(summary, indent=2))
     print()
     print(f"{'backbone':<14}{'k-NN top-1 %':>14}{'fine-tune top-1 %':>19}{'recon vs baseline':>19}")
     for name, (knn, ft, ratio) in rows.items():

@@ -3,28 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from ddmim.config import (
-    MOVED_KEYS,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    TrainConfig,
-    build_dataclass,
-    moved_keys,
-    preset_values,
-    validate_data_and_train,
-    validate_model,
-    validate_optim,
-)
+from ddmim.config import MOVED_KEYS, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from ddmim.config_engine import build_dataclass, check_sections, moved_keys, preset_values
 from ddmim.errors import UserError
 
 
 @dataclass
 class HeadConfig:
-    kind: str = "bn_mlp"  # bn_mlp: BatchNorm + 2-layer MLP on the head_dim embedding (the original's); linear: one
-    # layer on the pooled features
+    # bn_mlp: BatchNorm + 2-layer MLP on the head_dim embedding (the original's); linear: one layer on the pooled
+    # features
+    kind: Literal["bn_mlp", "linear"] = "bn_mlp"
     hidden: int = 1024
 
 
@@ -35,6 +25,11 @@ class FinetuneOptimConfig(OptimConfig):
     min_lr: float = 1e-6
     layer_decay: float = 1.0  # lr multiplier per layer from the head down (1.0: none)
 
+    def check(self) -> None:
+        super().check()
+        if not 0 < self.layer_decay <= 1:
+            raise UserError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+
 
 @dataclass
 class AugmentConfig:
@@ -43,6 +38,12 @@ class AugmentConfig:
     label_smoothing: float = 0.0
     randaugment: str = ""  # timm policy string, e.g. rand-m9-mstd0.5-inc1 ("" off)
     drop_path: float = 0.0
+
+    def check(self) -> None:
+        if min(self.mixup, self.cutmix, self.drop_path) < 0 or not 0 <= self.label_smoothing < 1 \
+                or self.drop_path >= 1:
+            raise UserError("augment.mixup and augment.cutmix must not be negative, augment.label_smoothing and "
+                            "augment.drop_path must be in [0, 1)")
 
 
 @dataclass
@@ -67,19 +68,7 @@ class FinetuneConfig:
 
 def finetune_config_from_dict(values: dict[str, Any]) -> FinetuneConfig:
     cfg = build_dataclass(FinetuneConfig, FinetuneConfig.upgrade(values))
-    validate_model(cfg.model)
-    validate_data_and_train(cfg.data, cfg.train)
-    if cfg.head.kind not in ("bn_mlp", "linear"):
-        raise UserError(f"head.kind must be bn_mlp or linear, got '{cfg.head.kind}'")
-    validate_optim(cfg.optim)
-    if not 0 < cfg.optim.layer_decay <= 1:
-        raise UserError(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
-    if cfg.train.batch_size < 1:
-        raise UserError("train.batch_size must be at least 1")
-    a = cfg.augment
-    if min(a.mixup, a.cutmix, a.drop_path) < 0 or not 0 <= a.label_smoothing < 1 or a.drop_path >= 1:
-        raise UserError("augment.mixup and augment.cutmix must not be negative, augment.label_smoothing and "
-                        "augment.drop_path must be in [0, 1)")
+    check_sections(cfg)
     return cfg
 
 

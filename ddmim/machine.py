@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ddmim.atomic import write_text
+
 
 def user_results_folder() -> Path:
     """Where `ddmim` itself writes benchmark results: the user's cache, never the installed package."""
@@ -67,10 +69,11 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def write_results(name: str, payload: dict, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+def write_results(name: str, payload: dict, folder: Path, path: Path | None = None) -> Path:
+    """FOLDER/<name>-<device>.json, or `path` when given, with the machine's description."""
+    path = Path(path) if path else folder / f"{name}-{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": machine_info(), **payload}
-    path.write_text(json.dumps(payload, indent=2))
+    write_text(path, json.dumps(payload, indent=2))
     return path

@@ -63,7 +63,7 @@ def damage_middle(data: bytes) -> bytes:
 def corrupt_shard(converted: dict, tmp_path: Path, how=None, checksums: bool = True) -> tuple[Path, str]:
     """A copy of the DALI data with one sample of its second shard damaged (by `how`, default `damage`);
     without `checksums`, the copy is like an older converter's, with no SHARD.crc files."""
-    from ddmim.data.dali_repair import index_entries
+    from ddmim.data.dali_format import index_entries
 
     root = tmp_path / "dali"
     shutil.copytree(converted["dali"], root)
@@ -192,7 +192,8 @@ def _dali_rank(rank: int, port: int, root: str, out: str) -> None:  # one proces
     import torch.distributed as dist
 
     from ddmim.data.bad_samples import SkippedSamples
-    from ddmim.data.dali_loader import list_shards, open_loader, sample_count
+    from ddmim.data.dali_format import list_shards, sample_count
+    from ddmim.data.dali_loader import open_loader
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -211,6 +212,7 @@ def _dali_rank(rank: int, port: int, root: str, out: str) -> None:  # one proces
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["found after DALI failed", "checksum", "header"])
 def test_data_parallel_ranks_repair_a_dali_split_together(how, converted, tmp_path, capfd):
     """The rank that meets the bad JPEG (or checks its shard) and the one that does not: same step, same
@@ -281,7 +283,8 @@ def _resumed_rank(rank: int, port: int, root: str, out: str) -> None:  # one pro
 
     import torch.distributed as dist
 
-    from ddmim.data.dali_loader import list_shards, open_loader
+    from ddmim.data.dali_format import list_shards
+    from ddmim.data.dali_loader import open_loader
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -308,6 +311,7 @@ def _resumed_rank(rank: int, port: int, root: str, out: str) -> None:  # one pro
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_resume_between_a_failed_batch_and_the_ranks_agreeing_leaves_out_the_sample_on_every_rank(converted,
                                                                                                     tmp_path):
     """A checkpoint taken after a rank's batch failed but before the ranks read their exchange: every rank

@@ -1,4 +1,5 @@
 """Bad input to `ddmim train`: one clear line on stderr, exit code 2, no traceback, nothing overwritten."""
+import os
 import subprocess
 import sys
 
@@ -60,6 +61,7 @@ def test_existing_run_folder_is_not_overwritten(capsys, sample_root, tmp_path):
     assert (out / "last.ckpt").read_bytes() == b"precious"
 
 
+@pytest.mark.slow
 def test_console_entry_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ddmim", "train", "--data", str(tmp_path / "missing")],
                           capture_output=True, text=True, timeout=120)
@@ -106,3 +108,20 @@ def test_bf16_on_a_gpu_without_it(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda *a, **k: False)
     with pytest.raises(UserError, match="this GPU does not support bf16"):
         resolve_launch(Launch(accelerator="gpu", precision="bf16-mixed"))
+
+
+def test_each_command_of_a_process_gets_a_notes_folder_of_its_own(monkeypatch):
+    """Ranks leave their stop notes in a folder named in the environment their launcher passes on; a second
+    command in one process (the tests, a notebook) once inherited the first one's name, whose folder was gone,
+    so its ranks left no note and rank 0 could not say why a rank stopped."""
+    from ddmim.train.rank_notes import NOTES_ENV, close_notes, open_notes
+
+    monkeypatch.delenv(NOTES_ENV, raising=False)
+    first = open_notes()
+    close_notes(first)
+    assert NOTES_ENV not in os.environ and not first.exists()
+    second = open_notes()
+    try:
+        assert second.is_dir() and os.environ[NOTES_ENV] == str(second)
+    finally:
+        close_notes(second)

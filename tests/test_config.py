@@ -42,7 +42,7 @@ def test_unknown_preset():
 
 def _presets_in(folder, monkeypatch, files: dict[str, str]):
     """Preset files in `folder`, read in place of the shipped ones (both kinds read the same folder)."""
-    import ddmim.config as config
+    import ddmim.config_engine as config
 
     for name, text in files.items():
         (folder / f"{name}.yaml").write_text(text)
@@ -99,3 +99,24 @@ def test_a_fine_tuning_config_of_an_earlier_version_drops_the_pretraining_keys()
     old["model"].update(proj_hidden=128, proj_out=64, mask_token=False, decoder_dim=512, decoder_depth=8,
                         decoder_heads=16)
     assert finetune_config_from_dict(old) == new
+
+
+@pytest.mark.parametrize("key, allowed", [
+    ("loss.recon_normalize", "all, masked"), ("ema.count", "epoch_batches, optimizer_steps"),
+    ("optim.schedule", "step, cosine"), ("data.ffcv_order", "random, quasi_random"),
+    ("train.kernels", "auto, triton, torch"), ("model.perceptual_tap", "after_next_merge, stage_output"),
+])
+def test_a_closed_choice_names_its_values(key, allowed):
+    with pytest.raises(UserError, match=f"{key} must be one of {allowed}, got 'other'"):
+        make_config("tiny", [f"{key}=other"])
+    with pytest.raises(UserError, match=f"{key} must be one of"):
+        make_config("tiny", [f"{key}=1"])  # a value of another type is no choice either
+
+
+def test_only_a_method_with_negatives_needs_two_images_per_batch():
+    from ddmim.models.factory import pretraining_model
+
+    for preset in ("tiny_simmim", "tiny_mae"):
+        pretraining_model(make_config(preset, ["train.batch_size=1"]))
+    with pytest.raises(UserError, match="contrastive loss needs negatives"):
+        pretraining_model(make_config("tiny", ["train.batch_size=1"]))

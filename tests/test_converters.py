@@ -72,7 +72,7 @@ def test_dali_converter_keeps_odd_images_and_reports_broken_ones(messy_source, t
 
 
 def test_dali_shards_whose_every_file_is_skipped_are_left_out(messy_source, tmp_path):
-    from ddmim.data.dali_loader import list_shards, sample_count
+    from ddmim.data.dali_format import list_shards, sample_count
 
     assert run_cli(to_dali.main, [str(messy_source), str(tmp_path), "--workers", "1", "--shard-size", "1"]) == 0
     tars, indexes = list_shards(tmp_path / "train")
@@ -137,8 +137,9 @@ def test_bad_sources(module, tmp_path, capsys):
     ("to_ffcv.py", ".train.beton.tmp-*", "train.beton"),
     ("to_dali.py", ".train.partial", "train"),
 ])
+@pytest.mark.slow
 def test_interrupted_conversion_leaves_nothing_a_loader_accepts(script, tmp_glob, final, tmp_path):
-    from ddmim.data.dali_loader import list_shards
+    from ddmim.data.dali_format import list_shards
     from ddmim.data.ffcv_loader import readable_indices
     from ddmim.errors import UserError
 
@@ -167,6 +168,7 @@ def _noise_source(root: Path, count: int, size: int = 96) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("background", [False, True], ids=["foreground", "background job"])
 @pytest.mark.parametrize("script, final", [("to_ffcv.py", "train.beton"), ("to_dali.py", "train")])
 def test_a_full_disk_ends_in_one_line_and_leaves_no_output(script, final, background, tmp_path):
@@ -202,12 +204,20 @@ def test_stale_temporaries_are_removed_and_live_ones_refused(messy_source, tmp_p
     assert to_ffcv.main([str(messy_source), str(tmp_path), "--workers", "1"]) == 0
     err = capsys.readouterr().err
     assert not dead.exists() and not old_style.exists() and f"removed {dead}" in err
-    live = tmp_path / f".train.beton.tmp-{socket.gethostname()}:{os.getpid()}"
-    live.write_bytes(b"x")
-    assert run_cli(to_ffcv.main, [str(messy_source), str(tmp_path), "--workers", "1", "--overwrite"]) == 2
-    assert f"another conversion (process {os.getpid()})" in capsys.readouterr().err and live.exists()
+    # a killed run's temporary under this very process id (a restarted container reuses ids): stale too
+    same_id = tmp_path / f".train.beton.tmp-{socket.gethostname()}:{os.getpid()}"
+    same_id.write_bytes(b"x")
+    assert to_ffcv.main([str(messy_source), str(tmp_path), "--workers", "1", "--overwrite"]) == 0
+    assert not same_id.exists() and f"removed {same_id}" in capsys.readouterr().err
+    with subprocess.Popen(["sleep", "60"]) as writer:  # a conversion that still runs
+        live = tmp_path / f".train.beton.tmp-{socket.gethostname()}:{writer.pid}"
+        live.write_bytes(b"x")
+        assert run_cli(to_ffcv.main, [str(messy_source), str(tmp_path), "--workers", "1", "--overwrite"]) == 2
+        writer.kill()
+    assert f"another conversion (process {writer.pid})" in capsys.readouterr().err and live.exists()
 
 
+@pytest.mark.slow
 def test_a_killed_dali_conversion_resumes_from_its_last_shard(tmp_path):
     src = _noise_source(tmp_path / "src", 120)
     cmd = [sys.executable, str(REPO / "data_prep" / "to_dali.py"), str(src), str(tmp_path / "dst"), "--workers", "1",
@@ -324,7 +334,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def _complete_output(dst: Path) -> int:
     """The seed of a complete DST/train (every shard with its index, all samples), or fails."""
-    from ddmim.data.dali_loader import list_shards, sample_count
+    from ddmim.data.dali_format import list_shards, sample_count
 
     tars, indexes = list_shards(dst / "train")
     assert len(tars) == 150 and sample_count(indexes) == 150
@@ -368,6 +378,7 @@ def test_a_kill_at_any_moment_of_an_overwrite_leaves_the_old_or_the_new_output(t
 
 
 def test_where_folders_cannot_be_swapped_a_set_aside_output_is_put_back(tmp_path, monkeypatch, capsys):
+    from ddmim import atomic
     from ddmim_data_prep import conversion
 
     final, new = tmp_path / "train", tmp_path / "new"
@@ -375,11 +386,11 @@ def test_where_folders_cannot_be_swapped_a_set_aside_output_is_put_back(tmp_path
     (final / "old.tar").write_text("old")
     new.mkdir()
     (new / "new.tar").write_text("new")
-    monkeypatch.setattr(conversion, "exchange", lambda a, b: False)  # e.g. a filesystem without renameat2 exchange
-    conversion.publish(new, final)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)  # e.g. a filesystem without renameat2 exchange
+    atomic.publish(new, final)
     assert [p.name for p in final.iterdir()] == ["new.tar"] and [p.name for p in tmp_path.iterdir()] == ["train"]
     # a kill between setting the old output aside and renaming the new one in: the next run puts the old back
-    os.replace(final, tmp_path / f".train{conversion.OLD_MARK}{socket.gethostname()}:999999999")
+    os.replace(final, tmp_path / f".train{atomic.OLD_MARK}{socket.gethostname()}:999999999")
     conversion.clear_stale(final)
     assert (final / "new.tar").read_text() == "new" and "put back" in capsys.readouterr().err
 

@@ -163,7 +163,7 @@ def test_the_gpu_dali_pipelines_are_defined_and_serialised_here(converted, train
     and its arguments checked against DALI's schemas. The control: a wrong argument fails here."""
     from nvidia.dali import fn
 
-    from ddmim.data.dali_loader import define_pipeline
+    from ddmim.data.dali_pipeline import define_pipeline
 
     cfg = make_config("tiny")
     options = dict(train=train, gpu=True, device_id=None, channels_last=channels_last, batch_size=4, threads=1)

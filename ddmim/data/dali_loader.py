@@ -1,8 +1,5 @@
-"""DALI data (ROOT/<split>/shard-*.tar + .idx from data_prep/to_dali.py) through fn.readers.webdataset.
-
-On CUDA JPEGs are decoded on the GPU (`mixed`); on the CPU by DALI's CPU decoder. Training decodes only
-the random crop window (`fn.decoders.image_random_crop`), then resizes, flips and normalises in one
-`fn.crop_mirror_normalize`.
+"""DALI data (a split as `dali_format` describes it) through the pipeline of `dali_pipeline`: the loader keeps
+the iteration, the samples left out and the resume state.
 
 Batches mix classes because the converter shuffles the samples before cutting shards; the reader's
 shuffle buffer then only has to vary the order between epochs. Under data-parallel training DALI gives
@@ -19,7 +16,6 @@ the epoch.
 """
 from __future__ import annotations
 
-import json
 import socket
 import sys
 from pathlib import Path
@@ -31,8 +27,9 @@ import torch.distributed as dist
 from ddmim.config import Config
 from ddmim.data.bad_samples import SkippedSamples
 from ddmim.data.contracts import check_one_batch_per_rank
+from ddmim.data.dali_format import Shards, check_shuffled, list_shards, sample_count
+from ddmim.data.dali_pipeline import READER, build_pipeline
 from ddmim.data.dali_repair import (
-    Shards,
     damaged_samples,
     filtered_shards,
     ranks_sharing_cores,
@@ -40,109 +37,8 @@ from ddmim.data.dali_repair import (
     usable_cores,
 )
 from ddmim.data.layout import read_class_count
-from ddmim.data.workers import loader_threads
+from ddmim.data.rank_exchange import RankExchange
 from ddmim.errors import UserError
-
-READER = "Reader"
-MANIFEST = "conversion.json"  # written by data_prep/to_dali.py
-
-
-def index_header(index) -> list[str]:
-    """The first line of a wds2idx index ('v1.2 SAMPLES'), read alone: an ImageNet index has 5,000 lines."""
-    with open(index, errors="replace") as f:
-        return f.readline().split()
-
-
-def list_shards(folder: Path) -> tuple[list[str], list[str]]:
-    if not folder.is_dir():
-        raise UserError(f"DALI shard folder {folder} does not exist (make it with data_prep/to_dali.py)")
-    tars = sorted(folder.glob("*.tar"))
-    if not tars:
-        raise UserError(f"{folder} holds no .tar shards (make them with data_prep/to_dali.py)")
-    indexes = [t.with_suffix(".idx") for t in tars]
-    for tar, idx in zip(tars, indexes):
-        if not idx.is_file():
-            raise UserError(f"shard {tar} has no index {idx.name} (data_prep/to_dali.py writes both)")
-        head = index_header(idx)
-        if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
-            raise UserError(f"{idx} is not a DALI webdataset index (wds2idx format)")
-        with open(tar, "rb") as f:
-            f.seek(257)
-            if f.read(5) != b"ustar":
-                raise UserError(f"{tar} is not a tar archive")
-    return [str(t) for t in tars], [str(i) for i in indexes]
-
-
-def sample_count(indexes: list[str]) -> int:
-    return sum(int(index_header(i)[1]) for i in indexes)
-
-
-def check_shuffled(folder: Path) -> None:
-    """Shards of the converter before it shuffled are in class order: say what that does to batches."""
-    manifest = folder / MANIFEST
-    shuffled = manifest.is_file() and json.loads(manifest.read_text()).get("shuffled")
-    if not shuffled:
-        print(f"ddmim: warning: {folder} was written in class order (by an older data_prep/to_dali.py); each "
-              "batch will hold few classes. Convert it again.", file=sys.stderr)
-
-
-def shuffle_buffer(batch_size: int, samples_per_rank: int) -> int:
-    """Samples the reader draws batches from: several batches, bounded by this rank's part of the data."""
-    return max(1, min(samples_per_rank, max(4096, 8 * batch_size)))
-
-
-def build_pipeline(folder: Path, cfg: Config, *, gpu: bool, **options):
-    """The built pipeline (`define_pipeline`'s options), on the current CUDA device when `gpu`."""
-    pipe = define_pipeline(folder, cfg, gpu=gpu, device_id=torch.cuda.current_device() if gpu else None, **options)
-    pipe.build()
-    return pipe
-
-
-def define_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, device_id: int | None,
-                    shard_id: int = 0, num_shards: int = 1, batch_size: int | None = None,
-                    channels_last: bool = False, threads: int | None = None,
-                    shards: tuple[list[str], list[str]] | None = None, **pipeline_kw):
-    """The pipeline, not built: `gpu` decodes with nvJPEG ("mixed") and leaves the batches on the device.
-    `device_id` None defines even a GPU pipeline where there is no CUDA (so that its operators and arguments
-    are checked on any machine). `shards`: (tars, indexes) to read instead of the folder's own (after samples
-    were left out); `pipeline_kw`: more options of the Pipeline (enable_checkpointing, checkpoint)."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    tars, indexes = shards or list_shards(folder)
-    size = cfg.model.img_size
-    batch_size = batch_size or cfg.train.batch_size
-    mean = [m * 255 for m in cfg.data.mean]
-    std = [s * 255 for s in cfg.data.std]
-    decode_device = "mixed" if gpu else "cpu"
-    layout = "HWC" if channels_last else "CHW"
-    interp = types.INTERP_CUBIC if cfg.data.interpolation == "bicubic" else types.INTERP_LINEAR
-
-    @pipeline_def
-    def pipeline():
-        jpegs, labels = fn.readers.webdataset(
-            paths=tars, index_paths=indexes, ext=["jpg", "cls"], dtypes=[types.UINT8, types.INT32],
-            shard_id=shard_id, num_shards=num_shards, random_shuffle=train, stick_to_shard=False,
-            initial_fill=shuffle_buffer(batch_size, sample_count(indexes) // num_shards),
-            pad_last_batch=True, name=READER, seed=cfg.train.seed)
-        if train:
-            images = fn.decoders.image_random_crop(
-                jpegs, device=decode_device, output_type=types.RGB, random_area=list(cfg.data.crop_scale),
-                random_aspect_ratio=list(cfg.data.crop_ratio), num_attempts=10)
-            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp, antialias=False)
-            mirror = fn.random.coin_flip(probability=cfg.data.hflip) if cfg.data.hflip > 0 else 0
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=mean,
-                                              std=std, mirror=mirror)
-        else:
-            images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=round(size / cfg.data.val_crop_ratio), interp_type=interp)
-            images = fn.crop_mirror_normalize(images, crop=(size, size), dtype=types.FLOAT, output_layout=layout,
-                                              mean=mean, std=std)
-        if gpu:
-            labels = labels.gpu()
-        return images, labels
-
-    return pipeline(batch_size=batch_size, num_threads=threads or loader_threads(cfg.data.num_workers),
-                    device_id=device_id, seed=cfg.train.seed + shard_id, prefetch_queue_depth=2, **pipeline_kw)
 
 
 class DaliLoader:
@@ -162,14 +58,14 @@ class DaliLoader:
     def __init__(self, make_pipe, *, train: bool, channels_last: bool, folder: Path, skipped: SkippedSamples,
                  group=None):
         self.make_pipe, self.train, self.channels_last = make_pipe, train, channels_last
-        self.folder, self.skipped, self.group = folder, skipped, group
+        self.folder, self.skipped, self.ranks = folder, skipped, RankExchange(group)
         self.left_out: set[str] = set()  # 'SHARD.tar:KEY' of every sample left out so far
         self.shards = self._screened()
         self.iterator = self._iterator()
         self.consumed = 0  # training batches yielded in this run, counting those of the run it resumed
         self.resume_done = 0  # batches of the first epoch after a resume that the checkpoint had already trained
         self.states: dict[int, dict] = {}  # consumed -> the state after that batch, for the last few batches
-        self.sent = None  # (the all-reduce in flight, its flag, what this rank found) of the last batch
+        self.sent = None  # (whether any rank's last batch failed, in flight; what this rank found)
         self.repaired = False  # a pipeline rebuilt in this epoch: the next epoch starts a pass of its own
 
     def _screened(self) -> Shards | None:
@@ -178,21 +74,14 @@ class DaliLoader:
         sound. Under data-parallel training each rank checks every world-th shard, with its part of the cores
         that it shares with other ranks, and all ranks take the union, so they go on over one sample list."""
         own = list_shards(self.folder)
-        rank, world = (dist.get_rank(self.group), dist.get_world_size(self.group)) if self.group else (0, 1)
-        share = 1
-        if self.group is not None:
-            mine = (socket.gethostname(), usable_cores())
-            every_rank = [None] * world
-            dist.all_gather_object(every_rank, mine, group=self.group)
-            share = ranks_sharing_cores(mine, every_rank)
+        rank, world = self.ranks.rank, self.ranks.world
+        mine = (socket.gethostname(), usable_cores())
+        share = ranks_sharing_cores(mine, self.ranks.gather(mine)) if self.ranks.shared else 1
         bad = damaged_samples((own[0][rank::world], own[1][rank::world]), own, share=share)
         for entry in bad:
             self.skipped.record(*entry)
-        if self.group is not None:
-            found = [None] * world
-            dist.all_gather_object(found, bad, group=self.group)
-            bad = sorted({entry[1]: entry for entry in sum(found, [])}.values())
-            self.skipped.mark(ordinal for ordinal, _, _ in bad)
+        if self.ranks.shared:
+            bad = self._union(bad)
         return self._leave_out({where for _, where, _ in bad}) if bad else None
 
     def _leave_out(self, where: set[str]) -> Shards:
@@ -215,23 +104,18 @@ class DaliLoader:
         batch, when it may already have fetched the next one."""
         self.states[self.consumed] = {"dali": self.iterator.checkpoints()[0], "epoch_done": epoch_done,
                                       "left_out": sorted(self.left_out), "repaired": self.repaired,
-                                      "unsettled": self.sent[2] if self.sent else []}
+                                      "unsettled": self.sent[1] if self.sent else []}
         self.states.pop(self.consumed - 4, None)
 
     def state_at(self, step: int) -> dict:
         """What a resume at `step` (batches trained) needs to go on exactly: DALI's own checkpoint of the pipeline
         (reader position, every random stream), how far into its epoch, and the samples left out; one entry per
         rank (a collective under data-parallel training: every rank saves the checkpoint, rank 0 writes it)."""
-        mine = self.states.get(step)
-        if self.group is None:
-            return {"ranks": [mine]}
-        ranks = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(ranks, mine, group=self.group)
-        return {"ranks": ranks}
+        return {"ranks": self.ranks.gather(self.states.get(step))}
 
     def restore(self, state: dict, step: int) -> None:
         """Goes on from `state_at(step)` of the run resumed from."""
-        rank, world = (dist.get_rank(self.group), dist.get_world_size(self.group)) if self.group else (0, 1)
+        rank, world = self.ranks.rank, self.ranks.world
         ranks = state.get("ranks") or []
         if len(ranks) != world or ranks[rank] is None:
             print(f"ddmim: warning: the checkpoint holds no DALI reader state for rank {rank} of {world} at step "
@@ -266,26 +150,18 @@ class DaliLoader:
         self.shards = self._leave_out({where for _, where, _ in bad})
         self.iterator, self.repaired = self._iterator(), True
 
-    def _send(self, bad: list[tuple[int, str, str]]) -> None:
-        """Starts telling the other ranks whether this batch failed (`bad`: what this rank found)."""
-        flag = torch.zeros(1, dtype=torch.int32)
-        flag[0] = int(bool(bad))
-        self.sent = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag, bad)
+    def _union(self, bad: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+        """What every rank found, the same list on every rank."""
+        union = {entry[1]: entry for entry in sum(self.ranks.gather(bad), [])}
+        self.skipped.mark(ordinal for ordinal, _, _ in union.values())
+        return sorted(union.values())
 
     def _agreed_failures(self) -> list[tuple[int, str, str]]:
         """The samples the ranks found at their previous batch, the same on every rank: [] when none failed."""
         if self.sent is None:
             return []
-        work, flag, bad = self.sent
-        self.sent = None
-        work.wait()
-        if not flag[0]:  # a CPU tensor of the gloo group: no device synchronisation
-            return []
-        found = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(found, bad, group=self.group)
-        union = {entry[1]: entry for entry in sum(found, [])}
-        self.skipped.mark(ordinal for ordinal, _, _ in union.values())
-        return sorted(union.values())
+        (any_failed, bad), self.sent = self.sent, None
+        return self._union(bad) if any_failed.wait() else []
 
     def _next(self, stream):
         """One batch from `stream`; (None, error) when DALI failed to decode it. A pass of the reader that ends
@@ -306,9 +182,7 @@ class DaliLoader:
         can too, and a collective over the batch (the contrastive loss gathers every rank's features) needs
         one size on every rank: a 2-rank run with 355 validation images aborted in gloo. Only the epoch's last
         batch can be short, so only it is exchanged."""
-        size = torch.tensor([len(labels)])
-        dist.all_reduce(size, op=dist.ReduceOp.MAX, group=self.group)
-        missing = int(size.item()) - len(labels)  # a CPU tensor of the gloo group: no device synchronisation
+        missing = self.ranks.max(len(labels)) - len(labels)
         if missing <= 0:
             return images, labels
         repeat = torch.arange(missing, device=labels.device) % len(labels)
@@ -317,12 +191,7 @@ class DaliLoader:
     def epoch_batches(self) -> int:
         """Batches of this epoch: the fewest of any rank (one exchange an epoch), so that every rank steps
         as often; DALI gives ranks whose parts differ by a sample different counts."""
-        count = len(self.iterator)
-        if self.group is not None:
-            agreed = torch.tensor([count])
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
-            count = int(agreed.item())
-        return count
+        return self.ranks.min(len(self.iterator))
 
     def __iter__(self):
         stream = iter(self.iterator)
@@ -343,12 +212,12 @@ class DaliLoader:
                 if error is not None:
                     raise UserError(f"DALI failed on {self.folder} again after leaving out the samples that "
                                     f"do not decode: {str(error).strip().splitlines()[-1]}") from None
-            if self.group is not None:
-                self._send(bad)
+            if self.ranks.shared:
+                self.sent = (self.ranks.any_later(bool(bad)), bad)
             images, labels = out[0]["images"], out[0]["labels"].reshape(-1).long()
             if self.channels_last:  # HWC batches viewed as NCHW tensors in channels-last memory
                 images = images.permute(0, 3, 1, 2)
-            if self.group is not None and not self.train and done == total - 1:
+            if self.ranks.shared and not self.train and done == total - 1:
                 images, labels = self._even(images, labels)
             done += 1
             if self.train:

@@ -20,28 +20,17 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
+from ddmim.atomic import write_text
+from ddmim.data.dali_format import CHECKSUMS, Shards, index_entries, read_checksums
 from ddmim.data.jpeg_header import header_fault
 
 HEADER_READ = 4096  # bytes read at once at each sample's start: most JPEG headers end within them
-CHECKSUMS = ".crc"  # beside SHARD.tar: 'KEY CRC32' per sample, written by data_prep/to_dali.py
-
-
-def index_entries(index: str) -> list[tuple[str, int, int]]:
-    """(key, offset, size) of each sample's JPEG in a wds2idx index."""
-    entries = []
-    for line in Path(index).read_text().splitlines()[1:]:
-        fields = line.split()
-        for ext, offset, size, name in zip(fields[0::4], fields[1::4], fields[2::4], fields[3::4]):
-            if ext == "jpg":
-                entries.append((name.rsplit(".", 1)[0], int(offset), int(size)))
-    return entries
 
 
 def _check_shard(job: tuple[str, str]) -> list[tuple[str, str]]:
@@ -58,18 +47,11 @@ def _check_shard(job: tuple[str, str]) -> list[tuple[str, str]]:
     return bad
 
 
-def _read_checksums(tar: str) -> dict[str, int] | None:
-    path = Path(tar).with_suffix(CHECKSUMS)
-    if not path.is_file():
-        return None
-    return {key: int(crc, 16) for key, crc in (line.split() for line in path.read_text().splitlines())}
-
-
 def _check_stored(job: tuple[str, str]) -> list[tuple[str, str]]:
     """(key, reason) of each sample of one shard whose header is malformed or whose bytes are not the ones
     the converter wrote."""
     tar, index = job
-    checksums, bad = _read_checksums(tar), []
+    checksums, bad = read_checksums(tar), []
     with open(tar, "rb") as f:
         for key, offset, size in index_entries(index):
             f.seek(offset)
@@ -109,15 +91,12 @@ def _check_remembered(job: tuple[str, str]) -> list[tuple[str, str]]:
     bad = _check_stored(job)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"tar": os.path.realpath(tar), "stamp": stamp, "bad": bad}))
-        os.replace(tmp, cache)
+        write_text(cache, json.dumps({"tar": os.path.realpath(tar), "stamp": stamp, "bad": bad}))
     except OSError:
         pass  # a read-only cache costs a full read next time, nothing else
     return bad
 
 
-Shards = tuple[list[str], list[str]]  # (tars, their indexes)
 
 
 def undecodable_samples(shards: Shards, own: Shards) -> list[tuple[int, str, str]]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ddmim.atomic import atomic_path, write_text
 from ddmim.checkpoints import load_pretraining
 from ddmim.errors import UserError
 from ddmim.models.factory import headless_export
@@ -28,14 +29,13 @@ def export_backbone(ckpt: Path, out: Path) -> dict:
     net, name, kwargs = headless_export(cfg.model)
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
     net.load_state_dict(backbone, strict=True)  # proves the file will load the same way into timm
-    tmp = out / ".backbone.safetensors.tmp"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata={"source": str(ckpt)})
-        tmp.replace(weights)
-        (out / "timm.json").write_text(json.dumps({"model_name": name, "kwargs": kwargs}, indent=2))
+        with atomic_path(weights) as tmp:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                      metadata={"source": str(ckpt)})
+        write_text(out / "timm.json", json.dumps({"model_name": name, "kwargs": kwargs}, indent=2))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write the export into {out}: {exc.strerror or exc}") from None
     call = timm_call(name, kwargs, weights)
     return {"weights": str(weights), "tensors": len(backbone), "timm": call}

@@ -39,12 +39,16 @@ def mask_spec(cfg: Config) -> MaskSpec:
 
 
 def _build_ddmim(cfg: Config, encoder: nn.Module, kernels: KernelOps | None) -> nn.Module:
-    w, d = cfg.loss, cfg.ddmim
-    loss = DDMIMLoss(tuple(w.perceptual_weights), w.contrastive_weight, w.tau, w.recon_normalize, w.recon_beta,
-                     w.perceptual_beta, w.infonce_extra_logit)
-    return DDMIM(encoder, mask=mask_spec(cfg), loss=loss, proj_hidden=d.proj_hidden, proj_out=d.proj_out,
+    d = cfg.ddmim
+    return DDMIM(encoder, mask=mask_spec(cfg), loss=ddmim_loss(cfg), proj_hidden=d.proj_hidden, proj_out=d.proj_out,
                  head_dim=cfg.model.head_dim, mask_token=d.mask_token, teacher_mode=cfg.ema.teacher_mode,
                  kernels=kernels)
+
+
+def ddmim_loss(cfg: Config) -> DDMIMLoss:
+    """The loss section's fields, by name."""
+    values = dataclasses.asdict(cfg.loss)
+    return DDMIMLoss(**{**values, "perceptual_weights": tuple(values["perceptual_weights"])})
 
 
 def _check_ddmim(cfg: Config) -> None:
@@ -58,6 +62,8 @@ def _check_ddmim(cfg: Config) -> None:
     for name in ("proj_hidden", "proj_out"):
         if getattr(cfg.ddmim, name) < 1:
             raise UserError(f"ddmim.{name} must be at least 1, got {getattr(cfg.ddmim, name)}")
+    if ddmim_loss(cfg).uses_teacher and cfg.train.batch_size < 2:
+        raise UserError("train.batch_size must be at least 2 (the contrastive loss needs negatives)")
 
 
 def _build_mae(cfg: Config, encoder: nn.Module, kernels: KernelOps | None) -> nn.Module:

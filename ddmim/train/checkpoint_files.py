@@ -8,7 +8,6 @@ and is renamed over it, which is atomic on POSIX filesystems.
 from __future__ import annotations
 
 import errno
-import os
 import random
 import shutil
 from pathlib import Path
@@ -17,10 +16,10 @@ import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from ddmim.atomic import TMP_MARK, atomic_write
 from ddmim.checkpoints import DIGEST_KEY, checkpoint_kind, payload_digest, read_checkpoint
 from ddmim.errors import UserError
 
-TMP_MARK = ".tmp-"
 STEP_PREFIX = "step"  # recent checkpoints are named step<8 digits>.ckpt
 
 
@@ -36,19 +35,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
         checkpoint[DIGEST_KEY] = payload_digest(checkpoint)  # checked whenever the file is read
         try:
-            with open(tmp, "wb") as f:
+            with atomic_write(path, "wb", fsync=True) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
             raise UserError(f"writing checkpoint {path} failed ({write_failure(exc, path.parent)}); "
                             f"{earlier_checkpoints(path)}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
         if self.keep > 0:
             for old in sorted(path.parent.glob(f"{STEP_PREFIX}*.ckpt"))[:-self.keep]:
                 old.unlink(missing_ok=True)

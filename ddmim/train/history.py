@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import csv
 import os
+from pathlib import Path
 
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
+
+from ddmim.atomic import atomic_write
 
 
 class _ContinuedWriter(ExperimentWriter):
@@ -39,12 +42,10 @@ class _ContinuedWriter(ExperimentWriter):
             return
         with open(self.metrics_file_path, newline="") as f:
             rows = [row for row in csv.DictReader(f) if not row.get("step") or int(float(row["step"])) < step]
-        tmp = f"{self.metrics_file_path}.tmp-{os.getpid()}"
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(Path(self.metrics_file_path), newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
 
 
 class HistoryCSVLogger(CSVLogger):

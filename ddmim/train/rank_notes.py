@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ddmim.atomic import write_text
+
 NOTES_ENV = "DDMIM_RANK_NOTES"
 LOST_RANK = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
              "NCCL error", "Broken pipe")
@@ -30,23 +32,23 @@ def this_rank() -> str:
 
 
 def open_notes() -> Path:
-    """The folder ranks leave their notes in: made by the process that launches the others."""
-    if NOTES_ENV not in os.environ:
-        os.environ[NOTES_ENV] = tempfile.mkdtemp(prefix="ddmim-rank-notes-")
+    """The folder ranks leave their notes in: made afresh by the process that launches the others (a name left
+    in the environment by an earlier command of the same process points to a folder already removed)."""
+    os.environ[NOTES_ENV] = tempfile.mkdtemp(prefix="ddmim-rank-notes-")
     return Path(os.environ[NOTES_ENV])
 
 
 def close_notes(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
+    if os.environ.get(NOTES_ENV) == str(folder):
+        del os.environ[NOTES_ENV]
 
 
 def leave_note(message: str) -> None:
     """Called by a rank that stops on a bad input, before it exits."""
     folder = os.environ.get(NOTES_ENV)
     if folder and Path(folder).is_dir():
-        tmp = Path(folder) / f".rank{this_rank()}.tmp"  # whole or absent when rank 0 reads it
-        tmp.write_text(message)
-        os.replace(tmp, Path(folder) / f"rank{this_rank()}")
+        write_text(Path(folder) / f"rank{this_rank()}", message)  # whole or absent when rank 0 reads it
 
 
 def notes(wait_s: float = 0.0) -> list[tuple[str, str]]:

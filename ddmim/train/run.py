@@ -10,6 +10,7 @@ from typing import Callable
 
 import pytorch_lightning as pl
 
+from ddmim.atomic import write_text
 from ddmim.config import RunConfig
 from ddmim.train.compile import compile_report
 from ddmim.train.launch import Launch, is_launched_worker
@@ -72,5 +73,5 @@ def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], d
         "checkpoint_last": run.checkpoint.last_model_path,
     }
     if run.trainer.is_global_zero:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

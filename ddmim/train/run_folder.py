@@ -11,8 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from ddmim.atomic import TMP_MARK, write_text
 from ddmim.errors import UserError
-from ddmim.train.checkpoint_files import TMP_MARK, resume_checkpoint
+from ddmim.train.checkpoint_files import resume_checkpoint
 from ddmim.train.launch import is_launched_worker
 
 RUN_DIR_ENV = "DDMIM_RUN_DIR"
@@ -82,7 +83,7 @@ def open_run_folder(out: Path, cfg, resume: bool, fixed: tuple[str, ...]) -> tup
     if not resume or not (out / "config.yaml").is_file():
         prepare_run_dir(out)
     try:
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as exc:
         raise UserError(f"cannot write {out / 'config.yaml'}: {exc.strerror}; choose an --out you can write to") \
             from None

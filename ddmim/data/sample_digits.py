@@ -1,19 +1,15 @@
 """Builds the built-in sample data set: scikit-learn's 1,797 scanned handwritten digits (real 8x8
-grey-level images of 10 classes) as 32x32 RGB PNGs in ImageFolder layout, with a train/val split.
-
-    python data_prep/sample_data.py DST
-"""
+grey-level images of 10 classes) as 32x32 RGB PNGs in ImageFolder layout, with a train/val split: the data of
+`ddmim demo` and of `ddmim train` without --data."""
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ddmim_data_prep.staging import staged_folder
+from ddmim.atomic import staged_folder
 
 SIZE = 32
 VAL_EVERY = 5  # every 5th image of each class goes to val/: a 80/20 split stratified by class
@@ -44,17 +40,3 @@ def build_sample_dataset(dst: Path) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             rgb.save(folder / f"{index:04d}.png")
     return dst
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dst", nargs="?", type=Path, default=default_sample_root(), help="output folder")
-    args = parser.parse_args(argv)
-    root = build_sample_dataset(args.dst)
-    counts = {split: sum(1 for _ in (root / split).rglob("*.png")) for split in ("train", "val")}
-    print(f"sample data set at {root}: {counts['train']} train and {counts['val']} val images, 10 classes")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

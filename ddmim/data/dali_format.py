@@ -1,0 +1,81 @@
+"""What a DALI split on disk is, for the converter that writes it and the loader that reads it.
+
+DST/<split>/ holds WebDataset shards `shard-NNNNNN.tar` (`KEY.jpg`, `KEY.cls`: the label as one little-endian
+int32), beside each its index in DALI's wds2idx format (`.idx`, whose first line is 'v1.2 SAMPLES') and the CRC-32
+of each JPEG (`.crc`, 'KEY CRC32' per line), and `conversion.json`, how the shards were written ("shuffled").
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ddmim.errors import UserError
+
+INDEX = ".idx"
+CHECKSUMS = ".crc"
+MANIFEST = "conversion.json"
+
+Shards = tuple[list[str], list[str]]  # (tars, their indexes)
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:06d}.tar"
+
+
+def index_header(index) -> list[str]:
+    """The first line of a wds2idx index ('v1.2 SAMPLES'), read alone: an ImageNet index has 5,000 lines."""
+    with open(index, errors="replace") as f:
+        return f.readline().split()
+
+
+def index_entries(index: str) -> list[tuple[str, int, int]]:
+    """(key, offset, size) of each sample's JPEG in a wds2idx index."""
+    entries = []
+    for line in Path(index).read_text().splitlines()[1:]:
+        fields = line.split()
+        for ext, offset, size, name in zip(fields[0::4], fields[1::4], fields[2::4], fields[3::4]):
+            if ext == "jpg":
+                entries.append((name.rsplit(".", 1)[0], int(offset), int(size)))
+    return entries
+
+
+def read_checksums(tar: str) -> dict[str, int] | None:
+    """KEY -> CRC-32 of each JPEG of a shard; None for a shard of an older converter, which wrote none."""
+    path = Path(tar).with_suffix(CHECKSUMS)
+    if not path.is_file():
+        return None
+    return {key: int(crc, 16) for key, crc in (line.split() for line in path.read_text().splitlines())}
+
+
+def list_shards(folder: Path) -> Shards:
+    if not folder.is_dir():
+        raise UserError(f"DALI shard folder {folder} does not exist (make it with data_prep/to_dali.py)")
+    tars = sorted(folder.glob("*.tar"))
+    if not tars:
+        raise UserError(f"{folder} holds no .tar shards (make them with data_prep/to_dali.py)")
+    indexes = [t.with_suffix(INDEX) for t in tars]
+    for tar, idx in zip(tars, indexes):
+        if not idx.is_file():
+            raise UserError(f"shard {tar} has no index {idx.name} (data_prep/to_dali.py writes both)")
+        head = index_header(idx)
+        if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
+            raise UserError(f"{idx} is not a DALI webdataset index (wds2idx format)")
+        with open(tar, "rb") as f:
+            f.seek(257)
+            if f.read(5) != b"ustar":
+                raise UserError(f"{tar} is not a tar archive")
+    return [str(t) for t in tars], [str(i) for i in indexes]
+
+
+def sample_count(indexes: list[str]) -> int:
+    return sum(int(index_header(i)[1]) for i in indexes)
+
+
+def check_shuffled(folder: Path) -> None:
+    """Shards of the converter before it shuffled are in class order: say what that does to batches."""
+    manifest = folder / MANIFEST
+    shuffled = manifest.is_file() and json.loads(manifest.read_text()).get("shuffled")
+    if not shuffled:
+        print(f"ddmim: warning: {folder} was written in class order (by an older data_prep/to_dali.py); each "
+              "batch will hold few classes. Convert it again.", file=sys.stderr)
