@@ -36,11 +36,14 @@ install-all: $(BIN)/.installed-all
 demo: install
 	$(BIN)/ddmim demo
 
+# one pytest-xdist worker per core (conftest gives each one core's threads); worksteal: the long tests end unevenly
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist worksteal
+
 test: install-all
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: install-all
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # each ddmim training loader against its plain library (torchvision, FFCV, DALI), each in its own processes,
 # alternating rounds; fails below 0.85x (the spread of single rounds on a 2-core machine reaches about 10%)

@@ -1,18 +1,82 @@
+import multiprocessing.popen_forkserver
+import multiprocessing.popen_spawn_posix
 import os
+import subprocess
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
     # Triton kernels run in Triton's CPU interpreter; it must be chosen before any kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one core per pytest-xdist worker, for its processes too: torch's threads would otherwise fight the other
+    # worker's for the same cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 from pathlib import Path
 
 import pytest
 
 from ddmim.config import make_config
+from ddmim.data.sample_digits import build_sample_dataset
 from ddmim.train.launch import Launch
-from ddmim_data_prep.sample_data import build_sample_dataset
+
+
+class InterpreterStarted(AssertionError):
+    """A test that is not marked slow started a Python interpreter."""
+
+
+def _starts_python(args) -> bool:
+    program = os.path.basename(str(args if isinstance(args, (str, bytes)) else args[0]))
+    return program == os.path.basename(sys.executable) or program.startswith(("python", "torchrun"))
+
+
+class InterpreterWatch:
+    """While active, starting a Python interpreter (a subprocess or a spawned multiprocessing worker) raises
+    InterpreterStarted and is recorded in `seen`."""
+
+    def __init__(self, name: str):
+        self.name, self.seen = name, []
+        self.patched = [(subprocess.Popen, "_execute_child"), (multiprocessing.popen_spawn_posix.Popen, "_launch"),
+                        (multiprocessing.popen_forkserver.Popen, "_launch")]
+
+    def _refuse(self, what: str):
+        self.seen.append(f"{self.name} {what}; mark it @pytest.mark.slow")
+        raise InterpreterStarted(self.seen[-1])
+
+    def __enter__(self):
+        self.saved = [getattr(owner, attr) for owner, attr in self.patched]
+        execute = self.saved[0]
+
+        def checked(popen, args, *rest, **kwargs):
+            if _starts_python(args):
+                self._refuse(f"starts {args!r}")
+            return execute(popen, args, *rest, **kwargs)
+
+        subprocess.Popen._execute_child = checked
+        for owner, _ in self.patched[1:]:
+            owner._launch = lambda popen, process_obj: self._refuse("spawns a process")
+        return self
+
+    def __exit__(self, *exc):
+        for (owner, attr), original in zip(self.patched, self.saved):
+            setattr(owner, attr, original)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_interpreter(request):
+    """`make test-fast` leaves out the tests marked slow, which it can only do if every test that starts an
+    interpreter (a `ddmim` process, a converter script, a data-parallel launcher, a spawned worker) is marked:
+    an unmarked one fails, naming itself, also when the code under test caught the error."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    with InterpreterWatch(request.node.nodeid) as watch:
+        yield
+    if watch.seen:
+        pytest.fail(watch.seen[0], pytrace=False)
 
 
 def QUIET_STEPS(steps: int = -1) -> Launch:  # noqa: N802 - reads as a constant at the call sites
@@ -72,6 +136,26 @@ def converted(coloured_source, tmp_path_factory) -> dict[str, Path]:
     assert to_ffcv.main([str(coloured_source), str(out / "ffcv"), "--workers", "2"]) == 0
     assert to_dali.main([str(coloured_source), str(out / "dali"), "--workers", "2", "--shard-size", "20"]) == 0
     return {"ffcv": out / "ffcv", "dali": out / "dali"}
+
+
+@pytest.fixture(scope="session")
+def digits_dali(sample_root, tmp_path_factory) -> Path:
+    """The sample digits as DALI shards, converted once for the session."""
+    from ddmim_data_prep import to_dali
+
+    out = tmp_path_factory.mktemp("digits") / "dali"
+    assert to_dali.main([str(sample_root), str(out), "--workers", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_ffcv(sample_root, tmp_path_factory) -> Path:
+    """The sample digits as FFCV files, converted once for the session."""
+    from ddmim_data_prep import to_ffcv
+
+    out = tmp_path_factory.mktemp("digits") / "ffcv"
+    assert to_ffcv.main([str(sample_root), str(out), "--workers", "2"]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ddmim.config import make_config
 from ddmim.models.factory import pretraining_model
 
+pytestmark = pytest.mark.slow  # every test starts a data-parallel launcher or spawns ranks
+
 WORLD, GLOBAL_BATCH, STEPS = 2, 8, 3
 DETERMINISTIC = ["recon", "perceptual_0", "perceptual_1", "perceptual_2", "perceptual_3"]
 
@@ -96,14 +98,11 @@ def test_cli_launches_two_cpu_processes(sample_root, tmp_path):
     assert summary["val_loss_last"] < summary["val_loss_first"]
 
 
-def test_dali_validation_under_ddp_with_parts_of_unequal_size(sample_root, tmp_path):
+def test_dali_validation_under_ddp_with_parts_of_unequal_size(digits_dali, tmp_path):
     """355 validation images on 2 ranks: parts of 178 and 177, whose last batches differ by an image. The
     contrastive loss gathers every rank's features, and gloo aborted the run on the unequal sizes until the
     DALI loader padded the smaller batch."""
-    from ddmim_data_prep import to_dali
-
-    assert to_dali.main([str(sample_root), str(tmp_path / "dali"), "--workers", "2"]) == 0
-    summary = _two_cpu_processes("train", tmp_path / "dali", tmp_path / "run", steps=2)
+    summary = _two_cpu_processes("train", digits_dali, tmp_path / "run", steps=2)
     assert summary["world_size"] == 2 and summary["val_loss_first"] is not None
 
 
@@ -141,7 +140,6 @@ sys.exit(main())
 """
 
 
-@pytest.mark.slow
 def test_two_nodes_under_torchrun_share_one_run_folder(sample_root, tmp_path):
     """Node-rank handling, as on a cluster: two torchrun "nodes" of one process each on this machine (gloo,
     localhost rendezvous) make one run folder, one summary and one set of checkpoints, and their samplers deal

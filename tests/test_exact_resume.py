@@ -10,26 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resilience import _kill_when, _newest_step
+from helpers import ENV, REPO, finish, kill_when, newest_step
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 30  # an epoch of the digits is 22 batches at batch 64: the kills fall in both epochs
-
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _cmd(data: Path, out: Path, *extra: str, steps: int = STEPS, workers: int = 2) -> list[str]:
     return [sys.executable, "-m", "ddmim", "train", "--data", str(data), "--preset", "tiny", "--out", str(out),
             "--max-steps", str(steps), "--no-progress", "--workers", str(workers), "--set", "train.ckpt_every_steps=1",
             "--set", "train.keep_checkpoints=2", "--set", "train.report_every=0", *extra]
-
-
-def _finish(cmd: list[str]) -> str:
-    """The stdout of a run that must end with exit 0."""
-    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
 
 
 def _final_state(run: Path, steps: int = STEPS) -> dict[str, torch.Tensor]:
@@ -49,37 +38,19 @@ def _assert_identical(whole: dict[str, torch.Tensor], killed: dict[str, torch.Te
     assert not differ, f"{len(differ)} of {len(whole)} tensors differ{context}: {differ[:5]}"
 
 
-@pytest.fixture(scope="module")
-def digits_dali(sample_root, tmp_path_factory) -> Path:
-    from ddmim_data_prep import to_dali
-
-    out = tmp_path_factory.mktemp("digits") / "dali"
-    assert to_dali.main([str(sample_root), str(out), "--workers", "2"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def digits_ffcv(sample_root, tmp_path_factory) -> Path:
-    from ddmim_data_prep import to_ffcv
-
-    out = tmp_path_factory.mktemp("digits") / "ffcv"
-    assert to_ffcv.main([str(sample_root), str(out), "--workers", "2"]) == 0
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["folder", "ffcv", "dali"])
 def test_a_run_killed_at_three_steps_ends_as_the_run_never_stopped(fmt, sample_root, request, tmp_path):
     data = sample_root if fmt == "folder" else request.getfixturevalue(f"digits_{fmt}")
-    _finish(_cmd(data, tmp_path / "whole"))
+    finish(_cmd(data, tmp_path / "whole"))
     out = tmp_path / "killed"
     resumed_at = []
     for attempt, step in enumerate((5, 17, 26)):  # each killed once a checkpoint of that step is complete
         cmd = _cmd(data, out, *(["--resume", "auto"] if attempt else []))
         proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert _kill_when(proc, lambda: _newest_step(out / "checkpoints") >= step, deadline_s=900), step
-        resumed_at.append(_newest_step(out / "checkpoints"))
-    assert "resuming from" in _finish(_cmd(data, out, "--resume", "auto"))
+        assert kill_when(proc, lambda: newest_step(out / "checkpoints") >= step, deadline_s=900), step
+        resumed_at.append(newest_step(out / "checkpoints"))
+    assert "resuming from" in finish(_cmd(data, out, "--resume", "auto"))
 
     _assert_identical(_final_state(tmp_path / "whole"), _final_state(out), f" after resuming at {resumed_at}")
 
@@ -96,16 +67,16 @@ def test_a_two_rank_dali_run_killed_twice_ends_as_the_run_never_stopped(digits_d
         return _cmd(digits_dali, out, "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
                     "--set", "train.batch_size=32", *extra, steps=DDP_STEPS, workers=1)
 
-    _finish(cmd(tmp_path / "whole"))
+    finish(cmd(tmp_path / "whole"))
     out = tmp_path / "killed"
     for attempt, step in enumerate((4, 11)):
         proc = subprocess.Popen(cmd(out, *(["--resume", "auto"] if attempt else [])), cwd=REPO, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            assert _kill_when(proc, lambda: _newest_step(out / "checkpoints") >= step, deadline_s=900), step
+            assert kill_when(proc, lambda: newest_step(out / "checkpoints") >= step, deadline_s=900), step
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # rank 1, which Lightning's launcher started
-    assert "resuming from" in _finish(cmd(out, "--resume", "auto"))
+    assert "resuming from" in finish(cmd(out, "--resume", "auto"))
 
     _assert_identical(*(_final_state(run, DDP_STEPS) for run in (tmp_path / "whole", out)))

@@ -1,4 +1,4 @@
-"""The GPU suite works on its first try on the lent machine: its rehearsal runs every step here as that machine is
+"""The GPU suite works on its first try on a GPU machine: its rehearsal runs every step here as such a machine is
 (the project not installed, FFCV and DALI absent), and H200 figures get an MFU."""
 import json
 import subprocess
@@ -65,6 +65,7 @@ def test_an_h200_gets_the_published_peak_when_lightning_has_none(monkeypatch):
     assert machine.peak_flops("bf16-mixed") is None
 
 
+@pytest.mark.slow
 def test_a_step_cut_by_the_budget_is_not_finished_and_keeps_the_rows_it_wrote(tmp_path):
     """A benchmark writes its JSON row by row; the suite's budget cutting it is not a failure, its own limit is."""
     import os

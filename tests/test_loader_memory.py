@@ -55,6 +55,7 @@ def betons(tmp_path_factory) -> tuple[Path, Path]:
     return _beton(tmp_path_factory.mktemp("small"), 40), _beton(tmp_path_factory.mktemp("large"), 800)
 
 
+@pytest.mark.slow
 def test_loader_memory_is_bounded_whatever_the_beton_size(betons):
     small, large = betons
     extra = (large.stat().st_size - small.stat().st_size) / 2**20  # about 85 MiB of raw pixels

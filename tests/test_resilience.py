@@ -2,21 +2,21 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers import ENV, Growth, kill_when, newest_step
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import QUIET_STEPS
+from ddmim.atomic import TMP_MARK
 from ddmim.cli import main
 from ddmim.config import make_config
-from ddmim.train.checkpoint_files import TMP_MARK, is_loadable
+from ddmim.train.checkpoint_files import is_loadable
 from ddmim.train.nonfinite import NonFiniteTraining
 from ddmim.train.pretrain import pretrain
 from ddmim.train.pretrain_module import DDMIMModule
@@ -32,25 +32,6 @@ def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
             "--set", "train.log_every=1", *extra]
 
 
-def _kill_when(proc: subprocess.Popen, condition, deadline_s: float = 300) -> bool:
-    """SIGKILLs `proc` as soon as `condition()` holds (polled); False if the process ended first."""
-    deadline = time.time() + deadline_s
-    while proc.poll() is None and time.time() < deadline:
-        if condition():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.001)
-    proc.kill()
-    proc.wait()
-    return False
-
-
-def _newest_step(ckpts: Path) -> int:
-    """Step of the newest complete step checkpoint (0: none yet)."""
-    return max((int(p.stem[len("step"):]) for p in ckpts.glob("step*.ckpt")), default=0)
-
-
 def _train_steps(run: Path) -> list[int]:
     """The steps of the logged training rows, in file order."""
     path = run / "logs" / "metrics.csv"
@@ -59,20 +40,23 @@ def _train_steps(run: Path) -> list[int]:
     return [int(r["step"]) for r in csv.DictReader(open(path)) if r.get("train/loss")]
 
 
+@pytest.mark.slow
 def test_sigkilled_runs_resume_to_the_planned_steps_with_one_continuous_history(sample_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    metrics = Growth(out / "logs" / "metrics.csv")
 
     def while_writing():
         return any(TMP_MARK in p.name for p in ckpts.glob("*"))
 
     def after_a_new_checkpoint():
-        return _newest_step(ckpts) > start_step
+        return newest_step(ckpts) > start_step
 
     def after_three_more_logged_steps():
+        if not metrics():  # read the rows only when the file grew
+            return False
         steps = _train_steps(out)
         return bool(steps) and steps[-1] >= start_row + 3
 
@@ -80,15 +64,16 @@ def test_sigkilled_runs_resume_to_the_planned_steps_with_one_continuous_history(
     # counter has moved: each an observed event, none a guess at how fast this machine is
     kills = []
     for attempt, condition in enumerate([while_writing, after_a_new_checkpoint, after_three_more_logged_steps]):
-        start_step = _newest_step(ckpts)
+        start_step = newest_step(ckpts)
         start_row = (_train_steps(out) or [0])[-1]
         cmd = _train_cmd(sample_root, out, *(["--resume", "auto"] if attempt else []))
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        kills.append(_kill_when(proc, condition))
+        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # a checkpoint is written in a few ms: that window is watched closely, the others at the default pace
+        kills.append(kill_when(proc, condition, poll_s=0.001 if condition is while_writing else 0.02))
         for path in ckpts.glob("*.ckpt"):  # nothing under a final name is ever half-written
             assert is_loadable(path), path
     assert kills[0], "the first run was never caught writing a checkpoint"
-    done = subprocess.run(_train_cmd(sample_root, out, "--resume", "auto"), cwd=REPO, env=env,
+    done = subprocess.run(_train_cmd(sample_root, out, "--resume", "auto"), cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from" in done.stdout
@@ -345,6 +330,7 @@ print("screened", len(loader.shards[0]) if loader.shards else "all", "skipped", 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["standard input", "script file"])
 def test_a_script_without_a_main_guard_builds_the_dali_loader(converted, tmp_path, how):
     """The DALI loader checks its shards with several workers before DALI reads them. Spawned processes ran
