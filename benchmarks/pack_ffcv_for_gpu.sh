@@ -35,7 +35,7 @@ ldd "$ext"/ffcv/_libffcv*.so | awk '$2 == "=>" && $3 ~ /^\// {print $3}' \
 rm -rf "$ext"
 size=$(du -sm "$dest.tmp" | cut -f1)
 if [ "$size" -gt 60 ]; then
-    echo "pack_ffcv_for_gpu: $size MiB, over the 60 MiB limit set for a folder copied along with the checkout:" >&2
+    echo "pack_ffcv_for_gpu: $size MiB, over the 60 MiB meant for a folder that travels with the checkout:" >&2
     du -sh "$dest.tmp"/lib/* | sort -h | tail -n 5 >&2
     rm -rf "$dest.tmp"; exit 2
 fi

@@ -1,3 +1,4 @@
+"""`python -m ddmim`: the `ddmim` command."""
 import sys
 
 from ddmim.cli import main

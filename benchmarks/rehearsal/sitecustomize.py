@@ -1,7 +1,7 @@
-"""Python as the lent GPU machine has it, for `gpu_suite.sh --dry-run`: imported at start-up when this folder is
-on PYTHONPATH. FFCV and DALI are absent there, and the project is not installed (it is imported from the
-working tree through gpu_suite.sh's links), so here their imports fail and an installed project's finder is
-taken out of the import system."""
+"""Python as a GPU machine without network, FFCV or DALI has it, for `gpu_suite.sh --dry-run`: imported at
+start-up when this folder is on PYTHONPATH. FFCV and DALI are absent there, and the project is not installed (it
+is imported from the working tree through gpu_suite.sh's links), so here their imports fail and an installed
+project's finder is taken out of the import system."""
 import sys
 
 BLOCKED = ("ffcv", "nvidia.dali")
