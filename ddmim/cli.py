@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from ddmim.cli_failures import said
 from ddmim.config import KERNEL_CHOICES, make_config, preset_names
 from ddmim.data import FORMATS
 from ddmim.errors import UserError
@@ -246,22 +247,6 @@ HANDLERS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "vis
             "export": cmd_export, "demo": cmd_demo, "config": cmd_config}
 
 
-def one_line(exc: BaseException) -> str:
-    """An error's own message. A DataLoader worker's error reaches this process with the worker's traceback
-    folded into its message: its last line is the message."""
-    text = str(exc).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(("Error", "Exception")) else last
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
-
-
 def main(argv: list[str] | None = None) -> int:
     from ddmim.train.launch import is_launched_worker
     from ddmim.train.rank_notes import close_notes, open_notes
@@ -269,41 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     folder = None if is_launched_worker() else open_notes()
     try:
-        return _run(args)
+        return HANDLERS[args.command](args)
+    except BaseException as exc:
+        code = said(exc)
+        if code is None:
+            raise
+        return code
     finally:
         if folder is not None:
             close_notes(folder)
 
-
-def _run(args) -> int:
-    from ddmim.train.launch import is_launched_worker
-    from ddmim.train.rank_notes import leave_note, lost_a_rank, notes, this_rank
-
-    try:
-        return HANDLERS[args.command](args)
-    except UserError as exc:
-        print(f"ddmim: error: {one_line(exc)}", file=sys.stderr)
-        if is_launched_worker():
-            leave_note(one_line(exc))
-        return 2
-    except KeyboardInterrupt:
-        print("ddmim: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if out_of_memory(exc):
-            print(f"ddmim: error: out of memory ({one_line(exc)[:200]}); lower --batch-size, or --workers for "
-                  "the loader's share", file=sys.stderr)
-            return 2
-        found = notes(wait_s=10.0) if lost_a_rank(exc) else []
-        if found:  # a rank this one launched stopped on a bad input: say it once more
-            rank, message = found[0]
-            print(f"ddmim: error: rank {rank} stopped: {message}", file=sys.stderr)
-            return 2
-        if is_launched_worker() or lost_a_rank(exc):  # another rank's failure ends this one in a collective
-            print(f"ddmim: error on rank {this_rank()}: {type(exc).__name__}: {one_line(exc)[:300]} (the first "
-                  f"rank to fail says why)", file=sys.stderr)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

@@ -1,5 +1,16 @@
-"""The one exception type for mistakes a user can make; the CLI prints it as one line and exits 2."""
+"""The one exception type for mistakes a user can make, and how any error is told in one line (the CLI prints a
+UserError so and exits 2)."""
 
 
 class UserError(Exception):
     pass
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's own message. A DataLoader worker's error reaches this process with the worker's traceback
+    folded into its message: its last line is the message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(("Error", "Exception")) else last
+    return text.splitlines()[0] if text else type(exc).__name__

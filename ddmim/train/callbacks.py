@@ -8,7 +8,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from ddmim.errors import UserError
+from ddmim.errors import UserError, one_line
 from ddmim.machine import peak_flops, peak_memory_gib
 from ddmim.train.checkpoint_files import STEP_PREFIX
 from ddmim.train.launch import is_launched_worker
@@ -168,7 +168,7 @@ class NoteOnStop(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, UserError) and is_launched_worker():
-            leave_note(" ".join(str(exception).split()))
+            leave_note(one_line(exception))
 
 
 class FinalStepCheckpoint(pl.Callback):

@@ -1,0 +1,44 @@
+"""What a failed `ddmim` command says: one `ddmim: error: ...` line and an exit code, for a user's mistake (2),
+an interrupt (130), memory running out (2) and, under data-parallel training, another rank's stop (2 when that
+rank left its reason, else 1); anything else is a bug and keeps its traceback."""
+from __future__ import annotations
+
+import sys
+
+from ddmim.errors import UserError, one_line
+from ddmim.train.launch import is_launched_worker
+from ddmim.train.rank_notes import leave_note, lost_a_rank, notes, this_rank
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
+
+
+def said(exc: BaseException) -> int | None:
+    """Says `exc` in one line and returns the exit code; None for an error that is not one of these."""
+    if isinstance(exc, UserError):
+        print(f"ddmim: error: {one_line(exc)}", file=sys.stderr)
+        if is_launched_worker():
+            leave_note(one_line(exc))
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        print("ddmim: interrupted", file=sys.stderr)
+        return 130
+    if not isinstance(exc, Exception):
+        return None
+    if out_of_memory(exc):
+        print(f"ddmim: error: out of memory ({one_line(exc)[:200]}); lower --batch-size, or --workers for "
+              "the loader's share", file=sys.stderr)
+        return 2
+    found = notes(wait_s=10.0) if lost_a_rank(exc) else []
+    if found:  # a rank this one launched stopped on a bad input: say it once more
+        rank, message = found[0]
+        print(f"ddmim: error: rank {rank} stopped: {message}", file=sys.stderr)
+        return 2
+    if is_launched_worker() or lost_a_rank(exc):  # another rank's failure ends this one in a collective
+        print(f"ddmim: error on rank {this_rank()}: {type(exc).__name__}: {one_line(exc)[:300]} (the first "
+              f"rank to fail says why)", file=sys.stderr)
+        return 1
+    return None
