@@ -79,6 +79,12 @@ def _fast_tests_start_no_interpreter(request):
         pytest.fail(watch.seen[0], pytrace=False)
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first (in their order), so that under pytest-xdist the longest ones start early instead
+    of one worker finishing the suite alone while the others wait."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def QUIET_STEPS(steps: int = -1) -> Launch:  # noqa: N802 - reads as a constant at the call sites
     return Launch(max_steps=steps, progress_bar=False)
 

@@ -346,3 +346,29 @@ def test_a_script_without_a_main_guard_builds_the_dali_loader(converted, tmp_pat
                           text=True, timeout=120, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert done.returncode == 0 and "bootstrapping" not in done.stderr, done.stderr[-2000:]
     assert done.stdout.strip() == "screened all skipped 0"
+
+
+@pytest.mark.parametrize("writer", ["ddmim", "lightning"])
+def test_a_full_disk_while_a_new_column_rewrites_metrics_csv_keeps_its_rows(writer, tmp_path, monkeypatch):
+    """A new column makes Lightning rewrite metrics.csv; a full disk in that rewrite left it empty (the control:
+    Lightning's own writer still does), ddmim's writer keeps the rows already there."""
+    import errno
+
+    from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+    from ddmim.train.history import _ContinuedWriter
+
+    log = _ContinuedWriter(str(tmp_path), resume=False) if writer == "ddmim" else ExperimentWriter(str(tmp_path))
+    log.log_metrics({"train/loss": 1.0}, step=0)
+    log.save()
+    before = (tmp_path / "metrics.csv").read_text()
+
+    def full_disk(self, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)
+    log.log_metrics({"train/loss": 0.5, "val/loss": 0.7}, step=1)
+    with pytest.raises(OSError):
+        log.save()
+    after = (tmp_path / "metrics.csv").read_text()
+    assert (after == before) == (writer == "ddmim"), after

@@ -42,8 +42,17 @@ class _ContinuedWriter(ExperimentWriter):
             return
         with open(self.metrics_file_path, newline="") as f:
             rows = [row for row in csv.DictReader(f) if not row.get("step") or int(float(row["step"])) < step]
+        self._rewrite(rows, self.metrics_keys)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        """Lightning rewrites the file in place when a new column appears: a full disk then left it empty."""
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self._rewrite(rows, fieldnames)
+
+    def _rewrite(self, rows: list[dict], fieldnames: list[str]) -> None:
         with atomic_write(Path(self.metrics_file_path), newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
 
