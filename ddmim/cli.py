@@ -15,13 +15,13 @@ from ddmim.errors import UserError
 from ddmim.train.launch import ACCELERATORS, PRECISIONS, STRATEGIES, Launch
 
 SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
-             "workers": "data.num_workers", "seed": "train.seed"}
+             "workers": "data.num_workers", "seed": "train.seed", "data_layout": "data.layout"}
 
 
 def _add_data(p, required: bool = False) -> None:
     p.add_argument("--data", type=Path, required=required,
-                   help="data set root: train/<class>/* and val/<class>/* (folder), train.beton and val.beton "
-                        "(ffcv), or train/*.tar and val/*.tar shards (dali)"
+                   help="data set root: train/<class>/* and val/<class>/* or any tree of unlabeled images "
+                        "(folder), train.beton and val.beton (ffcv), or train/*.tar and val/*.tar shards (dali)"
                         + ("" if required else "; default: the built-in sample data set"))
     p.add_argument("--data-format", "--format", dest="format", default="auto", choices=FORMATS,
                    help="storage format of --data (default auto: told from the files); all apply the same "
@@ -38,6 +38,10 @@ def _add_run(p, kind: str) -> None:
     p.add_argument("--lr", type=float, help="shortcut for --set optim.lr=X")
     p.add_argument("--workers", type=int, help="loader worker processes; shortcut for --set data.num_workers=N")
     p.add_argument("--seed", type=int, help="shortcut for --set train.seed=N")
+    p.add_argument("--data-layout", choices=["auto", "imagefolder", "unlabeled"],
+                   help="folders: imagefolder (train/<class>/*, val/<class>/*) or unlabeled (any tree of images; "
+                        "data.val_fraction held out for validation); default auto: class folders or not. Shortcut "
+                        "for --set data.layout=...")
     p.add_argument("--max-steps", type=int, default=-1,
                    help="stop after this many optimiser steps (default: all epochs)")
     p.add_argument("--out", type=Path, help="run folder for config, logs, checkpoints and summary "

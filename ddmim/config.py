@@ -161,6 +161,9 @@ class DataConfig:
     ffcv_os_cache: bool = True
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # the crop resize of the folder and DALI loaders
     max_bad_samples: int = 1000  # samples that fail to decode (each skipped and named) before a run stops
+    # folders: imagefolder (train/<class>/*) | unlabeled (any tree of images) | auto (class folders or not)
+    layout: Literal["auto", "imagefolder", "unlabeled"] = "auto"
+    val_fraction: float = 0.01  # held out for validation by a hash of the path, where the data has no val split
 
     def check(self) -> None:
         at_least("data.num_workers", self.num_workers, 0)
@@ -174,6 +177,8 @@ class DataConfig:
                             f"and {self.val_crop_ratio}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise UserError("data.mean and data.std need 3 values each, with every std positive")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass

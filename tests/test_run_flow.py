@@ -97,9 +97,9 @@ def test_eval_takes_its_settings_from_the_checkpoint(sample_root, tmp_path, monk
     seen = []
     original = frozen.eval_batches
 
-    def spy(data, cfg, split, fmt, device=None):
+    def spy(data, cfg, split, fmt, device=None, labels=False):
         seen.append((cfg.data.val_crop_ratio, cfg.train.batch_size, device))
-        return original(data, cfg, split, fmt, device=device)
+        return original(data, cfg, split, fmt, device=device, labels=labels)
 
     monkeypatch.setattr(frozen, "eval_batches", spy)
     given = make_config("tiny")

@@ -34,8 +34,8 @@ def require(fmt: str) -> None:
 
 
 def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = False,
-                    randaugment: str = "") -> TrainingData:
-    """`cfg`: a pretraining or fine-tuning config."""
+                    randaugment: str = "", labels: bool = False) -> TrainingData:
+    """`cfg`: a pretraining or fine-tuning config; `labels`: refuse an unlabeled source."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data path {root} does not exist or is not a folder")
@@ -45,7 +45,7 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
     if fmt == "folder":
         from ddmim.data.folder import FolderDataModule
 
-        return FolderDataModule(root, cfg, randaugment)
+        return FolderDataModule(root, cfg, randaugment, labels)
     if fmt == "ffcv":
         require("ffcv")
         from ddmim.data.ffcv_loader import FFCVDataModule
@@ -59,9 +59,9 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
     raise UserError(f"unknown data format '{fmt}'; available: {', '.join(FORMATS)}")
 
 
-def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None):
+def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None, labels: bool = False):
     """Every image of a split once, with the validation transform (centre crop), in a fixed order; on
-    `device` (CUDA: the fast loaders decode there), else on the CPU."""
+    `device` (CUDA: the fast loaders decode there), else on the CPU. `labels`: refuse an unlabeled source."""
     import torch
 
     root = Path(root)
@@ -85,6 +85,7 @@ def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None):
     from ddmim.data.folder import open_split
     from ddmim.data.transforms import val_transform
 
-    dataset = open_split(root, split, val_transform(cfg.model.img_size, cfg.data))
+    dataset = open_split(root, split, val_transform(cfg.model.img_size, cfg.data), cfg.data.layout,
+                         cfg.data.val_fraction, labels=labels)
     return DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
                       pin_memory=device.type == "cuda")

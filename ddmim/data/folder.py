@@ -1,7 +1,8 @@
-"""ImageFolder-layout data (ROOT/train/<class>/*, ROOT/val/<class>/*) read with torchvision.
+"""Image folders read with PIL through torchvision's transforms: ImageNet's class folders (ROOT/train/<class>/*,
+ROOT/val/<class>/*) or any tree of unlabeled images.
 
-Which files count follows `ddmim.data.layout` (files directly in a class folder; labels from train's
-classes, also for val). A file that does not decode is skipped by the policy of `ddmim.data.bad_samples`.
+Which files count, with which label, and which are held out for validation where the source has no val split,
+follows `ddmim.data.layout`. A file that does not decode is skipped by the policy of `ddmim.data.bad_samples`.
 Training batches come from a `ResumableSampler`: a run resumed mid-epoch reads on exactly where it stopped.
 """
 from __future__ import annotations
@@ -11,43 +12,30 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
+from torch.utils.data import DataLoader, Dataset
 
 from ddmim.data.bad_samples import SkippedSamples
 from ddmim.data.contracts import check_one_batch_per_rank
-from ddmim.data.layout import list_split, train_classes
+from ddmim.data.layout import SplitListing, list_split, list_tree, resolve_layout, split_off_val, train_classes
 from ddmim.data.pixels import EXTENSIONS, load_rgb
 from ddmim.data.resumable import ResumableSampler, seeded_visit
 from ddmim.data.transforms import train_transform, val_transform
 from ddmim.errors import UserError
 
 MAX_ATTEMPTS = 64  # consecutive undecodable files one item may step over before the data is declared broken
+LABELED_LAYOUTS = "ImageNet-style class folders (ROOT/train/<class>/<image>), or a converted set of them"
 
 
-class ClassFolder(ImageFolder):
-    """torchvision's ImageFolder with the project's layout rule, given label order, and skipping of files
-    that do not decode (the next file of the split takes the item's place)."""
+class ListedImages(Dataset):
+    """The images of one split's listing, skipping files that do not decode (the next file of the split takes
+    the item's place)."""
 
-    def __init__(self, root: Path, split: str, classes: list[str], transform):
-        self._classes, self._split = classes, split
-        super().__init__(str(Path(root) / split), transform=transform, loader=load_rgb)
-        self.skipped = SkippedSamples(len(self.samples))
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], transform):
+        self.samples, self.classes, self.transform, self.loader = samples, classes, transform, load_rgb
+        self.skipped = SkippedSamples(len(samples))
 
-    def find_classes(self, directory):
-        return self._classes, {name: i for i, name in enumerate(self._classes)}
-
-    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        try:
-            listing = list_split(Path(directory).parent, self._split, self._classes, EXTENSIONS)
-        except UserError as exc:
-            raise ValueError(str(exc)) from None  # ImageFolder's constructor passes it on; open_split reports it
-        if listing.ignored:
-            print(f"ddmim: {directory}: {len(listing.ignored)} entries not read, e.g. {listing.ignored[0][0]} "
-                  f"({listing.ignored[0][1]})", file=sys.stderr)
-        if not listing.files:
-            raise FileNotFoundError(f"no image files in the class folders of {directory}")
-        return listing.files
+    def __len__(self) -> int:
+        return len(self.samples)
 
     def __getitem__(self, item):
         """item: an index, or (index, visit seed) from a `ResumableSampler`."""
@@ -71,31 +59,65 @@ class ClassFolder(ImageFolder):
         raise UserError(f"{MAX_ATTEMPTS} files in a row from {self.samples[index][0]} on cannot be decoded")
 
 
-def open_split(root: Path, split: str, transform, classes: list[str] | None = None) -> ClassFolder:
-    folder = root / split
-    if not folder.is_dir():
-        raise UserError(f"data path {root} has no '{split}/' folder (expected {root}/{split}/<class>/<image>)")
-    try:
-        return ClassFolder(root, split, classes or train_classes(root), transform)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        raise UserError(f"no images found in {folder}: {exc}") from None
+def list_splits(root: Path, layout: str, val_fraction: float,
+                labels: bool = False) -> tuple[list[str], SplitListing, SplitListing]:
+    """(classes, train listing, val listing) of a folder source; classes is empty for an unlabeled one, which
+    `labels` refuses (for k-NN, linear probe, fine-tuning)."""
+    if not root.is_dir():
+        raise UserError(f"data path {root} does not exist or is not a folder")
+    layout = resolve_layout(root, layout)
+    if labels and layout == "unlabeled":
+        raise UserError(f"{root} has no labels (no class folders): this needs {LABELED_LAYOUTS}")
+    if layout == "unlabeled":
+        classes, listing, where = [], list_tree(root, EXTENSIONS), root
+        train, val = split_off_val(listing, root, val_fraction)
+    else:
+        classes, where = train_classes(root), root / "train"
+        train = list_split(root, "train", classes, EXTENSIONS)
+        if (root / "val").is_dir():
+            val = list_split(root, "val", classes, EXTENSIONS)
+        else:
+            train, val = split_off_val(train, where, val_fraction)
+    if train.ignored:
+        print(f"ddmim: {where}: {len(train.ignored)} entries not read, e.g. {train.ignored[0][0]} "
+              f"({train.ignored[0][1]})", file=sys.stderr)
+    return classes, train, val
+
+
+def _require_images(root: Path, split: str, classes: list[str], train: SplitListing, val: SplitListing,
+                    val_fraction: float) -> None:
+    if not (train if split == "train" else val).files:
+        found = f"{len(train.files) + len(val.files)} images" + (f" in {len(classes)} class folders"
+                                                                 if classes else " without class folders")
+        raise UserError(f"no {'training' if split == 'train' else 'validation'} images in {root} ({found}; "
+                        f"where there is no val/ split, data.val_fraction {val_fraction:g} of them is held out)")
+
+
+def open_split(root: Path, split: str, transform, layout: str = "auto", val_fraction: float = 0.01,
+               labels: bool = False) -> ListedImages:
+    """One split of a folder source; `labels`: refuse an unlabeled source (k-NN, linear probe, fine-tuning)."""
+    classes, train, val = list_splits(Path(root), layout, val_fraction, labels)
+    _require_images(Path(root), split, classes, train, val, val_fraction)
+    return ListedImages((train if split == "train" else val).files, classes, transform)
 
 
 class FolderDataModule(pl.LightningDataModule):
     applies_randaugment = True  # in the PIL pipeline, per image
 
-    def __init__(self, root: Path, cfg, randaugment: str = ""):
-        """`cfg`: a pretraining or fine-tuning config (uses .model.img_size, .data, .train)."""
+    def __init__(self, root: Path, cfg, randaugment: str = "", labels: bool = False):
+        """`cfg`: a pretraining or fine-tuning config (uses .model.img_size, .data, .train); `labels`: refuse
+        an unlabeled source."""
         super().__init__()
         self.root = Path(root)
         self.cfg = cfg
-        if not self.root.is_dir():
-            raise UserError(f"data path {self.root} does not exist or is not a folder")
+        classes, train, val = list_splits(self.root, cfg.data.layout, cfg.data.val_fraction, labels)
+        for split in ("train", "val"):
+            _require_images(self.root, split, classes, train, val, cfg.data.val_fraction)
         size = cfg.model.img_size
-        self.train_set = open_split(self.root, "train", train_transform(size, cfg.data, randaugment))
-        self.num_classes = len(self.train_set.classes)
-        self.val_set = open_split(self.root, "val", val_transform(size, cfg.data), self.train_set.classes)
-        check_one_batch_per_rank(self.root / "train", len(self.train_set), cfg.train.batch_size)
+        self.train_set = ListedImages(train.files, classes, train_transform(size, cfg.data, randaugment))
+        self.val_set = ListedImages(val.files, classes, val_transform(size, cfg.data))
+        self.num_classes = len(classes)  # 0: unlabeled
+        check_one_batch_per_rank(self.root, len(self.train_set), cfg.train.batch_size)
 
     @property
     def skipped(self) -> dict:
@@ -105,8 +127,7 @@ class FolderDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return train_loader(self.train_set, self.cfg)
-        check_one_batch_per_rank(self.root / "train", len(self.train_set), self.cfg.train.batch_size,
-                                 trainer.world_size)
+        check_one_batch_per_rank(self.root, len(self.train_set), self.cfg.train.batch_size, trainer.world_size)
         return train_loader(self.train_set, self.cfg, rank=trainer.global_rank, world=trainer.world_size,
                             global_step=trainer.global_step)
 
@@ -117,7 +138,7 @@ class FolderDataModule(pl.LightningDataModule):
                           generator=torch.Generator().manual_seed(self.cfg.train.seed))  # as train_loader's
 
 
-def train_loader(dataset: ClassFolder, cfg, *, rank: int = 0, world: int = 1, global_step: int = 0) -> DataLoader:
+def train_loader(dataset: ListedImages, cfg, *, rank: int = 0, world: int = 1, global_step: int = 0) -> DataLoader:
     """Rank `rank`'s training batches, from the batch after `global_step` on (the step a run resumed at).
     The loader's own generator gives its workers' base seeds, so it draws nothing from the training streams."""
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=cfg.train.seed,

@@ -1,8 +1,14 @@
-"""Which files of an ImageNet-layout folder are images of which class: one rule for every format.
+"""Which files of a source are images, of which class if any: one rule for every format.
 
-A split is ROOT/<split>/<class>/<file>. Only files directly inside a class folder belong to that class; a
-sub-folder of a class folder is not read and is reported, and a folder is never followed below the class
-level, so a symlink loop cannot multiply the data. A class folder may itself be a symlink (data sets are
+Two layouts. An ImageNet-layout folder (`imagefolder`) has ROOT/<split>/<class>/<file>; an unlabeled one
+(`unlabeled`) is any tree of images, every image a sample without a label (`UNLABELED`). A source without a val
+split (an unlabeled tree, or class folders with train/ alone) holds out a fixed fraction of its images for
+validation, chosen by a hash of each file's path relative to the source (`held_out`): the same images on every
+machine, every rank and after a resume, and an image added later never moves another across the split.
+
+In the imagefolder layout a split is ROOT/<split>/<class>/<file>. Only files directly inside a class folder
+belong to that class; a sub-folder of a class folder is not read and is reported, and a folder is never followed
+below the class level, so a symlink loop cannot multiply the data. A class folder may itself be a symlink (data sets are
 often assembled that way), and a symlink to a file is read as that file.
 
 Labels number the train split's class folders in sorted order (torchvision's ImageFolder numbering). A
@@ -11,6 +17,7 @@ labels. A class missing from val is fine; a class in val that train lacks is an 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +26,8 @@ from pathlib import Path
 from ddmim.errors import UserError
 
 CLASSES_FILE = "classes.json"
+LAYOUTS = ("auto", "imagefolder", "unlabeled")
+UNLABELED = -1  # the label of every image of an unlabeled source: never a class index
 
 
 @dataclass
@@ -91,3 +100,63 @@ def read_class_count(root: Path) -> int:
     if names is None:
         raise UserError(f"{Path(root) / CLASSES_FILE} is missing (a converter in data_prep/ writes it)")
     return len(names)
+
+
+def has_class_folders(root: Path) -> bool:
+    train = Path(root) / "train"
+    return train.is_dir() and bool(class_folders(train))
+
+
+def resolve_layout(root: Path, layout: str) -> str:
+    """`layout` with auto told from the files: class folders under train/ make an imagefolder source."""
+    if layout == "auto":
+        return "imagefolder" if has_class_folders(root) else "unlabeled"
+    if layout == "imagefolder" and not has_class_folders(root):
+        raise UserError(f"--data-layout imagefolder: {root} has no class folders (expected {root}/train/<class>/"
+                        f"<image>); an image tree without classes is --data-layout unlabeled")
+    return layout
+
+
+def list_tree(root: Path, extensions: tuple[str, ...]) -> SplitListing:
+    """Every image under `root`, at any depth, as an unlabeled sample, in sorted path order. A folder reached a
+    second time (a symlink loop, or two links to one folder) is not read again; hidden entries and files that
+    are not images (by `extensions`, lower case) are skipped and listed in `ignored`."""
+    listing, seen = SplitListing([]), set()
+    stack = [Path(root)]
+    while stack:
+        folder = stack.pop()
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in seen:
+            listing.ignored.append((str(folder), "a folder reached a second time (a symlink loop?): not read again"))
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        folders = []
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                listing.ignored.append((entry.path, "hidden: not read"))
+            elif entry.is_dir():
+                folders.append(Path(entry.path))
+            elif not entry.is_file():
+                listing.ignored.append((entry.path, "not a regular file (a broken link?): not read"))
+            elif entry.name.lower().endswith(extensions):
+                listing.files.append((entry.path, UNLABELED))
+            else:
+                listing.ignored.append((entry.path, "not an image by its name: not read"))
+        stack.extend(reversed(folders))
+    listing.files.sort()
+    return listing
+
+
+def held_out(relative: str, fraction: float) -> bool:
+    """Whether the file at `relative` (a path relative to the source, '/'-separated) is a validation image."""
+    digest = hashlib.blake2b(relative.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def split_off_val(listing: SplitListing, root: Path, fraction: float) -> tuple[SplitListing, SplitListing]:
+    """(train, val) of a listing without a val split of its own."""
+    train, val = SplitListing([], listing.ignored), SplitListing([])
+    for path, label in listing.files:
+        relative = Path(path).relative_to(root).as_posix()
+        (val if held_out(relative, fraction) else train).files.append((path, label))
+    return train, val

@@ -68,8 +68,8 @@ def evaluate_backbone(method: str, net, cfg, data: Path, *, data_format: str = "
                       temperature: float = 0.07, epochs: int = 100, device: torch.device | None = None) -> dict:
     """k-NN or linear-probe top-1 of a frozen backbone (its weights are only read; it is moved to `device`)."""
     dev = device or default_device()
-    train_f, train_y = extract(net, eval_batches(data, cfg, "train", data_format, device=dev), dev)
-    val_f, val_y = extract(net, eval_batches(data, cfg, "val", data_format, device=dev), dev)
+    train_f, train_y = extract(net, eval_batches(data, cfg, "train", data_format, device=dev, labels=True), dev)
+    val_f, val_y = extract(net, eval_batches(data, cfg, "val", data_format, device=dev, labels=True), dev)
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     if method == "knn":
         predicted = knn_predict(train_f, train_y, val_f, num_classes, k, temperature)

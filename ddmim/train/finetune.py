@@ -138,7 +138,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, launch: Launch | N
         pre_cfg, state = load_pretraining(ckpt)
         cfg = dataclasses.replace(cfg, model=pre_cfg.model)
     datamodule = make_datamodule(data_root, cfg, data_format, channels_last=launch.channels_last,
-                                 randaugment=cfg.augment.randaugment)
+                                 randaugment=cfg.augment.randaugment, labels=True)
     classes = datamodule.num_classes
     if classes < 2:
         raise UserError(f"{data_root} has {classes} class; fine-tuning a classifier needs at least 2")

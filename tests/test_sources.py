@@ -1,0 +1,111 @@
+"""Sources as users have them: a tree of unlabeled images at any depth, class folders without a val split; the
+held-out validation images and what needs labels."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import QUIET_STEPS
+from ddmim.cli import main
+from ddmim.config import make_config
+from ddmim.data.folder import FolderDataModule, list_splits
+from ddmim.data.layout import UNLABELED, held_out, list_tree
+from ddmim.data.pixels import EXTENSIONS
+from ddmim.errors import UserError
+
+
+def _unlabeled_digits(sample_root: Path, to: Path) -> Path:
+    """The digits without their classes: nested date folders, the same file names in different folders, a
+    symlink loop, hidden files and a note that is no image."""
+    for n, image in enumerate(sorted((sample_root / "train").rglob("*.png"))):
+        folder = to / f"2024-{n % 3 + 1:02d}" / f"day{n % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, folder / f"IMG_{n // 6:04d}.png")  # names repeat across folders
+    (to / "2024-01" / "day0" / "loop").symlink_to(to)
+    (to / ".DS_Store").write_bytes(b"x")
+    (to / "2024-02" / ".thumbs").mkdir()
+    (to / "2024-02" / "notes.txt").write_text("not an image")
+    return to
+
+
+@pytest.fixture(scope="module")
+def unlabeled(sample_root, tmp_path_factory) -> Path:
+    return _unlabeled_digits(sample_root, tmp_path_factory.mktemp("photos") / "photos")
+
+
+def test_every_image_of_a_nested_tree_is_one_unlabeled_sample(unlabeled, sample_root):
+    listing = list_tree(unlabeled, EXTENSIONS)
+    images = sorted((sample_root / "train").rglob("*.png"))
+    assert len(listing.files) == len(images) and len({p for p, _ in listing.files}) == len(images)
+    assert {label for _, label in listing.files} == {UNLABELED}
+    reasons = {Path(p).name: reason for p, reason in listing.ignored}
+    assert "symlink loop" in reasons["loop"] and reasons[".DS_Store"].startswith("hidden")
+    assert reasons[".thumbs"].startswith("hidden") and reasons["notes.txt"].startswith("not an image")
+
+
+def test_the_held_out_images_stay_when_images_are_added(unlabeled, tmp_path):
+    classes, train, val = list_splits(unlabeled, "auto", 0.05)
+    assert classes == [] and 0 < len(val.files) < len(train.files)
+    assert not {p for p, _ in train.files} & {p for p, _ in val.files}
+    grown = tmp_path / "grown"
+    shutil.copytree(unlabeled, grown, symlinks=True)
+    for n, image in enumerate(sorted(unlabeled.rglob("*.png"))[:300]):
+        shutil.copy(image, grown / "2024-01" / f"new_{n}.png")
+    _, train2, val2 = list_splits(grown, "auto", 0.05)
+
+    def relative(listing, root):
+        return {Path(p).relative_to(root).as_posix() for p, _ in listing.files}
+
+    assert relative(val, unlabeled) <= relative(val2, grown) and relative(train, unlabeled) <= relative(train2, grown)
+    # the rule reads the relative path alone: every machine, rank and resume holds out the same images
+    assert all(held_out(r, 0.05) for r in relative(val, unlabeled))
+    assert not any(held_out(r, 0.05) for r in relative(train, unlabeled))
+
+
+def test_class_folders_without_val_hold_out_part_of_train(sample_root, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(sample_root / "train", src / "train")
+    cfg = make_config("tiny", ["data.num_workers=0", "data.val_fraction=0.1"])
+    data = FolderDataModule(src, cfg)
+    images = sum(1 for _ in (sample_root / "train").rglob("*.png"))
+    assert data.num_classes == 10 and len(data.train_set) + len(data.val_set) == images
+    assert 0.05 < len(data.val_set) / images < 0.15 and {y for _, y in data.val_set.samples} <= set(range(10))
+
+
+def test_pretraining_and_pictures_run_on_an_unlabeled_tree_and_what_needs_labels_says_so(unlabeled, tmp_path,
+                                                                                       capsys):
+    from ddmim.train.pretrain import pretrain
+
+    cfg = make_config("tiny", ["data.num_workers=0", "train.batch_size=16", "data.val_fraction=0.05"])
+    summary = pretrain(cfg, unlabeled, tmp_path / "run", QUIET_STEPS(3))
+    assert summary["steps"] == 3 and summary["val_loss_last"] is not None
+    ckpt = summary["checkpoint_last"]
+    assert main(["visualize", "--ckpt", ckpt, "--data", str(unlabeled), "--out", str(tmp_path / "p.png")]) == 0
+    capsys.readouterr()
+    for argv in (["eval", "knn", "--data", str(unlabeled), "--ckpt", ckpt],
+                 ["finetune", "--data", str(unlabeled), "--preset", "tiny", "--out", str(tmp_path / "ft"),
+                  "--no-progress"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "has no labels (no class folders)" in err and "ROOT/train/<class>/<image>" in err, err
+        assert "\n" not in err
+
+
+def test_forcing_a_layout_the_files_do_not_have_is_one_line(unlabeled, sample_root):
+    with pytest.raises(UserError, match="has no class folders"):
+        list_splits(unlabeled, "imagefolder", 0.01)
+    classes, train, _ = list_splits(sample_root / "train", "unlabeled", 0.01)  # class folders read as a tree
+    assert classes == [] and len(train.files) > 1000
+    empty = unlabeled.parent / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("")
+    with pytest.raises(UserError, match=r"no training images in .*empty \(0 images without class folders"):
+        FolderDataModule(empty, make_config("tiny"))
+    assert os.listdir(empty) == ["readme.txt"]
+
+
+def test_the_layout_option_of_the_command_line(unlabeled, tmp_path, capsys):
+    argv = ["train", "--data", str(unlabeled), "--preset", "tiny", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main([*argv, "--data-layout", "imagefolder"]) == 2
+    assert "--data-layout imagefolder: " in capsys.readouterr().err and not (tmp_path / "run").exists()
