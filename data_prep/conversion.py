@@ -26,7 +26,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from ddmim.atomic import OLD_MARK, TMP_MARK, owner_alive, write_text
-from ddmim.data.layout import CLASSES_FILE, list_split, read_classes_file, train_classes
+from ddmim.data.layout import CLASSES_FILE, LAYOUTS, read_classes_file, source_splits
 from ddmim.errors import UserError
 
 SPLITS = ("train", "val")
@@ -41,7 +41,8 @@ class SplitResult:
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", type=Path, help="source folder with train/<class>/* and/or val/<class>/*")
+    parser.add_argument("src", type=Path, help="source folder: train/<class>/* and val/<class>/*, or any tree of "
+                        "images without labels")
     parser.add_argument("dst", type=Path, help="output folder")
     parser.add_argument("--max-resolution", type=int, default=512,
                         help="longest side of a stored image, in pixels; larger images are downscaled (default 512)")
@@ -53,6 +54,10 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS,
                         help="splits to convert (default train val); labels always follow the train split's classes")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier finished run")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="imagefolder (class folders) or unlabeled "
+                        "(any tree of images); default auto: class folders under train/ or not")
+    parser.add_argument("--val-fraction", type=float, default=0.01, help="where the source has no val/ split, the "
+                        "share of images held out for it, by a hash of each path (default 0.01, as training's)")
 
 
 def check_common_options(args: argparse.Namespace) -> None:
@@ -68,18 +73,24 @@ def check_common_options(args: argparse.Namespace) -> None:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.subset is not None and args.subset < 1:
         raise UserError(f"--subset must be at least 1, got {args.subset}")
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
 
 
 def source_listing(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[list, list]]]:
-    """The classes and, per split present, ((path, label) files, (path, reason) not read)."""
-    classes = train_classes(args.src, read_classes_file(args.dst))
+    """The classes (none for an unlabeled source) and, per split asked for, ((path, label) files, (path,
+    reason) not read). An unlabeled tree's val split is the images `ddmim.data.layout` holds out (as training
+    does); class folders without val/ give none."""
+    classes, train, val = source_splits(args.src, args.layout, args.val_fraction, known=read_classes_file(args.dst),
+                                        extensions=None, hold_out_labeled=False)
     splits = {}
-    for split in args.splits:
-        if not (args.src / split).is_dir():
-            print(f"no {split}/ folder in {args.src}: skipping that split", file=sys.stderr)
+    for split, listing in (("train", train), ("val", val)):
+        if split not in args.splits:
             continue
-        listing = list_split(args.src, split, classes)
         files = listing.files
+        if not files and (split == "val" or not (args.src / split).is_dir()):
+            print(f"no {split} images in {args.src}: skipping that split", file=sys.stderr)
+            continue
         if args.subset is not None and args.subset < len(files):
             files = sorted(random.Random(args.seed).sample(files, args.subset), key=lambda item: item[0])
         if not files:

@@ -195,6 +195,9 @@ def write_split(split: str, files: list, final: Path, args) -> SplitResult:
     tmp = temp_path(final)
     try:
         result = write_beton(tmp, files, args)
+        if not result.written:
+            path, reason = result.skipped[0]
+            raise UserError(f"none of the {len(files)} files of {split} decodes (e.g. {path}: {reason})")
         publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

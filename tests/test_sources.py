@@ -109,3 +109,27 @@ def test_the_layout_option_of_the_command_line(unlabeled, tmp_path, capsys):
     argv = ["train", "--data", str(unlabeled), "--preset", "tiny", "--out", str(tmp_path / "run"), "--no-progress"]
     assert main([*argv, "--data-layout", "imagefolder"]) == 2
     assert "--data-layout imagefolder: " in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fmt", ["ffcv", "dali"])
+def test_both_converters_write_an_unlabeled_tree_that_pretraining_reads(fmt, unlabeled, tmp_path, capsys):
+    from ddmim_data_prep import to_dali, to_ffcv
+
+    from ddmim.data import eval_batches, make_datamodule
+    from ddmim.train.pretrain import pretrain
+
+    out = tmp_path / fmt
+    assert (to_ffcv if fmt == "ffcv" else to_dali).main([str(unlabeled), str(out), "--workers", "1",
+                                                          "--val-fraction", "0.05"]) == 0
+    cfg = make_config("tiny", ["data.num_workers=1", "train.batch_size=16", "data.val_fraction=0.05"])
+    _, train, val = list_splits(unlabeled, "auto", 0.05)
+    labels = [y for _, y in eval_batches(out, cfg, "val")]
+    assert sum(len(y) for y in labels) == len(val.files)  # the converter held out the loader's images
+    assert {int(v) for y in labels for v in y} == {UNLABELED}
+    assert make_datamodule(out, cfg).num_classes == 0
+    summary = pretrain(cfg, out, tmp_path / "run", QUIET_STEPS(2))
+    assert summary["steps"] == 2
+    with pytest.raises(UserError, match="has no labels"):
+        make_datamodule(out, cfg, labels=True)
+    with pytest.raises(UserError, match="has no labels"):
+        eval_batches(out, cfg, "train", labels=True)

@@ -46,6 +46,10 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
         from ddmim.data.folder import FolderDataModule
 
         return FolderDataModule(root, cfg, randaugment, labels)
+    if fmt in ("ffcv", "dali") and labels:
+        from ddmim.data.layout import read_class_count, require_labels
+
+        require_labels(root, read_class_count(root))
     if fmt == "ffcv":
         require("ffcv")
         from ddmim.data.ffcv_loader import FFCVDataModule
@@ -71,6 +75,10 @@ def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None, la
     device = torch.device(device or "cpu")
     if fmt in ("ffcv", "dali"):
         require(fmt)
+        if labels:
+            from ddmim.data.layout import read_class_count, require_labels
+
+            require_labels(root, read_class_count(root))
     if fmt == "ffcv":
         from ddmim.data.ffcv_loader import make_loader
 

@@ -16,14 +16,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ddmim.data.bad_samples import SkippedSamples
 from ddmim.data.contracts import check_one_batch_per_rank
-from ddmim.data.layout import SplitListing, list_split, list_tree, resolve_layout, split_off_val, train_classes
-from ddmim.data.pixels import EXTENSIONS, load_rgb
+from ddmim.data.layout import SplitListing, source_splits
+from ddmim.data.pixels import load_rgb
 from ddmim.data.resumable import ResumableSampler, seeded_visit
 from ddmim.data.transforms import train_transform, val_transform
 from ddmim.errors import UserError
 
 MAX_ATTEMPTS = 64  # consecutive undecodable files one item may step over before the data is declared broken
-LABELED_LAYOUTS = "ImageNet-style class folders (ROOT/train/<class>/<image>), or a converted set of them"
 
 
 class ListedImages(Dataset):
@@ -61,25 +60,10 @@ class ListedImages(Dataset):
 
 def list_splits(root: Path, layout: str, val_fraction: float,
                 labels: bool = False) -> tuple[list[str], SplitListing, SplitListing]:
-    """(classes, train listing, val listing) of a folder source; classes is empty for an unlabeled one, which
-    `labels` refuses (for k-NN, linear probe, fine-tuning)."""
-    if not root.is_dir():
-        raise UserError(f"data path {root} does not exist or is not a folder")
-    layout = resolve_layout(root, layout)
-    if labels and layout == "unlabeled":
-        raise UserError(f"{root} has no labels (no class folders): this needs {LABELED_LAYOUTS}")
-    if layout == "unlabeled":
-        classes, listing, where = [], list_tree(root, EXTENSIONS), root
-        train, val = split_off_val(listing, root, val_fraction)
-    else:
-        classes, where = train_classes(root), root / "train"
-        train = list_split(root, "train", classes, EXTENSIONS)
-        if (root / "val").is_dir():
-            val = list_split(root, "val", classes, EXTENSIONS)
-        else:
-            train, val = split_off_val(train, where, val_fraction)
+    """`layout.source_splits`, with a notice of the entries it did not read."""
+    classes, train, val = source_splits(root, layout, val_fraction, labels)
     if train.ignored:
-        print(f"ddmim: {where}: {len(train.ignored)} entries not read, e.g. {train.ignored[0][0]} "
+        print(f"ddmim: {root}: {len(train.ignored)} entries not read, e.g. {train.ignored[0][0]} "
               f"({train.ignored[0][1]})", file=sys.stderr)
     return classes, train, val
 

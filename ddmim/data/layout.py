@@ -23,11 +23,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddmim.data.pixels import EXTENSIONS
 from ddmim.errors import UserError
 
 CLASSES_FILE = "classes.json"
 LAYOUTS = ("auto", "imagefolder", "unlabeled")
-UNLABELED = -1  # the label of every image of an unlabeled source: never a class index
+UNLABELED = -2  # the label of every image of an unlabeled source (-1 marked undecodable samples in old .betons)
+LABELED_LAYOUTS = "ImageNet-style class folders (ROOT/train/<class>/<image>), or a converted set of them"
 
 
 @dataclass
@@ -107,11 +109,16 @@ def has_class_folders(root: Path) -> bool:
     return train.is_dir() and bool(class_folders(train))
 
 
-def resolve_layout(root: Path, layout: str) -> str:
-    """`layout` with auto told from the files: class folders under train/ make an imagefolder source."""
+def resolve_layout(root: Path, layout: str, known: list[str] | None = None) -> str:
+    """`layout` with auto told from the files: class folders under train/ make an imagefolder source, and so does
+    the classes.json of an earlier conversion (`known`: its classes) with val/ alone."""
+    labeled = has_class_folders(root) or (known is not None and (Path(root) / "val").is_dir())
     if layout == "auto":
-        return "imagefolder" if has_class_folders(root) else "unlabeled"
-    if layout == "imagefolder" and not has_class_folders(root):
+        val = Path(root) / "val"
+        if not labeled and not (Path(root) / "train").exists() and val.is_dir() and class_folders(val):
+            train_classes(root, known)  # val/<class>/ alone: labelled images whose labels cannot be numbered
+        return "imagefolder" if labeled else "unlabeled"
+    if layout == "imagefolder" and not labeled:
         raise UserError(f"--data-layout imagefolder: {root} has no class folders (expected {root}/train/<class>/"
                         f"<image>); an image tree without classes is --data-layout unlabeled")
     return layout
@@ -160,3 +167,35 @@ def split_off_val(listing: SplitListing, root: Path, fraction: float) -> tuple[S
         relative = Path(path).relative_to(root).as_posix()
         (val if held_out(relative, fraction) else train).files.append((path, label))
     return train, val
+
+
+def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = False,
+                  known: list[str] | None = None,
+                  extensions: tuple[str, ...] | None = EXTENSIONS,
+                  hold_out_labeled: bool = True) -> tuple[list[str], SplitListing, SplitListing]:
+    """(classes, train listing, val listing) of a folder source; classes is empty for an unlabeled one, which
+    `labels` refuses (k-NN, linear probe, fine-tuning). `known`: the label order of an earlier conversion;
+    `extensions`: the files of class folders that count (None: all, as the converters read them; an image tree
+    counts images by their names); `hold_out_labeled` False: class folders without val/ give no val split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data path {root} does not exist or is not a folder")
+    layout = resolve_layout(root, layout, known)
+    if labels and layout == "unlabeled":
+        raise UserError(f"{root} has no labels (no class folders): this needs {LABELED_LAYOUTS}")
+    if layout == "unlabeled":
+        classes = []
+        train, val = split_off_val(list_tree(root, EXTENSIONS), root, val_fraction)
+    else:
+        classes = train_classes(root, known)
+        train, val = (list_split(root, split, classes, extensions) if (root / split).is_dir() else SplitListing([])
+                      for split in ("train", "val"))
+        if hold_out_labeled and not (root / "val").is_dir():
+            train, val = split_off_val(train, root / "train", val_fraction)
+    return classes, train, val
+
+
+def require_labels(root: Path, classes: int) -> None:
+    if classes == 0:
+        raise UserError(f"{root} has no labels (converted from images without class folders): this needs "
+                        f"{LABELED_LAYOUTS}")
