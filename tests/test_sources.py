@@ -113,10 +113,9 @@ def test_the_layout_option_of_the_command_line(unlabeled, tmp_path, capsys):
 
 @pytest.mark.parametrize("fmt", ["ffcv", "dali"])
 def test_both_converters_write_an_unlabeled_tree_that_pretraining_reads(fmt, unlabeled, tmp_path, capsys):
-    from ddmim_data_prep import to_dali, to_ffcv
-
     from ddmim.data import eval_batches, make_datamodule
     from ddmim.train.pretrain import pretrain
+    from ddmim_data_prep import to_dali, to_ffcv
 
     out = tmp_path / fmt
     assert (to_ffcv if fmt == "ffcv" else to_dali).main([str(unlabeled), str(out), "--workers", "1",
