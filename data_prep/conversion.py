@@ -61,8 +61,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def check_common_options(args: argparse.Namespace) -> None:
-    if not args.src.is_dir():
-        raise UserError(f"source {args.src} does not exist or is not a folder")
+    if not args.src.exists():
+        raise UserError(f"source {args.src} does not exist")
     if args.dst.exists() and not args.dst.is_dir():
         raise UserError(f"output {args.dst} exists and is not a folder")
     if args.max_resolution < 16:
@@ -88,7 +88,7 @@ def source_listing(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple
         if split not in args.splits:
             continue
         files = listing.files
-        if not files and (split == "val" or not (args.src / split).is_dir()):
+        if not files and (split == "val" or args.src.is_file() or not (args.src / split).is_dir()):
             print(f"no {split} images in {args.src}: skipping that split", file=sys.stderr)
             continue
         if args.subset is not None and args.subset < len(files):

@@ -161,8 +161,8 @@ class DataConfig:
     ffcv_os_cache: bool = True
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # the crop resize of the folder and DALI loaders
     max_bad_samples: int = 1000  # samples that fail to decode (each skipped and named) before a run stops
-    # folders: imagefolder (train/<class>/*) | unlabeled (any tree of images) | auto (class folders or not)
-    layout: Literal["auto", "imagefolder", "unlabeled"] = "auto"
+    # imagefolder (train/<class>/*) | unlabeled (any tree of images) | list (a file of `path[,label]` lines)
+    layout: Literal["auto", "imagefolder", "unlabeled", "list"] = "auto"
     val_fraction: float = 0.01  # held out for validation by a hash of the path, where the data has no val split
 
     def check(self) -> None:

@@ -132,3 +132,48 @@ def test_both_converters_write_an_unlabeled_tree_that_pretraining_reads(fmt, unl
         make_datamodule(out, cfg, labels=True)
     with pytest.raises(UserError, match="has no labels"):
         eval_batches(out, cfg, "train", labels=True)
+
+
+def test_a_file_list_with_labels_missing_entries_and_relative_paths(sample_root, tmp_path):
+    images = sorted((sample_root / "train").rglob("*.png"))[::7]
+    (tmp_path / "lists").mkdir()
+    lines = ["path,label"] + [f"{os.path.relpath(p, tmp_path / 'lists')},{p.parent.name}" for p in images]
+    lines += [f"{images[0]},{images[0].parent.name}", "gone/missing.png,3"]  # an absolute path; a missing file
+    (tmp_path / "lists" / "train.csv").write_text("\n".join(lines) + "\n")
+    classes, train, val = list_splits(tmp_path / "lists" / "train.csv", "auto", 0.1)
+    assert classes == [str(i) for i in range(10)]
+    got = train.files + val.files
+    assert len(got) == len(images) + 1 and all(Path(p).parent.name == str(y) for p, y in got)
+    assert [(Path(p).name, reason) for p, reason in train.ignored] == [
+        ("missing.png", "listed in train.csv but missing: not read")]
+    (tmp_path / "plain.txt").write_text("\n".join(str(p) for p in images) + "\n")
+    classes, train, val = list_splits(tmp_path / "plain.txt", "auto", 0.1)
+    assert classes == [] and len(train.files) + len(val.files) == len(images)
+    with pytest.raises(UserError, match="lists images without labels"):
+        list_splits(tmp_path / "plain.txt", "auto", 0.1, labels=True)
+    (tmp_path / "mixed.txt").write_text(f"{images[0]}\n{images[1]},3\n")
+    with pytest.raises(UserError, match="every line must be `path` or every line `path,label`"):
+        list_splits(tmp_path / "mixed.txt", "auto", 0.1)
+
+
+def test_imagenets_flat_val_takes_its_labels_from_the_ground_truth(sample_root, tmp_path):
+    """The layout of ImageNet's download: train/<wnid>/*, val/ one flat folder, LOC_val_solution.csv above."""
+    root = tmp_path / "ILSVRC" / "Data" / "CLS-LOC"
+    wnids = {str(d): f"n0{d}000000" for d in range(10)}
+    for digit, wnid in wnids.items():
+        shutil.copytree(sample_root / "train" / digit, root / "train" / wnid)
+    (root / "val").mkdir()
+    rows, truth = ["ImageId,PredictionString"], {}
+    for n, image in enumerate(sorted((sample_root / "val").rglob("*.png"))):
+        name = f"ILSVRC2012_val_{n + 1:08d}"
+        shutil.copy(image, root / "val" / f"{name}.png")
+        truth[name] = wnids[image.parent.name]
+        if n != 5:  # one image without ground truth: named, not read
+            rows.append(f"{name},{truth[name]} 1 2 30 31 {truth[name]} 3 4 20 21")
+    with pytest.raises(UserError, match="LOC_val_solution.csv beside it or in a folder above it"):
+        list_splits(root, "auto", 0.01)
+    (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    classes, _, val = list_splits(root, "auto", 0.01)
+    assert classes == sorted(wnids.values()) and len(val.files) == len(truth) - 1
+    assert all(classes[label] == truth[Path(p).stem] for p, label in val.files)
+    assert [Path(p).name for p, _ in val.ignored] == ["ILSVRC2012_val_00000006.png"]

@@ -14,6 +14,8 @@ FORMATS = ("auto", "folder", "ffcv", "dali")
 
 
 def detect_format(root: Path) -> str:
+    if root.is_file():
+        return "folder"  # a file list
     if (root / "train.beton").exists():
         return "ffcv"
     if (root / "train").is_dir() and any((root / "train").glob("*.tar")):
@@ -37,8 +39,8 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
                     randaugment: str = "", labels: bool = False) -> TrainingData:
     """`cfg`: a pretraining or fine-tuning config; `labels`: refuse an unlabeled source."""
     root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"data path {root} does not exist or is not a folder")
+    if not root.exists():
+        raise UserError(f"data path {root} does not exist")
     check_workers(cfg.data.num_workers)
     if fmt == "auto":
         fmt = detect_format(root)
@@ -69,8 +71,8 @@ def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None, la
     import torch
 
     root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"data path {root} does not exist or is not a folder")
+    if not root.exists():
+        raise UserError(f"data path {root} does not exist")
     fmt = detect_format(root) if fmt == "auto" else fmt
     device = torch.device(device or "cpu")
     if fmt in ("ffcv", "dali"):

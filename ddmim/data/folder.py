@@ -73,8 +73,8 @@ def _require_images(root: Path, split: str, classes: list[str], train: SplitList
     if not (train if split == "train" else val).files:
         found = f"{len(train.files) + len(val.files)} images" + (f" in {len(classes)} class folders"
                                                                  if classes else " without class folders")
-        raise UserError(f"no {'training' if split == 'train' else 'validation'} images in {root} ({found}; "
-                        f"where there is no val/ split, data.val_fraction {val_fraction:g} of them is held out)")
+        held = "" if (root / "val").is_dir() else f"; without val/, data.val_fraction {val_fraction:g} is held out"
+        raise UserError(f"no {'training' if split == 'train' else 'validation'} images in {root} ({found}{held})")
 
 
 def open_split(root: Path, split: str, transform, layout: str = "auto", val_fraction: float = 0.01,

@@ -23,11 +23,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddmim.data.label_files import GROUND_TRUTH, find_ground_truth, read_ground_truth, read_list
 from ddmim.data.pixels import EXTENSIONS
 from ddmim.errors import UserError
 
 CLASSES_FILE = "classes.json"
-LAYOUTS = ("auto", "imagefolder", "unlabeled")
+LAYOUTS = ("auto", "imagefolder", "unlabeled", "list")
 UNLABELED = -2  # the label of every image of an unlabeled source (-1 marked undecodable samples in old .betons)
 LABELED_LAYOUTS = "ImageNet-style class folders (ROOT/train/<class>/<image>), or a converted set of them"
 
@@ -160,13 +161,36 @@ def held_out(relative: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") < fraction * 2**64
 
 
-def split_off_val(listing: SplitListing, root: Path, fraction: float) -> tuple[SplitListing, SplitListing]:
-    """(train, val) of a listing without a val split of its own."""
+def split_off_val(listing: SplitListing, root: Path, fraction: float,
+                  keys: dict[str, str] | None = None) -> tuple[SplitListing, SplitListing]:
+    """(train, val) of a listing without a val split of its own; each file is held out by its path relative to
+    `root`, or by `keys[path]` (a file list's own spelling of it)."""
     train, val = SplitListing([], listing.ignored), SplitListing([])
     for path, label in listing.files:
-        relative = Path(path).relative_to(root).as_posix()
+        relative = keys[path] if keys is not None else Path(path).relative_to(root).as_posix()
         (val if held_out(relative, fraction) else train).files.append((path, label))
     return train, val
+
+
+def list_flat_val(val: Path, classes: list[str], extensions: tuple[str, ...] | None) -> SplitListing:
+    """ImageNet's official val: one flat folder of images, labelled by its ground-truth file."""
+    truth_file = find_ground_truth(val)
+    if truth_file is None:
+        raise UserError(f"{val} is a flat folder of images without class folders; for ImageNet's official val put "
+                        f"its ground truth {GROUND_TRUTH} beside it or in a folder above it")
+    truth, index, listing = read_ground_truth(truth_file), {n: i for i, n in enumerate(classes)}, SplitListing([])
+    for entry in sorted(os.scandir(val), key=lambda e: e.name):
+        if not entry.is_file() or (extensions is not None and not entry.name.lower().endswith(extensions)):
+            listing.ignored.append((entry.path, "not an image file: not read"))
+            continue
+        wnid = truth.get(entry.name.rsplit(".", 1)[0])
+        if wnid is None:
+            listing.ignored.append((entry.path, f"not in {truth_file.name}: not read"))
+        elif wnid not in index:
+            raise UserError(f"{truth_file} labels {entry.name} {wnid}, a class the train split lacks")
+        else:
+            listing.files.append((entry.path, index[wnid]))
+    return listing
 
 
 def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = False,
@@ -178,8 +202,18 @@ def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = F
     `extensions`: the files of class folders that count (None: all, as the converters read them; an image tree
     counts images by their names); `hold_out_labeled` False: class folders without val/ give no val split."""
     root = Path(root)
+    if root.is_file() and layout in ("auto", "list"):
+        classes, entries, ignored = read_list(root, UNLABELED)
+        if labels and not classes:
+            raise UserError(f"{root} lists images without labels: this needs {LABELED_LAYOUTS}, or a list of "
+                            f"`path,label` lines")
+        listing = SplitListing([(path, label) for path, label, _ in entries], ignored)
+        train, val = split_off_val(listing, root.parent, val_fraction, {path: key for path, _, key in entries})
+        return classes, train, val
     if not root.is_dir():
-        raise UserError(f"data path {root} does not exist or is not a folder")
+        raise UserError(f"data path {root} does not exist or is neither a folder nor a file list")
+    if layout == "list":
+        raise UserError(f"--data-layout list: {root} is a folder; give the file that lists the images")
     layout = resolve_layout(root, layout, known)
     if labels and layout == "unlabeled":
         raise UserError(f"{root} has no labels (no class folders): this needs {LABELED_LAYOUTS}")
@@ -190,6 +224,8 @@ def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = F
         classes = train_classes(root, known)
         train, val = (list_split(root, split, classes, extensions) if (root / split).is_dir() else SplitListing([])
                       for split in ("train", "val"))
+        if (root / "val").is_dir() and not class_folders(root / "val") and any(os.scandir(root / "val")):
+            val = list_flat_val(root / "val", classes, extensions)
         if hold_out_labeled and not (root / "val").is_dir():
             train, val = split_off_val(train, root / "train", val_fraction)
     return classes, train, val

@@ -1,0 +1,67 @@
+"""Sources described by a file: a list of images (`path` or `path,label` per line), and ImageNet's official
+validation folder (one flat folder of JPEGs) labelled by its ground truth.
+
+A list's relative paths are read against the list's folder; a header line (`path` or `path,label`) is skipped;
+labels are class names, numbered in sorted order, or class indices. ImageNet's flat val takes its labels from
+`LOC_val_solution.csv` (the Kaggle download: `ImageId,PredictionString`, the first word of which is the class
+folder's WordNet id), found beside val/ or up to three folders above it. An entry whose file is missing, or an
+image without ground truth, is listed as not read (and so counted and named), never dropped silently.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from ddmim.errors import UserError
+
+GROUND_TRUTH = "LOC_val_solution.csv"
+
+
+def read_list(path: Path, unlabeled: int) -> tuple[list[str], list[tuple[str, int, str]], list[tuple[str, str]]]:
+    """(classes, (path, label, key) of each listed file that exists, (path, reason) of the others); the key is
+    the path as the list gives it (what the held-out split hashes); `unlabeled`: the label of an unlabeled list."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read the file list {path}: {exc}") from None
+    if rows and [cell.strip().lower() for cell in rows[0]] in (["path"], ["path", "label"]):
+        rows = rows[1:]
+    widths = {len(row) for row in rows}
+    if not rows or not widths <= {1, 2} or len(widths) > 1:
+        raise UserError(f"{path} is no file list: every line must be `path` or every line `path,label` (found "
+                        f"{len(rows)} lines of {sorted(widths)} fields)")
+    names = sorted({row[1].strip() for row in rows}) if widths == {2} else []
+    if names and all(name.isdigit() for name in names):
+        classes = [str(i) for i in range(max(int(n) for n in names) + 1)]
+    else:
+        classes = names
+    index = {name: i for i, name in enumerate(classes)}
+    files, ignored = [], []
+    for row in rows:
+        key = row[0].strip()
+        where = Path(key) if Path(key).is_absolute() else path.parent / key
+        label = index[str(int(row[1])) if row[1].strip().isdigit() else row[1].strip()] if classes else unlabeled
+        if where.is_file():
+            files.append((str(where), label, key))
+        else:
+            ignored.append((str(where), f"listed in {path.name} but missing: not read"))
+    return classes, files, ignored
+
+
+def find_ground_truth(val: Path) -> Path | None:
+    for folder in (val, *list(val.parents)[:4]):
+        if (folder / GROUND_TRUTH).is_file():
+            return folder / GROUND_TRUTH
+    return None
+
+
+def read_ground_truth(path: Path) -> dict[str, str]:
+    """Image name without its extension -> WordNet id, from LOC_val_solution.csv."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return {row["ImageId"]: row["PredictionString"].split()[0] for row in rows}
+    except (OSError, KeyError, IndexError, AttributeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not ImageNet's {GROUND_TRUTH} (ImageId,PredictionString): "
+                        f"{type(exc).__name__}: {exc}") from None
