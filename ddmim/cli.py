@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the README demo: pretrain, picture, k-NN and fine-tuning vs random init, table")
     p.add_argument("--out", type=Path, help="folder for every run of the demo (default runs/demo-<time>)")
+    p.add_argument("--unlabeled", action="store_true", help="pretrain on the digits as a tree of images without "
+                   "labels (no class folders, no val/), and draw the picture")
     p.add_argument("--methods", default="ddmim", help="comma-separated methods to compare: ddmim, simmim, mae "
                    "(default ddmim)")
 
@@ -227,8 +229,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ddmim.demo import run_demo
+    from ddmim.demo import run_demo, run_unlabeled_demo
 
+    if args.unlabeled:
+        run_unlabeled_demo(_out(args, "demo-unlabeled"))
+        return 0
     run_demo(_out(args, "demo"), tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     return 0
 

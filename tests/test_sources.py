@@ -156,7 +156,8 @@ def test_a_file_list_with_labels_missing_entries_and_relative_paths(sample_root,
         list_splits(tmp_path / "mixed.txt", "auto", 0.1)
 
 
-def test_imagenets_flat_val_takes_its_labels_from_the_ground_truth(sample_root, tmp_path):
+@pytest.fixture
+def imagenet_download(sample_root, tmp_path):
     """The layout of ImageNet's download: train/<wnid>/*, val/ one flat folder, LOC_val_solution.csv above."""
     root = tmp_path / "ILSVRC" / "Data" / "CLS-LOC"
     wnids = {str(d): f"n0{d}000000" for d in range(10)}
@@ -170,10 +171,37 @@ def test_imagenets_flat_val_takes_its_labels_from_the_ground_truth(sample_root, 
         truth[name] = wnids[image.parent.name]
         if n != 5:  # one image without ground truth: named, not read
             rows.append(f"{name},{truth[name]} 1 2 30 31 {truth[name]} 3 4 20 21")
+    return root, rows, truth
+
+
+def test_imagenets_flat_val_takes_its_labels_from_the_ground_truth(imagenet_download, tmp_path):
+    root, rows, truth = imagenet_download
     with pytest.raises(UserError, match="LOC_val_solution.csv beside it or in a folder above it"):
         list_splits(root, "auto", 0.01)
     (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
     classes, _, val = list_splits(root, "auto", 0.01)
-    assert classes == sorted(wnids.values()) and len(val.files) == len(truth) - 1
+    wnids = sorted(set(truth.values()))
+    assert classes == wnids and len(val.files) == len(truth) - 1
     assert all(classes[label] == truth[Path(p).stem] for p, label in val.files)
     assert [Path(p).name for p, _ in val.ignored] == ["ILSVRC2012_val_00000006.png"]
+
+
+def test_the_dali_converter_labels_a_file_list_and_imagenets_flat_val_as_the_folder_loader(imagenet_download,
+                                                                                          tmp_path):
+    from test_converters import shard_samples
+
+    from ddmim_data_prep import to_dali
+
+    root, rows, truth = imagenet_download
+    (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    _, _, val = list_splits(root, "auto", 0.01)
+    assert to_dali.main([str(root), str(tmp_path / "dali"), "--workers", "1", "--splits", "val"]) == 0
+    assert sorted(y for _, y in shard_samples(tmp_path / "dali" / "val")) == sorted(y for _, y in val.files)
+    listed = sorted((root / "train").rglob("*.png"))[::5]
+    (tmp_path / "list.csv").write_text("".join(f"{p},{p.parent.name}\n" for p in listed))
+    classes, train, val = list_splits(tmp_path / "list.csv", "auto", 0.05)
+    assert to_dali.main([str(tmp_path / "list.csv"), str(tmp_path / "from_list"), "--workers", "1",
+                         "--val-fraction", "0.05"]) == 0
+    for split, listing in (("train", train), ("val", val)):
+        assert sorted(y for _, y in shard_samples(tmp_path / "from_list" / split)) == sorted(
+            y for _, y in listing.files), split

@@ -4,6 +4,7 @@ grey-level images of 10 classes) as 32x32 RGB PNGs in ImageFolder layout, with a
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,20 @@ VAL_EVERY = 5  # every 5th image of each class goes to val/: a 80/20 split strat
 def default_sample_root() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache / "ddmim" / "sample-digits"
+
+
+def build_unlabeled_sample(labeled: Path, dst: Path) -> Path:
+    """The same digits without classes or splits, in eight folders (DST/part<k>/<n>.png), once: the shape of a
+    photo collection without labels."""
+    dst = Path(dst)
+    if dst.is_dir():
+        return dst
+    with staged_folder(dst) as tmp:
+        for n, image in enumerate(sorted(Path(labeled).rglob("*.png"))):
+            folder = tmp / f"part{n % 8}"
+            folder.mkdir(exist_ok=True)
+            shutil.copyfile(image, folder / f"{n:04d}.png")
+    return dst
 
 
 def build_sample_dataset(dst: Path) -> Path:

@@ -1,0 +1,91 @@
+"""How long listing a source takes, and the memory it holds, at the sizes users bring.
+
+    python benchmarks/bench_listing.py --files 1281167 [--layout imagefolder|unlabeled] [--repeats 3]
+
+Builds (once, under --work) a synthetic tree of empty .JPEG files: ImageNet's shape (1,000 class folders under
+train/, 50 images a class under val/) or an unlabeled one (folders of 1,000 files, two levels deep). Each repeat
+lists it in a fresh process with `ddmim.data.layout.source_splits`, the call every format's reader and both
+converters make, and reports the seconds and the memory the listing holds (the process's resident size after
+the call, less before it). The page cache holds the directories after the first repeat: that is the case of a
+second start on one machine.
+Writes benchmarks/results/listing-<device>.json, or --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ddmim_benchmarks.common import write_results
+
+CHILD = r"""
+import json, sys, time
+from ddmim.data.layout import source_splits
+
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+before = rss_mib()
+start = time.perf_counter()
+classes, train, val = source_splits(sys.argv[1], sys.argv[2], 0.01)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "held_mib": rss_mib() - before, "train": len(train.files),
+                  "val": len(val.files), "classes": len(classes)}))
+"""
+
+
+def build_tree(root: Path, files: int, layout: str) -> Path:
+    """The tree, made once: a marker file says it is complete."""
+    done = root / f".complete-{files}-{layout}"
+    if done.exists():
+        return root
+    per_folder = 1000 if layout == "unlabeled" else -(-files // 1000)  # ImageNet: 1,000 classes
+    for n in range(files):
+        if layout == "imagefolder":
+            folder = root / "train" / f"n{n // per_folder:08d}"
+        else:
+            folder = root / f"d{n // (per_folder * 100):04d}" / f"e{(n // per_folder) % 100:03d}"
+        if n % per_folder == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{n:09d}.JPEG").touch()
+    if layout == "imagefolder":
+        for c in range(min(1000, files)):
+            folder = root / "val" / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(50):
+                (folder / f"v{c:04d}{k:02d}.JPEG").touch()
+    done.touch()
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=1_281_167)
+    parser.add_argument("--layout", choices=["imagefolder", "unlabeled"], default="imagefolder")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ddmim-listing-bench")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    root = build_tree(args.work / f"{args.layout}-{args.files}", args.files, args.layout)
+    runs = []
+    for _ in range(args.repeats):
+        done = subprocess.run([sys.executable, "-c", CHILD, str(root), args.layout], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    row = {"layout": args.layout, "files": args.files, "seconds_median": statistics.median(r["seconds"] for r in runs),
+           "held_mib_median": statistics.median(r["held_mib"] for r in runs), "runs": runs}
+    print(f"{args.layout}, {args.files:,} files: listed in {row['seconds_median']:.1f} s (median of "
+          f"{args.repeats}), {row['held_mib_median']:.0f} MiB held; train {runs[0]['train']:,}, val "
+          f"{runs[0]['val']:,}, {runs[0]['classes']} classes")
+    path = write_results(f"listing-{args.layout}-{args.files}", row, args.json)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
