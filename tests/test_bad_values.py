@@ -211,3 +211,12 @@ def test_resuming_a_run_whose_config_is_garbled_is_one_line(garbled, capsys, pre
                                   "--resume", "auto", "--no-progress"])
     assert f"{run / 'config.yaml'} is not a readable run config" in err
     assert (run / "config.yaml").read_bytes() == garbled
+
+
+def test_a_dangling_out_link_is_named_as_such(capsys, sample_root, tmp_path):
+    """mkdir on a link whose target is gone said "File exists"."""
+    (tmp_path / "run").symlink_to(tmp_path / "gone")
+    err = one_line_error(capsys, ["train", "--data", str(sample_root), "--preset", "tiny", "--out",
+                                  str(tmp_path / "run"), "--no-progress"])
+    assert f"is a link to {tmp_path / 'gone'}, which does not exist" in err
+    assert (tmp_path / "run").is_symlink() and not (tmp_path / "gone").exists()

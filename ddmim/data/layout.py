@@ -166,8 +166,14 @@ def split_off_val(listing: SplitListing, root: Path, fraction: float,
     """(train, val) of a listing without a val split of its own; each file is held out by its path relative to
     `root`, or by `keys[path]` (a file list's own spelling of it)."""
     train, val = SplitListing([], listing.ignored), SplitListing([])
+    prefix = os.path.join(str(root), "")
     for path, label in listing.files:
-        relative = keys[path] if keys is not None else Path(path).relative_to(root).as_posix()
+        if keys is not None:
+            relative = keys[path]
+        elif path.startswith(prefix):  # the listing's paths start with the root's: a slice, not a Path per file
+            relative = path[len(prefix):].replace(os.sep, "/")
+        else:
+            relative = Path(path).relative_to(root).as_posix()
         (val if held_out(relative, fraction) else train).files.append((path, label))
     return train, val
 

@@ -22,6 +22,9 @@ RESUME_ENV = "DDMIM_RESUME_FROM"
 
 def prepare_run_dir(out: Path) -> Path:
     """A fresh run folder; an existing non-empty one is never reused, so no earlier checkpoint is overwritten."""
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"output {out} is a link to {os.readlink(out)}, which does not exist; create that folder or "
+                        f"choose another --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()):
