@@ -1,12 +1,17 @@
 """What a failed `ddmim` command says: one `ddmim: error: ...` line and an exit code, for a user's mistake (2),
-an interrupt (130), memory running out (2) and, under data-parallel training, another rank's stop (2 when that
+an interrupt (130), a scheduler's stop signal (128 + its number, after the step's checkpoint), memory running
+out (2) and, under data-parallel training, another rank's stop (2 when that
 rank left its reason, else 1); anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
+import signal
 import sys
+
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ddmim.errors import UserError, one_line
 from ddmim.train.launch import is_launched_worker
+from ddmim.train.preemption import STOPPED
 from ddmim.train.rank_notes import leave_note, lost_a_rank, notes, this_rank
 
 
@@ -23,6 +28,13 @@ def said(exc: BaseException) -> int | None:
         if is_launched_worker():
             leave_note(one_line(exc))
         return 2
+    if isinstance(exc, SIGTERMException):
+        if not STOPPED:
+            print("ddmim: stopped by SIGTERM before a training step ended: no checkpoint written", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        print(f"ddmim: stopped by {signal.Signals(STOPPED['signal']).name} after step {STOPPED['step']}: "
+              f"{STOPPED['checkpoint']} written; continue with --resume auto", file=sys.stderr)
+        return 128 + STOPPED["signal"]
     if isinstance(exc, KeyboardInterrupt):
         print("ddmim: interrupted", file=sys.stderr)
         return 130

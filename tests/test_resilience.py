@@ -2,8 +2,10 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -372,3 +374,32 @@ def test_a_full_disk_while_a_new_column_rewrites_metrics_csv_keeps_its_rows(writ
         log.save()
     after = (tmp_path / "metrics.csv").read_text()
     assert (after == before) == (writer == "ddmim"), after
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_scheduler_stop_saves_the_step_and_never_exits_0(stop, sample_root, tmp_path):
+    """SIGTERM (a scheduler's stop) and SIGUSR1 (SLURM's warning) end the step, write its checkpoint and exit
+    128 + the signal: Lightning's own handling exited 0 at the epoch's end, without a checkpoint."""
+    out = tmp_path / "run"
+    cmd = _train_cmd(sample_root, out)
+    metrics = Growth(out / "logs" / "metrics.csv")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not (metrics() and len(_train_steps(out)) >= 3):
+        time.sleep(0.02)
+    proc.send_signal(stop)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + stop, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    step = int(last.split("after step ")[1].split(":")[0])
+    assert last.startswith(f"ddmim: stopped by {stop.name} after step {step}: ") and "--resume auto" in last
+    assert 3 <= step < PLANNED and not (out / "summary.json").exists()
+    saved = torch.load(out / "checkpoints" / f"step{step:08d}.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == step
+    done = subprocess.run(_train_cmd(sample_root, out, "--resume", "auto"), cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = done.stdout.split("resuming from ")[1].split()[0]
+    assert torch.load(resumed, map_location="cpu", weights_only=False)["global_step"] == step  # the stop's step
+    assert json.loads((out / "summary.json").read_text())["steps"] == PLANNED

@@ -14,6 +14,7 @@ from ddmim.train.callbacks import FinalStepCheckpoint, NoteOnStop, StepRows, Thr
 from ddmim.train.checkpoint_files import STEP_PREFIX, AtomicCheckpointIO
 from ddmim.train.history import HistoryCSVLogger, HistoryTensorBoardLogger
 from ddmim.train.launch import Launch
+from ddmim.train.preemption import Preemption
 
 # With ema.teacher_mode eval the EMA teacher stays in eval mode on purpose (no drop-path noise in the target).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -75,7 +76,7 @@ def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tup
         inference_mode=False,
         callbacks=[StepRows(t.log_every), throughput, BadSampleGuard(cfg.data.max_bad_samples, t.log_every), history,
                    recent, best, LearningRateMonitor(logging_interval="epoch"), NoteOnStop(),
-                   FinalStepCheckpoint(folder, t.ckpt_every_steps)],
+                   FinalStepCheckpoint(folder, t.ckpt_every_steps), Preemption(folder)],
         plugins=[AtomicCheckpointIO(keep=t.keep_checkpoints)],
         logger=loggers,
         enable_progress_bar=launch.progress_bar,

@@ -1,0 +1,60 @@
+"""A run that a scheduler stops (SIGTERM, what SLURM and Kubernetes send before they kill a job; SIGUSR1, SLURM's
+advance warning with `--signal=USR1@90`) finishes its current step, writes a checkpoint of that step and exits
+with 128 + the signal's number, as a process the signal ended: never 0, which a scheduler reads as a finished job.
+`--resume auto` continues from that checkpoint as from any step checkpoint.
+
+Lightning's own SIGTERM handling sets `trainer.received_sigterm` and, in one process, only acts at the epoch's end
+(exiting with code 0 and no checkpoint); here the step's end does. Under data parallelism Lightning agrees on the
+stop itself: rank 0's flag is broadcast before every step and every rank raises SIGTERMException at the same
+step, where this callback writes the checkpoint (a collective) on every rank.
+"""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from ddmim.train.checkpoint_files import STEP_PREFIX
+
+STOPPED: dict = {}  # what the last stop by a signal wrote: the signal, step, checkpoint (read by the CLI)
+
+
+class Preemption(pl.Callback):
+    def __init__(self, folder: Path):
+        self.folder, self.signal, self.previous = Path(folder), None, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        STOPPED.clear()
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):  # Lightning's SLURM requeue keeps its own
+            self.previous = signal.signal(signal.SIGUSR1, lambda signum, frame: self._asked(trainer, signum))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGUSR1, self.previous)
+            self.previous = None
+
+    def _asked(self, trainer, signum: int) -> None:
+        self.signal = signum
+        trainer._signal_connector.received_sigterm = True  # Lightning's flag: broadcast from rank 0 under DDP
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.received_sigterm and trainer.world_size == 1:
+            self._save(trainer)
+            raise SIGTERMException()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+        if isinstance(exception, SIGTERMException) and not STOPPED:
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        step = trainer.global_step
+        path = self.folder / f"{STEP_PREFIX}{step:08d}.ckpt"
+        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(self.folder / "last.ckpt")
+        STOPPED.update(signal=self.signal or signal.SIGTERM, step=step, checkpoint=str(path))
