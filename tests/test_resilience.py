@@ -403,3 +403,16 @@ def test_a_scheduler_stop_saves_the_step_and_never_exits_0(stop, sample_root, tm
     resumed = done.stdout.split("resuming from ")[1].split()[0]
     assert torch.load(resumed, map_location="cpu", weights_only=False)["global_step"] == step  # the stop's step
     assert json.loads((out / "summary.json").read_text())["steps"] == PLANNED
+
+
+def test_resume_takes_the_latest_step_whatever_the_file_times(sample_root, tmp_path):
+    """A copy or a `touch` gives an older checkpoint the newest file time: resume goes by the recorded step."""
+    from ddmim.train.checkpoint_files import resume_checkpoint
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(out), "--workers", "0",
+                 "--no-progress", "--max-steps", "8", "--set", "train.ckpt_every_steps=4"]) == 0
+    older = out / "checkpoints" / "step00000004.ckpt"
+    os.utime(older, (time.time() + 60, time.time() + 60))
+    chosen = resume_checkpoint(out / "checkpoints", announce=False)
+    assert torch.load(chosen, map_location="cpu", weights_only=False)["global_step"] == 8, chosen.name

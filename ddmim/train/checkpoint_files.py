@@ -83,16 +83,31 @@ def unusable(path: Path) -> str | None:
     return _read(path)[0]
 
 
+def recorded_step(path: Path) -> int | None:
+    """The training step a checkpoint records (read through a memory map: its tensors are not read); None for a
+    file that does not load."""
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    except Exception:  # any file that is not a readable checkpoint
+        return None
+
+
+def _newest_first(path: Path) -> tuple:
+    """By the step each checkpoint records, not by file time (a copy or a `touch` would reorder those); a file
+    that does not load comes first, to be found unreadable and set aside when an older one loads."""
+    step = recorded_step(path)
+    return (step is not None, -(step or 0), -path.stat().st_mtime_ns)
+
+
 def resume_checkpoint(folder: Path, *, announce: bool = True, kind: str | None = None) -> Path | None:
-    """The newest checkpoint in `folder` that loads; None for a folder without any checkpoint.
+    """The checkpoint in `folder` of the latest recorded step that loads; None for a folder without any.
 
     A folder whose checkpoints all fail to load is refused, naming them: starting over there would silently
     drop the run. Unreadable checkpoints newer than the one chosen are renamed to *.unreadable (kept, but out
     of the way of the pruning of recent checkpoints, which goes by name). `announce`: say what was done
     (rank 0); other ranks only look. `kind`: the one that loads must be of this kind (pretrain, finetune)."""
     folder = Path(folder)
-    candidates = sorted((p for p in folder.glob("*.ckpt") if TMP_MARK not in p.name),
-                        key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    candidates = sorted((p for p in folder.glob("*.ckpt") if TMP_MARK not in p.name), key=_newest_first)
     if not candidates:
         if announce:
             print(f"no checkpoint found in {folder}, starting from step 0")
