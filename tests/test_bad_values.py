@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddmim.cli import main
 
@@ -194,8 +195,13 @@ def _copied_run(pretrain_ckpt: Path, to: Path) -> Path:
 def test_resuming_from_a_fine_tuning_checkpoint_in_a_pretraining_run_is_one_line(capsys, pretrain_ckpt,
                                                                                   finetune_ckpt, sample_root,
                                                                                   tmp_path):
+    from ddmim.checkpoints import DIGEST_KEY, payload_digest
+
     run = _copied_run(pretrain_ckpt, tmp_path / "run")
-    shutil.copy(finetune_ckpt, run / "checkpoints" / "step99999999.ckpt")  # the newest
+    ckpt = torch.load(finetune_ckpt, map_location="cpu", weights_only=False)
+    ckpt["global_step"] = 99999999  # the latest step: the one a resume takes
+    ckpt[DIGEST_KEY] = payload_digest(ckpt)
+    torch.save(ckpt, run / "checkpoints" / "step99999999.ckpt")
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     err = one_line_error(capsys, ["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(run),
                                   "--resume", "auto", "--no-progress"])
