@@ -258,9 +258,11 @@ HANDLERS = {"train": cmd_train, "finetune": cmd_finetune, "eval": cmd_eval, "vis
 
 def main(argv: list[str] | None = None) -> int:
     from ddmim.train.launch import is_launched_worker
+    from ddmim.train.preemption import STOPPED
     from ddmim.train.rank_notes import close_notes, open_notes
 
     args = build_parser().parse_args(argv)
+    STOPPED.clear()  # what an earlier command of this process recorded is not this one's
     folder = None if is_launched_worker() else open_notes()
     try:
         return HANDLERS[args.command](args)

@@ -28,8 +28,12 @@ def said(exc: BaseException) -> int | None:
         if is_launched_worker():
             leave_note(one_line(exc))
         return 2
+    if isinstance(exc, SystemExit) and STOPPED.get("interrupted"):  # Lightning's exit after Ctrl-C
+        print(f"ddmim: interrupted at step {STOPPED['step']}; the checkpoints written before stay, and --resume auto "
+              "continues from the last", file=sys.stderr)
+        return 130
     if isinstance(exc, SIGTERMException):
-        if not STOPPED:
+        if "signal" not in STOPPED:
             print("ddmim: stopped by SIGTERM before a training step ended: no checkpoint written", file=sys.stderr)
             return 128 + signal.SIGTERM
         print(f"ddmim: stopped by {signal.Signals(STOPPED['signal']).name} after step {STOPPED['step']}: "

@@ -416,3 +416,19 @@ def test_resume_takes_the_latest_step_whatever_the_file_times(sample_root, tmp_p
     os.utime(older, (time.time() + 60, time.time() + 60))
     chosen = resume_checkpoint(out / "checkpoints", announce=False)
     assert torch.load(chosen, map_location="cpu", weights_only=False)["global_step"] == 8, chosen.name
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_exit_130(sample_root, tmp_path):
+    """Lightning ends a run interrupted by Ctrl-C with sys.exit(1) after its own text."""
+    out = tmp_path / "run"
+    metrics = Growth(out / "logs" / "metrics.csv")
+    proc = subprocess.Popen(_train_cmd(sample_root, out), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not (metrics() and len(_train_steps(out)) >= 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("ddmim: interrupted at step ")

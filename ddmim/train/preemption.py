@@ -18,7 +18,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ddmim.train.checkpoint_files import STEP_PREFIX
 
-STOPPED: dict = {}  # what the last stop by a signal wrote: the signal, step, checkpoint (read by the CLI)
+STOPPED: dict = {}  # the last stop by a signal: the signal, step, checkpoint, or an interrupt (read by the CLI)
 
 
 class Preemption(pl.Callback):
@@ -51,6 +51,8 @@ class Preemption(pl.Callback):
         self._restore()
         if isinstance(exception, SIGTERMException) and not STOPPED:
             self._save(trainer)
+        elif isinstance(exception, KeyboardInterrupt):  # Lightning then exits with code 1: the CLI says 130
+            STOPPED.update(interrupted=True, step=trainer.global_step)
 
     def _save(self, trainer) -> None:
         step = trainer.global_step
