@@ -32,10 +32,6 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARK}{owner_tag()}{thread}")
 
 
-def is_temporary(path: Path) -> bool:
-    return path.name.startswith(".") and TMP_MARK in path.name
-
-
 def owner_alive(tag: str) -> bool | None:
     """Whether the process that wrote `tag` (HOST:PID...) still runs: True or False on this host, None when
     another host wrote it. This very process's id counts as gone: a tag with it was left by an earlier process
@@ -55,11 +51,6 @@ def owner_alive(tag: str) -> bool | None:
     except PermissionError:
         return True
     return True
-
-
-def is_stale(path: Path) -> bool:
-    """A temporary whose writer, on this host, is gone."""
-    return is_temporary(path) and owner_alive(path.name.split(TMP_MARK, 1)[1]) is False
 
 
 @contextmanager

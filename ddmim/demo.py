@@ -67,7 +67,7 @@ def run_demo(out: Path, methods: tuple[str, ...] = ("ddmim",)) -> dict:
 
 
 def run_unlabeled_demo(out: Path) -> dict:
-    """Pretraining on images without labels: the digits as a folder tree without classes, 1% held out for
+    """Pretraining on images without labels: the digits as a folder tree without classes, a tenth held out for
     validation by the hash of each path; the picture shows what was learnt."""
     out = prepare_run_dir(Path(out))
     data = build_unlabeled_sample(build_sample_dataset(default_sample_root()),

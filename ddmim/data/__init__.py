@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ddmim.data.layout import require_labels
 from ddmim.data.workers import check_workers
 from ddmim.errors import UserError
 
@@ -49,9 +50,7 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
 
         return FolderDataModule(root, cfg, randaugment, labels)
     if fmt in ("ffcv", "dali") and labels:
-        from ddmim.data.layout import read_class_count, require_labels
-
-        require_labels(root, read_class_count(root))
+        require_labels(root)
     if fmt == "ffcv":
         require("ffcv")
         from ddmim.data.ffcv_loader import FFCVDataModule
@@ -78,9 +77,7 @@ def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None, la
     if fmt in ("ffcv", "dali"):
         require(fmt)
         if labels:
-            from ddmim.data.layout import read_class_count, require_labels
-
-            require_labels(root, read_class_count(root))
+            require_labels(root)
     if fmt == "ffcv":
         from ddmim.data.ffcv_loader import make_loader
 

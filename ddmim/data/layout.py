@@ -237,7 +237,8 @@ def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = F
     return classes, train, val
 
 
-def require_labels(root: Path, classes: int) -> None:
-    if classes == 0:
+def require_labels(root: Path) -> None:
+    """Refuses a converted set without labels (its classes.json names none)."""
+    if read_class_count(root) == 0:
         raise UserError(f"{root} has no labels (converted from images without class folders): this needs "
                         f"{LABELED_LAYOUTS}")
