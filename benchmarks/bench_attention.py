@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from pathlib import Path
 
 import torch
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.common import median_seconds, write_results
 from ddmim.models.window_attention import FusedWindowAttention
-from ddmim_benchmarks.common import median_seconds, write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -27,11 +27,15 @@ AOT = "--aot" in sys.argv  # compiling for a GPU needs the real JIT, not the int
 if not torch.cuda.is_available() and not AOT:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 
+from pathlib import Path
+
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.common import RESULTS, median_seconds, write_results  # noqa: E402
 from ddmim.models.losses import reconstruction_loss  # noqa: E402
 from ddmim.models.masking import base_token_mask, stage_masks  # noqa: E402
-from ddmim_benchmarks.common import RESULTS, median_seconds, write_results  # noqa: E402
 from ddmim_kernels.mask_gen import fused_masks  # noqa: E402
 from ddmim_kernels.masked_loss import masked_loss  # noqa: E402
 
@@ -149,7 +153,7 @@ def aot(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("--aot compiles with Triton's real JIT: run it without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    from ddmim_benchmarks.aot_launches import aot_rows
+    from benchmarks.aot_launches import aot_rows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--aot", action="store_true")

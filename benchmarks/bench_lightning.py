@@ -21,13 +21,15 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.common import device_sync, median_step_seconds, write_results
+from benchmarks.train_steps import VARIANTS, parse_spec, pretrain_step
 from ddmim.config import config_from_dict, preset_values, with_overrides
 from ddmim.train.launch import Launch, resolve_launch
 from ddmim.train.pretrain_module import DDMIMModule
 from ddmim.train.speed_test import OnDevice
 from ddmim.train.trainer import build_trainer
-from ddmim_benchmarks.common import device_sync, median_step_seconds, write_results
-from ddmim_benchmarks.train_steps import VARIANTS, parse_spec, pretrain_step
 
 
 class StepClock(pl.Callback):

@@ -21,7 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ddmim_benchmarks.common import write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.common import write_results
 
 CHILD = r"""
 import json, sys, time

@@ -26,15 +26,17 @@ from pathlib import Path
 import torch
 from torchvision.datasets import ImageFolder
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.common import write_results
+from benchmarks.loader_epochs import plain_dali, plain_ffcv
+from data_prep import to_dali, to_ffcv
+from data_prep.photo_sample import build_photo_dataset
 from ddmim.config import make_config
 from ddmim.data.dali_loader import open_loader
 from ddmim.data.ffcv_loader import make_loader
 from ddmim.data.folder import open_split
 from ddmim.data.transforms import train_transform
-from ddmim_benchmarks.common import write_results
-from ddmim_benchmarks.loader_epochs import plain_dali, plain_ffcv
-from ddmim_data_prep import to_dali, to_ffcv
-from ddmim_data_prep.photo_sample import build_photo_dataset
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddmim" / "bench"
 GOALS = {"ffcv": 4.0, "dali": 3.0}  # images/s over torchvision's at the recommended resolution

@@ -17,14 +17,17 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.common import device_sync, median_step_seconds, reset_peak_memory, write_results
+from benchmarks.train_steps import VARIANTS, finetune_step, parse_spec, pretrain_step
 from ddmim.config import make_config
 from ddmim.finetune_config import make_finetune_config
 from ddmim.machine import peak_flops, peak_memory_gib
-from ddmim_benchmarks.common import device_sync, median_step_seconds, reset_peak_memory, write_results
-from ddmim_benchmarks.train_steps import VARIANTS, finetune_step, parse_spec, pretrain_step
 
 CPU_BATCH = {"seed": 8}  # a 224 px preset at its own batch takes minutes per step on a CPU
 

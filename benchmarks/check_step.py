@@ -31,12 +31,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.common import write_results
 from ddmim.config import config_from_dict, preset_values, with_overrides
 from ddmim.finetune_config import finetune_config_from_dict
 from ddmim.train.launch import Launch, resolve_launch
 from ddmim.train.speed_test import OnDevice
 from ddmim.train.trainer import build_trainer
-from ddmim_benchmarks.common import write_results
 
 BLOCKING_METHODS = ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "nonzero")
 

@@ -20,10 +20,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ddmim_benchmarks.common import write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.common import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"ddmim": "ddmim", "ddmim_kernels": "kernels", "ddmim_data_prep": "data_prep"}
+# import name -> folder; commits before the scripts ran from the checkout imported data_prep as ddmim_data_prep
+PACKAGES = {"ddmim": "ddmim", "ddmim_kernels": "kernels", "data_prep": "data_prep", "ddmim_data_prep": "data_prep"}
 CPU_BATCH = {"seed": 8}  # a 224 px preset at its own batch takes minutes per step on a CPU
 
 CHILD = r"""
@@ -65,7 +68,7 @@ print(json.dumps({"step_s": statistics.median(gaps), "steps": len(gaps),
 
 
 def import_root(tree: Path, folder: Path) -> Path:
-    """A folder from which the tree's packages import under their installed names, and nothing else of ours."""
+    """A folder from which the tree's packages import under the names its code uses, and nothing else of ours."""
     folder.mkdir(parents=True)
     for name, source in PACKAGES.items():
         if (tree / source).is_dir():

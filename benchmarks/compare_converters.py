@@ -26,9 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from ddmim_benchmarks.common import write_results
-from ddmim_benchmarks.compare_commits import ROOT, two_trees
-from ddmim_data_prep.photo_sample import build_photo_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.common import write_results
+from benchmarks.compare_commits import ROOT, two_trees
+from data_prep.photo_sample import build_photo_dataset
 
 CACHE = Path.home() / ".cache" / "ddmim" / "bench"
 

@@ -25,10 +25,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ddmim_benchmarks.common import write_results
-from ddmim_benchmarks.compare_commits import ROOT, import_root, two_trees
-from ddmim_data_prep import to_dali, to_ffcv
-from ddmim_data_prep.photo_sample import build_photo_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.common import write_results
+from benchmarks.compare_commits import ROOT, import_root, two_trees
+from data_prep import to_dali, to_ffcv
+from data_prep.photo_sample import build_photo_dataset
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddmim" / "bench"
 EPOCHS_SCRIPT = Path(__file__).resolve().parent / "loader_epochs.py"

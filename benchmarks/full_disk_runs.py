@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
 REPO = Path(__file__).resolve().parents[1]
 LIMIT_BYTES = 256 * 1024
 
@@ -110,7 +112,7 @@ def run_many(converter: str, mode: str, runs: int, hog_share: float, work: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ddmim_benchmarks.common import write_results
+    from benchmarks.common import write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=100, help="runs per converter and mode")

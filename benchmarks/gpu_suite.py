@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.suite_costs import BUDGET_S, PEAK_BF16, Cost, describe, plan, timed_images
 from ddmim.atomic import write_text
-from ddmim_benchmarks.suite_costs import BUDGET_S, PEAK_BF16, Cost, describe, plan, timed_images
 
 # the uncompiled variants share one process (one start-up); each compiled one has its own, and its own limit
 SEED_STEPS = {"seed-eager": ("eager", "channels_last", "torch_kernels", "timm_attention"),
@@ -341,7 +343,7 @@ for name in ("torch", "triton", "timm", "pytorch_lightning", "torchvision", "num
         info["versions"][name] = importlib.import_module(name).__version__
     except Exception as exc:
         info["versions"][name] = f"missing ({type(exc).__name__})"
-for name in ("ddmim", "ddmim_kernels", "ddmim_data_prep", "ddmim_benchmarks"):
+for name in ("ddmim", "ddmim_kernels", "data_prep", "benchmarks"):
     info["imported_from"][name] = os.path.dirname(importlib.import_module(name).__file__)
 for key, module in (("ffcv", "ffcv"), ("dali", "nvidia.dali")):
     try:

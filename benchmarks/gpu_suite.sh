@@ -17,12 +17,10 @@ if [ -n "${PYTHON:-}" ]; then py=$PYTHON
 elif [ ${#dry[@]} -gt 0 ] && [ -x .venv/bin/python ]; then py=.venv/bin/python  # the rehearsal's packages
 else py=python3; fi
 
-# The import names of kernels/, data_prep/ and benchmarks/ exist only in an installed project: links give them.
+# kernels/ imports as ddmim_kernels, a name only an installed project has: a link gives it.
 links=$(mktemp -d)
 trap 'rm -rf "$links"' EXIT
 ln -s "$PWD/kernels" "$links/ddmim_kernels"
-ln -s "$PWD/data_prep" "$links/ddmim_data_prep"
-ln -s "$PWD/benchmarks" "$links/ddmim_benchmarks"
 path="$links:$PWD"
 [ ${#dry[@]} -gt 0 ] && path="$PWD/benchmarks/rehearsal:$path"
 if [ ${#dry[@]} -eq 0 ] && [ -d .ffcv-gpu/wheels ]; then

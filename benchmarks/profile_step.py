@@ -15,13 +15,16 @@ import argparse
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from ddmim_benchmarks.common import device_sync, write_results
-from ddmim_benchmarks.train_steps import VARIANTS, pretrain_step
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from benchmarks.common import device_sync, write_results
+from benchmarks.train_steps import VARIANTS, pretrain_step
 
 
 def phase_times(step, steps: int, sync) -> dict[str, float]:

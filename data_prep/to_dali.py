@@ -32,10 +32,9 @@ import zlib
 from functools import partial
 from pathlib import Path
 
-from ddmim.atomic import atomic_path, owner_alive, owner_tag, publish, write_text
-from ddmim.data.dali_format import CHECKSUMS, INDEX, MANIFEST, shard_name
-from ddmim.errors import UserError
-from ddmim_data_prep.conversion import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from data_prep.conversion import (
     SplitResult,
     Workers,
     add_common_options,
@@ -44,7 +43,10 @@ from ddmim_data_prep.conversion import (
     convert,
     run_cli,
 )
-from ddmim_data_prep.images import BadImage, jpeg_bytes
+from data_prep.images import BadImage, jpeg_bytes
+from ddmim.atomic import atomic_path, owner_alive, owner_tag, publish, write_text
+from ddmim.data.dali_format import CHECKSUMS, INDEX, MANIFEST, shard_name
+from ddmim.errors import UserError
 
 PLAN = "plan.json"
 OWNER = "owner"

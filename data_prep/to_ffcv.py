@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ddmim.atomic import publish, temp_path
-from ddmim.errors import UserError
-from ddmim_data_prep.conversion import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
+
+from data_prep.conversion import (
     SplitResult,
     add_common_options,
     check_common_options,
@@ -36,7 +36,9 @@ from ddmim_data_prep.conversion import (
     convert,
     run_cli,
 )
-from ddmim_data_prep.images import BadImage, decode
+from data_prep.images import BadImage, decode
+from ddmim.atomic import publish, temp_path
+from ddmim.errors import UserError
 
 PLACEHOLDER_LABEL = -1
 PLACEHOLDER = np.zeros((8, 8, 3), dtype=np.uint8)

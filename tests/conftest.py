@@ -136,7 +136,7 @@ def coloured_source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def converted(coloured_source, tmp_path_factory) -> dict[str, Path]:
-    from ddmim_data_prep import to_dali, to_ffcv
+    from data_prep import to_dali, to_ffcv
 
     out = tmp_path_factory.mktemp("converted")
     assert to_ffcv.main([str(coloured_source), str(out / "ffcv"), "--workers", "2"]) == 0
@@ -147,7 +147,7 @@ def converted(coloured_source, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def digits_dali(sample_root, tmp_path_factory) -> Path:
     """The sample digits as DALI shards, converted once for the session."""
-    from ddmim_data_prep import to_dali
+    from data_prep import to_dali
 
     out = tmp_path_factory.mktemp("digits") / "dali"
     assert to_dali.main([str(sample_root), str(out), "--workers", "2"]) == 0
@@ -157,7 +157,7 @@ def digits_dali(sample_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_ffcv(sample_root, tmp_path_factory) -> Path:
     """The sample digits as FFCV files, converted once for the session."""
-    from ddmim_data_prep import to_ffcv
+    from data_prep import to_ffcv
 
     out = tmp_path_factory.mktemp("digits") / "ffcv"
     assert to_ffcv.main([str(sample_root), str(out), "--workers", "2"]) == 0

@@ -5,8 +5,8 @@ from collections import Counter
 
 import torch
 
+from benchmarks.check_step import DispatchSyncs, SyncCounter
 from ddmim.data.batch_augment import BatchRandAugment
-from ddmim_benchmarks.check_step import DispatchSyncs, SyncCounter
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

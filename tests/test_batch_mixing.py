@@ -43,7 +43,7 @@ def sorted_source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sorted_converted(sorted_source, tmp_path_factory) -> dict[str, Path]:
-    from ddmim_data_prep import to_dali, to_ffcv
+    from data_prep import to_dali, to_ffcv
 
     out = tmp_path_factory.mktemp("class-sorted-converted")
     assert to_dali.main([str(sorted_source), str(out / "dali"), "--workers", "2", "--shard-size", "500"]) == 0

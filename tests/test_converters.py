@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ddmim_data_prep import to_dali, to_ffcv
-from ddmim_data_prep.conversion import run_cli
+from data_prep import to_dali, to_ffcv
+from data_prep.conversion import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -305,7 +305,7 @@ def test_an_output_path_that_is_a_file(module, messy_source, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_twenty_full_disks_in_a_row_never_hang_the_dali_converter(tmp_path):
-    from ddmim_benchmarks.full_disk_runs import run_many
+    from benchmarks.full_disk_runs import run_many
 
     # 3 of 22 runs hung with multiprocessing.Pool.imap's abandoned chunks; half of these run beside a CPU hog
     runs = run_many("to_dali", "fsize", 20, 0.5, tmp_path, limit_s=30)
@@ -378,8 +378,8 @@ def test_a_kill_at_any_moment_of_an_overwrite_leaves_the_old_or_the_new_output(t
 
 
 def test_where_folders_cannot_be_swapped_a_set_aside_output_is_put_back(tmp_path, monkeypatch, capsys):
+    from data_prep import conversion
     from ddmim import atomic
-    from ddmim_data_prep import conversion
 
     final, new = tmp_path / "train", tmp_path / "new"
     final.mkdir()
@@ -400,8 +400,8 @@ def _dies(item):
 
 
 def test_a_conversion_worker_that_dies_ends_in_one_line_not_a_respawn():
+    from data_prep.conversion import Workers
     from ddmim.errors import UserError
-    from ddmim_data_prep.conversion import Workers
 
     workers = Workers(2)
     try:

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.check_step import SyncCounter
 from ddmim.config import make_config
 from ddmim.data.bad_samples import SkippedSamples, fill_from_others
 from ddmim.data.ffcv_decoders import MARK, MarkReader
 from ddmim.data.ffcv_loader import CheckedBatches
-from ddmim_benchmarks.check_step import SyncCounter
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -115,7 +115,7 @@ def test_only_the_first_batch_is_looked_at_on_the_host(monkeypatch):
 
 
 def test_batches_after_the_first_neither_read_nor_build_host_data_at_the_dispatcher(monkeypatch):
-    from ddmim_benchmarks.check_step import DispatchSyncs
+    from benchmarks.check_step import DispatchSyncs
 
     monkeypatch.setattr("ddmim.data.bad_samples.on_host", lambda tensor: False)  # the batches as if on a GPU
     raw = [batch(4, {1: 5} if i % 2 else {}) * torch.tensor(STD).view(1, 3, 1, 1) * 255

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # each FFCV loader compiles its pipeline (about 1
 @pytest.fixture(scope="module")
 def gradients(tmp_path_factory):
     """A .beton of 24 left-to-right gradients (40 x 32, so a flip is visible), whatever their crop."""
-    from ddmim_data_prep import to_ffcv
+    from data_prep import to_ffcv
 
     src = tmp_path_factory.mktemp("gradients")
     ramp = np.repeat(np.linspace(0, 255, 40, dtype=np.uint8)[None, :, None], 32, axis=0)

@@ -3,10 +3,10 @@ log nor report, one compiled graph per training forward, and the fused window at
 import pytest
 import torch
 
+from benchmarks.bench_attention import relative_error, stage_cases
+from benchmarks.check_step import count_syncs, explain_forward
 from ddmim.config import make_config, preset_names
 from ddmim.models.swin import MaskedSwin
-from ddmim_benchmarks.bench_attention import relative_error, stage_cases
-from ddmim_benchmarks.check_step import count_syncs, explain_forward
 
 WORKLOADS = [("seed", False), ("simmim", False), ("mae_vit_s16", False), ("seed", True), ("mim", True)]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import gpu_suite
+from benchmarks.gpu_suite import STEPS
+from benchmarks.suite_costs import BUDGET_S, Cost, describe, plan
 from ddmim import machine
-from ddmim_benchmarks import gpu_suite
-from ddmim_benchmarks.gpu_suite import STEPS
-from ddmim_benchmarks.suite_costs import BUDGET_S, Cost, describe, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_a_step_cut_by_the_budget_is_not_finished_and_keeps_the_rows_it_wrote(tm
     import sys
     import time
 
-    from ddmim_benchmarks import gpu_suite
+    from benchmarks import gpu_suite
 
     out = tmp_path / "out"
     (out / "logs").mkdir(parents=True)

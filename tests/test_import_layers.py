@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = {"ddmim": ROOT / "ddmim", "ddmim_kernels": ROOT / "kernels", "ddmim_data_prep": ROOT / "data_prep",
-           "ddmim_benchmarks": ROOT / "benchmarks"}
+SOURCES = {"ddmim": ROOT / "ddmim", "ddmim_kernels": ROOT / "kernels", "data_prep": ROOT / "data_prep",
+           "benchmarks": ROOT / "benchmarks"}
 
 # lower imports nothing higher; equal ranks of different parts do not import each other. The scripts (the
 # converters, the benchmarks) sit above the whole library: ddmim never imports them.
@@ -17,7 +17,7 @@ LAYERS = {
     "ddmim.checkpoints": 3, "ddmim_kernels": 3, "ddmim.models": 4, "ddmim.data": 4, "ddmim.train": 6,
     "ddmim.eval": 7, "ddmim.demo": 8, "ddmim.cli_failures": 8.5, "ddmim.cli": 9, "ddmim.__main__": 10,
     "ddmim.presets": 0, "ddmim": 0,
-    "ddmim_data_prep": 11, "ddmim_benchmarks": 12,
+    "data_prep": 11, "benchmarks": 12,
 }
 
 
@@ -104,7 +104,7 @@ def test_only_the_factory_of_the_model_code_reads_the_run_config():
 @pytest.mark.parametrize("planted, message", [
     ("from ddmim.train.launch import Launch\n", "ddmim.data.pixels -> ddmim.train.launch"),
     ("from ddmim.data import FORMATS\n", "ddmim.data.pixels -> ddmim.data"),
-    ("from ddmim_data_prep.conversion import Workers\n", "ddmim.data.pixels -> ddmim_data_prep.conversion"),
+    ("from data_prep.conversion import Workers\n", "ddmim.data.pixels -> data_prep.conversion"),
 ])
 def test_the_layer_check_catches_a_planted_upward_import(planted, message, monkeypatch):
     path = SOURCES["ddmim"] / "data" / "pixels.py"

@@ -127,7 +127,7 @@ def test_the_walk_reads_only_the_header():
 def test_the_dali_converter_re_encodes_a_jpeg_whose_header_the_loader_would_leave_out(tmp_path):
     """Junk bytes before a marker: libjpeg reads through them (with a warning), the header walk does not, so
     the converter stores the decoded image re-encoded instead of the file's bytes."""
-    from ddmim_data_prep.images import jpeg_bytes
+    from data_prep.images import jpeg_bytes
 
     clean = GOOD["baseline"]
     at, _ = segments(clean)[0xC4][0]

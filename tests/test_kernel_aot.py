@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 CHILD = r"""
 import json, sys
 from dataclasses import replace
-from ddmim_benchmarks.aot_launches import aot_rows, preset_launches
+from benchmarks.aot_launches import aot_rows, preset_launches
 from ddmim_kernels.aot import compile_launch
 
 rows = aot_rows(["seed", "simmim", "mae_vit_s16"], 128, 90)

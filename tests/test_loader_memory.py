@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddmim_data_prep import to_ffcv
+from data_prep import to_ffcv
 
 MEASURE = """
 import json, sys

@@ -127,7 +127,7 @@ def test_every_format_reads_the_same_odd_images_with_the_same_pixels(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from ddmim_data_prep import to_dali, to_ffcv
+    from data_prep import to_dali, to_ffcv
 
     src = tmp_path / "src"
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)  # full 16-bit range: mean 0.5

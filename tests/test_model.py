@@ -72,7 +72,7 @@ def test_ema_update_matches_formula(tiny_cfg):
 
 @pytest.mark.parametrize("decay, skipped", [(0.999, 0.0), (0.999, 1.0), (0.0, 0.0)])
 def test_the_device_flagged_ema_update_follows_the_formula_without_a_sync(tiny_cfg, decay, skipped):
-    from ddmim_benchmarks.check_step import DispatchSyncs
+    from benchmarks.check_step import DispatchSyncs
 
     model = pretraining_model(tiny_cfg)
     with torch.no_grad():

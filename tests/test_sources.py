@@ -113,9 +113,9 @@ def test_the_layout_option_of_the_command_line(unlabeled, tmp_path, capsys):
 
 @pytest.mark.parametrize("fmt", ["ffcv", "dali"])
 def test_both_converters_write_an_unlabeled_tree_that_pretraining_reads(fmt, unlabeled, tmp_path, capsys):
+    from data_prep import to_dali, to_ffcv
     from ddmim.data import eval_batches, make_datamodule
     from ddmim.train.pretrain import pretrain
-    from ddmim_data_prep import to_dali, to_ffcv
 
     out = tmp_path / fmt
     assert (to_ffcv if fmt == "ffcv" else to_dali).main([str(unlabeled), str(out), "--workers", "1",
@@ -190,7 +190,7 @@ def test_the_dali_converter_labels_a_file_list_and_imagenets_flat_val_as_the_fol
                                                                                           tmp_path):
     from test_converters import shard_samples
 
-    from ddmim_data_prep import to_dali
+    from data_prep import to_dali
 
     root, rows, truth = imagenet_download
     (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
