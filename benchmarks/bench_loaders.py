@@ -36,6 +36,7 @@ from ddmim.config import make_config
 from ddmim.data.dali_loader import open_loader
 from ddmim.data.ffcv_loader import make_loader
 from ddmim.data.folder import open_split
+from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.transforms import train_transform
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddmim" / "bench"
@@ -115,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     conversions = {}
     for resolution in args.resolutions:
         paths, conversions[resolution] = convert(photos, args.cache, resolution, args.workers, args.conversions)
-        loaders[f"ddmim ffcv {resolution}"] = make_loader(paths["ffcv"] / "train.beton", cfg, train=True, device=cpu)
+        spec = LoaderSpec.of(cfg)
+        loaders[f"ddmim ffcv {resolution}"] = make_loader(paths["ffcv"] / "train.beton", spec, train=True, device=cpu)
         loaders[f"plain ffcv {resolution}"] = plain_ffcv(paths["ffcv"] / "train.beton", cfg, args.workers)
-        loaders[f"ddmim dali {resolution}"] = open_loader(paths["dali"] / "train", cfg, train=True, gpu=False,
+        loaders[f"ddmim dali {resolution}"] = open_loader(paths["dali"] / "train", spec, train=True, gpu=False,
                                                           threads=args.workers)
         loaders[f"plain dali {resolution}"] = plain_dali(paths["dali"] / "train", cfg, args.workers)
     first = {name: epoch(loader)[0] for name, loader in loaders.items()}  # warm-up (FFCV compiles here)

@@ -10,6 +10,7 @@ from conftest import N_COLOURED_TRAIN, decode_index
 from ddmim.cli import main
 from ddmim.config import make_config
 from ddmim.data.dali_repair import ranks_sharing_cores
+from ddmim.data.loader_spec import LoaderSpec
 
 CORRUPT_INDEX = 5  # the source image (and .beton sample) that gets damaged
 
@@ -104,7 +105,8 @@ def test_ffcv_loader_skips_a_damaged_sample(converted, tmp_path, cfg, capfd):
     from ddmim.data.ffcv_loader import make_loader
 
     root = corrupt_beton(converted, tmp_path)
-    loader = make_loader(root / "train.beton", cfg, train=False, device=torch.device("cpu"), drop_last=False)
+    loader = make_loader(root / "train.beton", LoaderSpec.of(cfg), train=False, device=torch.device("cpu"),
+                         drop_last=False)
     for _ in range(2):
         seen = epoch_indices([(x.clone(), y.clone()) for x, y in loader], cfg)
         assert len(seen) == N_COLOURED_TRAIN and CORRUPT_INDEX not in seen
@@ -117,7 +119,7 @@ def test_dali_loader_skips_a_damaged_sample(checksums, converted, tmp_path, cfg,
     from ddmim.data.dali_loader import open_loader
 
     root, where = corrupt_shard(converted, tmp_path, checksums=checksums)
-    loader = open_loader(root / "train", cfg, train=False, gpu=False)
+    loader = open_loader(root / "train", LoaderSpec.of(cfg), train=False, gpu=False)
     first = epoch_indices(list(loader), cfg)
     second = epoch_indices(list(loader), cfg)
     assert loader.skipped.count == 1 and capfd.readouterr().err.count(where) == 1
@@ -129,7 +131,7 @@ def test_dali_loader_leaves_out_a_damaged_header_before_dali_reads_it(converted,
     from ddmim.data.dali_loader import open_loader
 
     root, where = corrupt_shard(converted, tmp_path, damage_header)
-    loader = open_loader(root / "train", cfg, train=False, gpu=False)
+    loader = open_loader(root / "train", LoaderSpec.of(cfg), train=False, gpu=False)
     err = capfd.readouterr().err  # before the first batch: DALI has not read a sample yet
     assert loader.skipped.count == 1 and err.count(where) == 1 and "damaged JPEG header: DHT" in err
     assert loader.shards is not None and where.split(":")[-1] not in "".join(Path(i).read_text()
@@ -142,10 +144,10 @@ def test_dali_loader_leaves_out_damage_that_dali_decodes_through(converted, tmp_
     from ddmim.data.dali_loader import open_loader
 
     unchecked, _ = corrupt_shard(converted, tmp_path / "old", damage_middle, checksums=False)
-    loader = open_loader(unchecked / "train", cfg, train=False, gpu=False)
+    loader = open_loader(unchecked / "train", LoaderSpec.of(cfg), train=False, gpu=False)
     assert len(epoch_indices(list(loader), cfg)) == N_COLOURED_TRAIN and loader.skipped.count == 0  # unnoticed
     root, where = corrupt_shard(converted, tmp_path / "new", damage_middle)
-    loader = open_loader(root / "train", cfg, train=False, gpu=False)
+    loader = open_loader(root / "train", LoaderSpec.of(cfg), train=False, gpu=False)
     err = capfd.readouterr().err
     assert loader.skipped.count == 1 and err.count(where) == 1 and "CRC-32" in err
     assert len(epoch_indices(list(loader), cfg)) == N_COLOURED_TRAIN - 1
@@ -159,14 +161,14 @@ def test_a_checked_shard_is_read_again_only_when_it_changes(converted, tmp_path,
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root, where = corrupt_shard(converted, tmp_path, damage_middle)
-    assert open_loader(root / "train", cfg, train=False, gpu=False).skipped.count == 1
+    assert open_loader(root / "train", LoaderSpec.of(cfg), train=False, gpu=False).skipped.count == 1
     tar = where.rsplit(":", 1)[0]
     entry = jsonlib.loads(_cache_file(tar).read_text())
     assert len(entry["bad"]) == 1
     _cache_file(tar).write_text(jsonlib.dumps({**entry, "bad": []}))  # a planted answer: read, not recomputed
-    assert open_loader(root / "train", cfg, train=False, gpu=False).skipped.count == 0
+    assert open_loader(root / "train", LoaderSpec.of(cfg), train=False, gpu=False).skipped.count == 0
     Path(tar).touch()  # a changed shard is read again
-    assert open_loader(root / "train", cfg, train=False, gpu=False).skipped.count == 1
+    assert open_loader(root / "train", LoaderSpec.of(cfg), train=False, gpu=False).skipped.count == 1
 
 
 @pytest.mark.parametrize("fmt", ["folder", "ffcv", "dali"])
@@ -203,8 +205,8 @@ def _dali_rank(rank: int, port: int, root: str, out: str) -> None:  # one proces
     cfg = make_config("tiny", ["train.batch_size=5", "data.num_workers=1"])
     folder = Path(root) / "train"
     skipped = SkippedSamples(sample_count(list_shards(folder)[1]))
-    loader = open_loader(folder, cfg, train=True, gpu=False, skipped=skipped, shard_id=rank, num_shards=2,
-                         group=dist.new_group(backend="gloo"))
+    loader = open_loader(folder, LoaderSpec.of(cfg), train=True, gpu=False, skipped=skipped, shard_id=rank,
+                         num_shards=2, group=dist.new_group(backend="gloo"))
     counts = [sum(1 for _ in loader) for _ in range(3)]
     lists = [Path(i).read_text() for i in loader.shards[1]] if loader.shards else None
     Path(out, f"rank{rank}.json").write_text(jsonlib.dumps({"counts": counts, "indexes": lists,
@@ -292,7 +294,7 @@ def _resumed_rank(rank: int, port: int, root: str, out: str) -> None:  # one pro
     folder = Path(root) / "train"
 
     def loader():
-        return open_loader(folder, cfg, train=True, gpu=False, shard_id=rank, num_shards=2,
+        return open_loader(folder, LoaderSpec.of(cfg), train=True, gpu=False, shard_id=rank, num_shards=2,
                            group=dist.new_group(backend="gloo"))
 
     first = loader()

@@ -13,6 +13,7 @@ from ddmim.config import make_config
 from ddmim.data.dali_loader import open_loader
 from ddmim.data.ffcv_loader import make_loader
 from ddmim.data.folder import open_split, train_loader
+from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.transforms import train_transform
 
 CLASSES, PER_CLASS = 10, 400
@@ -58,8 +59,8 @@ def cfg_for(batch: int):
 def train_batches(fmt: str, root: Path, cfg, rank: int = 0, world: int = 1, epochs: int = 1):
     """The training batches of `epochs` epochs that rank `rank` of `world` reads."""
     if fmt == "folder":
-        loader = train_loader(open_split(root, "train", train_transform(cfg.model.img_size, cfg.data)), cfg,
-                              rank=rank, world=world)
+        loader = train_loader(open_split(root, "train", train_transform(cfg.model.img_size, cfg.data)),
+                              LoaderSpec.of(cfg), rank=rank, world=world)
         out = []
         for epoch in range(epochs):
             loader.sampler.set_epoch(epoch)  # as Lightning does
@@ -69,10 +70,10 @@ def train_batches(fmt: str, root: Path, cfg, rank: int = 0, world: int = 1, epoc
         with mock.patch("torch.distributed.is_available", return_value=True), \
                 mock.patch("torch.distributed.get_world_size", return_value=world), \
                 mock.patch("torch.distributed.get_rank", return_value=rank):
-            loader = make_loader(root / "train.beton", cfg, train=True, device=torch.device("cpu"),
+            loader = make_loader(root / "train.beton", LoaderSpec.of(cfg), train=True, device=torch.device("cpu"),
                                  distributed=world > 1)
             return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(epochs)]
-    loader = open_loader(root / "train", cfg, train=True, gpu=False, shard_id=rank, num_shards=world)
+    loader = open_loader(root / "train", LoaderSpec.of(cfg), train=True, gpu=False, shard_id=rank, num_shards=world)
     return [list(loader) for _ in range(epochs)]
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from data_prep import to_dali, to_ffcv
 from data_prep.conversion import run_cli
+from ddmim.data.loader_spec import LoaderSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,8 +89,8 @@ def test_ffcv_converter_keeps_odd_images_and_reports_broken_ones(messy_source, t
     assert to_ffcv.main([str(messy_source), str(tmp_path), "--workers", "2"]) == 0
     assert set(read_skipped(tmp_path)) == {"truncated.JPEG", "empty.JPEG", "notes.JPEG"}
     cfg = make_config("tiny", ["data.num_workers=1"])
-    loader = make_loader(tmp_path / "train.beton", cfg, train=False, device=torch.device("cpu"), batch_size=4,
-                         drop_last=False)
+    loader = make_loader(tmp_path / "train.beton", LoaderSpec.of(cfg), train=False, device=torch.device("cpu"),
+                         batch_size=4, drop_last=False)
     labels = sorted(int(y) for _, batch in loader for y in batch)
     assert labels == [0, 0, 0, 1, 1, 1]
 

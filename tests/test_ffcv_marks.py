@@ -11,6 +11,7 @@ from ddmim.config import make_config
 from ddmim.data.bad_samples import SkippedSamples, fill_from_others
 from ddmim.data.ffcv_decoders import MARK, MarkReader
 from ddmim.data.ffcv_loader import CheckedBatches
+from ddmim.data.loader_spec import LoaderSpec
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -154,7 +155,7 @@ def test_the_cuda_pipeline_needs_no_module_that_ddmim_does_not_install(monkeypat
 
     monkeypatch.setitem(__import__("sys").modules, "cupy", None)  # import cupy fails, as where it is missing
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # no CUDA here to put a table on
-    decoder, *rest = image_pipeline(object(), make_config("tiny"), torch.device("cuda"))
+    decoder, *rest = image_pipeline(object(), LoaderSpec.of(make_config("tiny")), torch.device("cuda"))
     state = State(jit_mode=True, device=torch.device("cpu"), dtype=np.dtype("uint8"), shape=(32, 32, 3))
     for operation in rest:
         state, _ = operation.declare_state_and_memory(state)

@@ -8,6 +8,7 @@ from PIL import Image
 from conftest import decode_index
 from ddmim.config import make_config
 from ddmim.data.ffcv_loader import make_loader
+from ddmim.data.loader_spec import LoaderSpec
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.slow  # each FFCV loader compiles its pipeline (about 10 s here)
@@ -33,7 +34,7 @@ def gradients(tmp_path_factory):
 
 def batches(path, *overrides, epochs=2, global_step=0):
     cfg = make_config("tiny", ["train.batch_size=4", *overrides])
-    loader = make_loader(path, cfg, train=True, device=CPU, global_step=global_step)
+    loader = make_loader(path, LoaderSpec.of(cfg), train=True, device=CPU, global_step=global_step)
     return [x.clone() for _ in range(epochs) for x, _ in loader]  # FFCV reuses its batch buffers
 
 

@@ -6,6 +6,7 @@ import torch
 from benchmarks.bench_attention import relative_error, stage_cases
 from benchmarks.check_step import count_syncs, explain_forward
 from ddmim.config import make_config, preset_names
+from ddmim.data.loader_spec import LoaderSpec
 from ddmim.models.swin import MaskedSwin
 
 WORKLOADS = [("seed", False), ("simmim", False), ("mae_vit_s16", False), ("seed", True), ("mim", True)]
@@ -167,13 +168,14 @@ def test_the_gpu_dali_pipelines_are_defined_and_serialised_here(converted, train
 
     cfg = make_config("tiny")
     options = dict(train=train, gpu=True, device_id=None, channels_last=channels_last, batch_size=4, threads=1)
-    graph = define_pipeline(converted["dali"] / ("train" if train else "val"), cfg, **options).serialize()
+    folder = converted["dali"] / ("train" if train else "val")
+    graph = define_pipeline(folder, LoaderSpec.of(cfg), **options).serialize()
     assert b"mixed" in graph and (b"decoders__ImageRandomCrop" if train else b"decoders__Image") in graph
 
     resize = fn.resize
     monkeypatch.setattr(fn, "resize", lambda *a, **k: resize(*a, **k, resize_shortest=1))  # no such argument
     with pytest.raises(KeyError, match="resize_shortest"):
-        define_pipeline(converted["dali"] / ("train" if train else "val"), cfg, **options).serialize()
+        define_pipeline(converted["dali"] / ("train" if train else "val"), LoaderSpec.of(cfg), **options).serialize()
 
 
 FACTORIES = {"randn", "rand", "zeros", "ones", "empty", "tensor", "arange", "randint", "full", "randperm", "linspace"}

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from ddmim.config import make_config
 from ddmim.data.ffcv_loader import make_loader
+from ddmim.data.loader_spec import LoaderSpec
 
 def anon_kib():  # private (anonymous) resident memory: what a copy of the file would add
     for line in open("/proc/self/status"):
@@ -24,7 +25,8 @@ def anon_kib():  # private (anonymous) resident memory: what a copy of the file 
 
 cfg = make_config("tiny", ["train.batch_size=16", "data.num_workers=2", f"data.ffcv_os_cache={sys.argv[2]}"])
 start = peak = anon_kib()
-loader = make_loader(Path(sys.argv[1]), cfg, train=True, device=torch.device("cpu"), os_cache=cfg.data.ffcv_os_cache)
+loader = make_loader(Path(sys.argv[1]), LoaderSpec.of(cfg), train=True, device=torch.device("cpu"),
+                     os_cache=cfg.data.ffcv_os_cache)
 for _ in range(2):  # the first epoch also compiles (numba): the same for both files, so it cancels out
     for _ in loader:
         peak = max(peak, anon_kib())

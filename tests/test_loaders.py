@@ -11,6 +11,7 @@ from ddmim.data import detect_format, make_datamodule
 from ddmim.data.dali_loader import open_loader
 from ddmim.data.ffcv_loader import make_loader
 from ddmim.data.folder import open_split
+from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.transforms import val_transform
 from ddmim.errors import UserError
 
@@ -25,12 +26,12 @@ def cfg():
 
 def ffcv_batches(converted, cfg, split="train", train=False, **kwargs):
     kwargs.setdefault("drop_last", False)
-    loader = make_loader(converted["ffcv"] / f"{split}.beton", cfg, train=train, device=CPU, **kwargs)
+    loader = make_loader(converted["ffcv"] / f"{split}.beton", LoaderSpec.of(cfg), train=train, device=CPU, **kwargs)
     return [(x.clone(), y.clone()) for x, y in loader]  # FFCV reuses its batch buffers
 
 
 def dali_batches(converted, cfg, split="train", train=False, **kwargs):
-    return list(open_loader(converted["dali"] / split, cfg, train=train, gpu=False, **kwargs))
+    return list(open_loader(converted["dali"] / split, LoaderSpec.of(cfg), train=train, gpu=False, **kwargs))
 
 
 def folder_batches(source, cfg, split="train"):
@@ -168,7 +169,7 @@ def test_a_visit_gives_the_same_pixels_in_a_worker_and_in_the_main_process(colou
     for workers in (0, 2):
         cfg.data.num_workers = workers
         torch.manual_seed(1), np.random.seed(1), random.seed(1)
-        batches[workers] = [images for images, _ in train_loader(dataset, cfg)]
+        batches[workers] = [images for images, _ in train_loader(dataset, LoaderSpec.of(cfg))]
         if workers == 0:
             after = torch.rand(1), np.random.rand(), random.random()
     assert len(batches[0]) == len(batches[2]) > 1

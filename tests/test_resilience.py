@@ -326,8 +326,9 @@ from pathlib import Path
 
 from ddmim.config import make_config
 from ddmim.data.dali_loader import open_loader
+from ddmim.data.loader_spec import LoaderSpec
 
-loader = open_loader(Path(sys.argv[1]) / "train", make_config("tiny"), train=True, gpu=False)
+loader = open_loader(Path(sys.argv[1]) / "train", LoaderSpec.of(make_config("tiny")), train=True, gpu=False)
 print("screened", len(loader.shards[0]) if loader.shards else "all", "skipped", loader.skipped.count)
 """
 

@@ -11,6 +11,7 @@ from ddmim.cli import main
 from ddmim.config import make_config
 from ddmim.data.folder import FolderDataModule, list_splits
 from ddmim.data.layout import UNLABELED, held_out, list_tree
+from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.pixels import EXTENSIONS
 from ddmim.errors import UserError
 
@@ -67,7 +68,7 @@ def test_class_folders_without_val_hold_out_part_of_train(sample_root, tmp_path)
     src = tmp_path / "src"
     shutil.copytree(sample_root / "train", src / "train")
     cfg = make_config("tiny", ["data.num_workers=0", "data.val_fraction=0.1"])
-    data = FolderDataModule(src, cfg)
+    data = FolderDataModule(src, LoaderSpec.of(cfg))
     images = sum(1 for _ in (sample_root / "train").rglob("*.png"))
     assert data.num_classes == 10 and len(data.train_set) + len(data.val_set) == images
     assert 0.05 < len(data.val_set) / images < 0.15 and {y for _, y in data.val_set.samples} <= set(range(10))
@@ -101,7 +102,7 @@ def test_forcing_a_layout_the_files_do_not_have_is_one_line(unlabeled, sample_ro
     empty.mkdir()
     (empty / "readme.txt").write_text("")
     with pytest.raises(UserError, match=r"no training images in .*empty \(0 images without class folders"):
-        FolderDataModule(empty, make_config("tiny"))
+        FolderDataModule(empty, LoaderSpec.of(make_config("tiny")))
     assert os.listdir(empty) == ["readme.txt"]
 
 

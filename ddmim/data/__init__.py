@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ddmim.data.layout import require_labels
+from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.workers import check_workers
 from ddmim.errors import UserError
 
@@ -38,8 +39,9 @@ def require(fmt: str) -> None:
 
 def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = False,
                     randaugment: str = "", labels: bool = False) -> TrainingData:
-    """`cfg`: a pretraining or fine-tuning config; `labels`: refuse an unlabeled source."""
-    root = Path(root)
+    """`cfg`: a pretraining or fine-tuning config, of which the data module gets a `LoaderSpec`; `labels`:
+    refuse an unlabeled source."""
+    root, spec = Path(root), LoaderSpec.of(cfg)
     if not root.exists():
         raise UserError(f"data path {root} does not exist")
     check_workers(cfg.data.num_workers)
@@ -48,19 +50,19 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
     if fmt == "folder":
         from ddmim.data.folder import FolderDataModule
 
-        return FolderDataModule(root, cfg, randaugment, labels)
+        return FolderDataModule(root, spec, randaugment, labels)
     if fmt in ("ffcv", "dali") and labels:
         require_labels(root)
     if fmt == "ffcv":
         require("ffcv")
         from ddmim.data.ffcv_loader import FFCVDataModule
 
-        return FFCVDataModule(root, cfg)
+        return FFCVDataModule(root, spec)
     if fmt == "dali":
         require("dali")
         from ddmim.data.dali_loader import DALIDataModule
 
-        return DALIDataModule(root, cfg, channels_last=channels_last)
+        return DALIDataModule(root, spec, channels_last=channels_last)
     raise UserError(f"unknown data format '{fmt}'; available: {', '.join(FORMATS)}")
 
 
@@ -69,7 +71,7 @@ def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None, la
     `device` (CUDA: the fast loaders decode there), else on the CPU. `labels`: refuse an unlabeled source."""
     import torch
 
-    root = Path(root)
+    root, spec = Path(root), LoaderSpec.of(cfg)
     if not root.exists():
         raise UserError(f"data path {root} does not exist")
     fmt = detect_format(root) if fmt == "auto" else fmt
@@ -81,18 +83,18 @@ def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None, la
     if fmt == "ffcv":
         from ddmim.data.ffcv_loader import make_loader
 
-        loader = make_loader(root / f"{split}.beton", cfg, train=False, device=device, drop_last=False)
+        loader = make_loader(root / f"{split}.beton", spec, train=False, device=device, drop_last=False)
         return ((x.clone(), y.clone()) for x, y in loader)  # FFCV reuses its batch buffers
     if fmt == "dali":
         from ddmim.data.dali_loader import open_loader
 
-        return open_loader(root / split, cfg, train=False, gpu=device.type == "cuda")
+        return open_loader(root / split, spec, train=False, gpu=device.type == "cuda")
     from torch.utils.data import DataLoader
 
     from ddmim.data.folder import open_split
     from ddmim.data.transforms import val_transform
 
-    dataset = open_split(root, split, val_transform(cfg.model.img_size, cfg.data), cfg.data.layout,
-                         cfg.data.val_fraction, labels=labels)
-    return DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
+    dataset = open_split(root, split, val_transform(spec.img_size, spec.data), spec.data.layout,
+                         spec.data.val_fraction, labels=labels)
+    return DataLoader(dataset, batch_size=spec.batch_size, num_workers=spec.data.num_workers,
                       pin_memory=device.type == "cuda")

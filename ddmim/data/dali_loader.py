@@ -24,7 +24,6 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from ddmim.config import Config
 from ddmim.data.bad_samples import SkippedSamples
 from ddmim.data.contracts import check_one_batch_per_rank
 from ddmim.data.dali_format import Shards, check_shuffled, list_shards, sample_count
@@ -37,6 +36,7 @@ from ddmim.data.dali_repair import (
     usable_cores,
 )
 from ddmim.data.layout import read_class_count
+from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.rank_exchange import RankExchange
 from ddmim.errors import UserError
 
@@ -230,14 +230,14 @@ class DaliLoader:
                 self._remember(done)
 
 
-def open_loader(folder: Path, cfg: Config, *, train: bool, gpu: bool, channels_last: bool = False,
+def open_loader(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, channels_last: bool = False,
                 skipped: SkippedSamples | None = None, group=None, **pipeline_options) -> DaliLoader:
     """The loader of one split folder; `pipeline_options` go to `build_pipeline` (shard_id, batch_size, ...)."""
     if skipped is None:
         skipped = SkippedSamples(sample_count(list_shards(folder)[1]))
 
     def make_pipe(shards, checkpoint=None):
-        return build_pipeline(folder, cfg, train=train, gpu=gpu, channels_last=channels_last, shards=shards,
+        return build_pipeline(folder, spec, train=train, gpu=gpu, channels_last=channels_last, shards=shards,
                               enable_checkpointing=train, checkpoint=checkpoint, **pipeline_options)
 
     return DaliLoader(make_pipe, train=train, channels_last=channels_last, folder=folder, skipped=skipped,
@@ -247,14 +247,14 @@ def open_loader(folder: Path, cfg: Config, *, train: bool, gpu: bool, channels_l
 class DALIDataModule(pl.LightningDataModule):
     applies_randaugment = False
 
-    def __init__(self, root: Path, cfg: Config, channels_last: bool = False):
+    def __init__(self, root: Path, spec: LoaderSpec, channels_last: bool = False):
         super().__init__()
-        self.root, self.cfg, self.channels_last = Path(root), cfg, channels_last
+        self.root, self.spec, self.channels_last = Path(root), spec, channels_last
         sizes = {split: sample_count(list_shards(self.root / split)[1]) for split in ("train", "val")}
         self.skipped = {split: SkippedSamples(size) for split, size in sizes.items()}
         self.train_size = sizes["train"]
         check_shuffled(self.root / "train")
-        check_one_batch_per_rank(self.root / "train", self.train_size, cfg.train.batch_size)
+        check_one_batch_per_rank(self.root / "train", self.train_size, spec.batch_size)
         self.num_classes = read_class_count(self.root)
         self.group = None
         self.train_loader: DaliLoader | None = None
@@ -269,12 +269,12 @@ class DALIDataModule(pl.LightningDataModule):
         trainer = self.trainer
         gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return open_loader(self.root / split, self.cfg, train=train, gpu=gpu, channels_last=self.channels_last,
+        return open_loader(self.root / split, self.spec, train=train, gpu=gpu, channels_last=self.channels_last,
                            skipped=self.skipped[split], shard_id=rank, num_shards=world, group=self.group)
 
     def train_dataloader(self) -> DaliLoader:
         if self.trainer is not None:
-            check_one_batch_per_rank(self.root / "train", self.train_size, self.cfg.train.batch_size,
+            check_one_batch_per_rank(self.root / "train", self.train_size, self.spec.batch_size,
                                      self.trainer.world_size)
         self.train_loader = self._loader("train", train=True)
         if self.to_restore is not None and self.trainer is not None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ddmim.config import Config
 from ddmim.data.dali_format import Shards, list_shards, sample_count
+from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.workers import loader_threads
 
 READER = "Reader"  # the reader's name, by which DALI's iterator finds the epoch's size and its position
@@ -19,14 +19,14 @@ def shuffle_buffer(batch_size: int, samples_per_rank: int) -> int:
     return max(1, min(samples_per_rank, max(4096, 8 * batch_size)))
 
 
-def build_pipeline(folder: Path, cfg: Config, *, gpu: bool, **options):
+def build_pipeline(folder: Path, spec: LoaderSpec, *, gpu: bool, **options):
     """The built pipeline (`define_pipeline`'s options), on the current CUDA device when `gpu`."""
-    pipe = define_pipeline(folder, cfg, gpu=gpu, device_id=torch.cuda.current_device() if gpu else None, **options)
+    pipe = define_pipeline(folder, spec, gpu=gpu, device_id=torch.cuda.current_device() if gpu else None, **options)
     pipe.build()
     return pipe
 
 
-def define_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, device_id: int | None,
+def define_pipeline(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, device_id: int | None,
                     shard_id: int = 0, num_shards: int = 1, batch_size: int | None = None,
                     channels_last: bool = False, threads: int | None = None,
                     shards: Shards | None = None, **pipeline_kw):
@@ -37,13 +37,13 @@ def define_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, device
     from nvidia.dali import fn, pipeline_def, types
 
     tars, indexes = shards or list_shards(folder)
-    size = cfg.model.img_size
-    batch_size = batch_size or cfg.train.batch_size
-    mean = [m * 255 for m in cfg.data.mean]
-    std = [s * 255 for s in cfg.data.std]
+    size = spec.img_size
+    batch_size = batch_size or spec.batch_size
+    mean = [m * 255 for m in spec.data.mean]
+    std = [s * 255 for s in spec.data.std]
     decode_device = "mixed" if gpu else "cpu"
     layout = "HWC" if channels_last else "CHW"
-    interp = types.INTERP_CUBIC if cfg.data.interpolation == "bicubic" else types.INTERP_LINEAR
+    interp = types.INTERP_CUBIC if spec.data.interpolation == "bicubic" else types.INTERP_LINEAR
 
     @pipeline_def
     def pipeline():
@@ -51,23 +51,23 @@ def define_pipeline(folder: Path, cfg: Config, *, train: bool, gpu: bool, device
             paths=tars, index_paths=indexes, ext=["jpg", "cls"], dtypes=[types.UINT8, types.INT32],
             shard_id=shard_id, num_shards=num_shards, random_shuffle=train, stick_to_shard=False,
             initial_fill=shuffle_buffer(batch_size, sample_count(indexes) // num_shards),
-            pad_last_batch=True, name=READER, seed=cfg.train.seed)
+            pad_last_batch=True, name=READER, seed=spec.seed)
         if train:
             images = fn.decoders.image_random_crop(
-                jpegs, device=decode_device, output_type=types.RGB, random_area=list(cfg.data.crop_scale),
-                random_aspect_ratio=list(cfg.data.crop_ratio), num_attempts=10)
+                jpegs, device=decode_device, output_type=types.RGB, random_area=list(spec.data.crop_scale),
+                random_aspect_ratio=list(spec.data.crop_ratio), num_attempts=10)
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp, antialias=False)
-            mirror = fn.random.coin_flip(probability=cfg.data.hflip) if cfg.data.hflip > 0 else 0
+            mirror = fn.random.coin_flip(probability=spec.data.hflip) if spec.data.hflip > 0 else 0
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=mean,
                                               std=std, mirror=mirror)
         else:
             images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=round(size / cfg.data.val_crop_ratio), interp_type=interp)
+            images = fn.resize(images, resize_shorter=round(size / spec.data.val_crop_ratio), interp_type=interp)
             images = fn.crop_mirror_normalize(images, crop=(size, size), dtype=types.FLOAT, output_layout=layout,
                                               mean=mean, std=std)
         if gpu:
             labels = labels.gpu()
         return images, labels
 
-    return pipeline(batch_size=batch_size, num_threads=threads or loader_threads(cfg.data.num_workers),
-                    device_id=device_id, seed=cfg.train.seed + shard_id, prefetch_queue_depth=2, **pipeline_kw)
+    return pipeline(batch_size=batch_size, num_threads=threads or loader_threads(spec.data.num_workers),
+                    device_id=device_id, seed=spec.seed + shard_id, prefetch_queue_depth=2, **pipeline_kw)

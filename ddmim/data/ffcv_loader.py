@@ -17,10 +17,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ddmim.config import Config
 from ddmim.data.bad_samples import SkippedSamples, fill_from_others
 from ddmim.data.contracts import check_one_batch_per_rank
 from ddmim.data.layout import read_class_count
+from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.workers import loader_threads
 from ddmim.errors import UserError
 
@@ -47,11 +47,11 @@ class CheckedBatches:
     place goes to another sample, found and filled on the batch's device; they are named and counted on the
     steps that log (`SkippedSamples.note`)."""
 
-    def __init__(self, loader, path: Path, cfg: Config, skipped: SkippedSamples):
+    def __init__(self, loader, path: Path, spec: LoaderSpec, skipped: SkippedSamples):
         from ddmim.data.ffcv_decoders import MarkReader
 
         self.loader, self.path, self.skipped = loader, path, skipped
-        self.read_marks = MarkReader(cfg.data.mean, cfg.data.std)
+        self.read_marks = MarkReader(spec.data.mean, spec.data.std)
         self.spare = None  # a good (image, label) on the device, for a batch in which no sample decodes
 
     def __len__(self) -> int:
@@ -75,13 +75,13 @@ class CheckedBatches:
             yield images, labels
 
 
-def image_pipeline(decoder, cfg: Config, device: torch.device) -> list:
+def image_pipeline(decoder, spec: LoaderSpec, device: torch.device) -> list:
     """The decoder (which crops and flips) and, on the CPU, the normalisation (on CUDA `CheckedBatches`
     normalises the uint8 batch)."""
     from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 
-    mean = np.array(cfg.data.mean) * 255
-    std = np.array(cfg.data.std) * 255
+    mean = np.array(spec.data.mean) * 255
+    std = np.array(spec.data.std) * 255
     if device.type == "cuda":
         return [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
     return [decoder, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
@@ -115,7 +115,7 @@ def resume_loader(loader, global_step: int) -> None:
                                           keep=len(loader) * loader.batch_size)
 
 
-def make_loader(path: Path, cfg: Config, *, train: bool, device: torch.device, distributed: bool = False,
+def make_loader(path: Path, spec: LoaderSpec, *, train: bool, device: torch.device, distributed: bool = False,
                 order: str = "random", os_cache: bool = True, drop_last: bool | None = None, batch_size=None,
                 skipped: SkippedSamples | None = None, global_step: int = 0) -> CheckedBatches:
     """`global_step`: for training, the step a run resumed at (see `resume_loader`)."""
@@ -123,52 +123,52 @@ def make_loader(path: Path, cfg: Config, *, train: bool, device: torch.device, d
 
     from ddmim.data.ffcv_decoders import CheckedCenterCrop, CheckedRandomResizedCrop
 
-    size = (cfg.model.img_size, cfg.model.img_size)
+    size = (spec.img_size, spec.img_size)
     if train:
-        decoder = CheckedRandomResizedCrop(size, scale=tuple(cfg.data.crop_scale), ratio=tuple(cfg.data.crop_ratio),
-                                           seed=cfg.train.seed, flip=cfg.data.hflip)
+        decoder = CheckedRandomResizedCrop(size, scale=tuple(spec.data.crop_scale), ratio=tuple(spec.data.crop_ratio),
+                                           seed=spec.seed, flip=spec.data.hflip)
         traversal = OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.RANDOM
     else:
-        decoder = CheckedCenterCrop(size, ratio=cfg.data.val_crop_ratio)
+        decoder = CheckedCenterCrop(size, ratio=spec.data.val_crop_ratio)
         traversal = OrderOption.SEQUENTIAL
     if distributed and traversal == OrderOption.QUASI_RANDOM:
         raise UserError("ffcv quasi_random order does not support data-parallel training; use order random")
     indices = readable_indices(path)
-    loader = Loader(str(path), batch_size=batch_size or cfg.train.batch_size,
-                    num_workers=loader_threads(cfg.data.num_workers), order=traversal, os_cache=os_cache,
+    loader = Loader(str(path), batch_size=batch_size or spec.batch_size,
+                    num_workers=loader_threads(spec.data.num_workers), order=traversal, os_cache=os_cache,
                     drop_last=train if drop_last is None else drop_last, distributed=distributed,
-                    indices=indices, seed=cfg.train.seed,
-                    pipelines={"image": image_pipeline(decoder, cfg, device), "label": label_pipeline(device)})
+                    indices=indices, seed=spec.seed,
+                    pipelines={"image": image_pipeline(decoder, spec, device), "label": label_pipeline(device)})
     if train and global_step:
         resume_loader(loader, global_step)
-    return CheckedBatches(loader, path, cfg, skipped or SkippedSamples(int(indices.max(initial=0)) + 1))
+    return CheckedBatches(loader, path, spec, skipped or SkippedSamples(int(indices.max(initial=0)) + 1))
 
 
 class FFCVDataModule(pl.LightningDataModule):
     applies_randaugment = False
 
-    def __init__(self, root: Path, cfg: Config):
+    def __init__(self, root: Path, spec: LoaderSpec):
         super().__init__()
-        self.root, self.cfg = Path(root), cfg
+        self.root, self.spec = Path(root), spec
         indices = {split: readable_indices(self.root / f"{split}.beton") for split in ("train", "val")}
         self.train_size = len(indices["train"])
         self.skipped = {split: SkippedSamples(int(i.max(initial=0)) + 1) for split, i in indices.items()}
         self.num_classes = read_class_count(self.root)
-        check_one_batch_per_rank(self.root / "train.beton", self.train_size, cfg.train.batch_size)
+        check_one_batch_per_rank(self.root / "train.beton", self.train_size, spec.batch_size)
 
     def _loader(self, split: str, train: bool):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         distributed = trainer is not None and trainer.world_size > 1
-        return make_loader(self.root / f"{split}.beton", self.cfg, train=train, device=device,
-                           distributed=distributed, order=self.cfg.data.ffcv_order,
-                           os_cache=self.cfg.data.ffcv_os_cache, skipped=self.skipped[split],
+        return make_loader(self.root / f"{split}.beton", self.spec, train=train, device=device,
+                           distributed=distributed, order=self.spec.data.ffcv_order,
+                           os_cache=self.spec.data.ffcv_os_cache, skipped=self.skipped[split],
                            global_step=trainer.global_step if trainer is not None and train else 0)
 
 
     def train_dataloader(self):
         if self.trainer is not None:
-            check_one_batch_per_rank(self.root / "train.beton", self.train_size, self.cfg.train.batch_size,
+            check_one_batch_per_rank(self.root / "train.beton", self.train_size, self.spec.batch_size,
                                      self.trainer.world_size)
         return self._loader("train", train=True)
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from ddmim.data.bad_samples import SkippedSamples
 from ddmim.data.contracts import check_one_batch_per_rank
 from ddmim.data.layout import SplitListing, source_splits
+from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.pixels import load_rgb
 from ddmim.data.resumable import ResumableSampler, seeded_visit
 from ddmim.data.transforms import train_transform, val_transform
@@ -88,20 +89,19 @@ def open_split(root: Path, split: str, transform, layout: str = "auto", val_frac
 class FolderDataModule(pl.LightningDataModule):
     applies_randaugment = True  # in the PIL pipeline, per image
 
-    def __init__(self, root: Path, cfg, randaugment: str = "", labels: bool = False):
-        """`cfg`: a pretraining or fine-tuning config (uses .model.img_size, .data, .train); `labels`: refuse
-        an unlabeled source."""
+    def __init__(self, root: Path, spec: LoaderSpec, randaugment: str = "", labels: bool = False):
+        """`labels`: refuse an unlabeled source."""
         super().__init__()
         self.root = Path(root)
-        self.cfg = cfg
-        classes, train, val = list_splits(self.root, cfg.data.layout, cfg.data.val_fraction, labels)
+        self.spec = spec
+        classes, train, val = list_splits(self.root, spec.data.layout, spec.data.val_fraction, labels)
         for split in ("train", "val"):
-            _require_images(self.root, split, classes, train, val, cfg.data.val_fraction)
-        size = cfg.model.img_size
-        self.train_set = ListedImages(train.files, classes, train_transform(size, cfg.data, randaugment))
-        self.val_set = ListedImages(val.files, classes, val_transform(size, cfg.data))
+            _require_images(self.root, split, classes, train, val, spec.data.val_fraction)
+        size = spec.img_size
+        self.train_set = ListedImages(train.files, classes, train_transform(size, spec.data, randaugment))
+        self.val_set = ListedImages(val.files, classes, val_transform(size, spec.data))
         self.num_classes = len(classes)  # 0: unlabeled
-        check_one_batch_per_rank(self.root, len(self.train_set), cfg.train.batch_size)
+        check_one_batch_per_rank(self.root, len(self.train_set), spec.batch_size)
 
     @property
     def skipped(self) -> dict:
@@ -110,25 +110,26 @@ class FolderDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if trainer is None:
-            return train_loader(self.train_set, self.cfg)
-        check_one_batch_per_rank(self.root, len(self.train_set), self.cfg.train.batch_size, trainer.world_size)
-        return train_loader(self.train_set, self.cfg, rank=trainer.global_rank, world=trainer.world_size,
+            return train_loader(self.train_set, self.spec)
+        check_one_batch_per_rank(self.root, len(self.train_set), self.spec.batch_size, trainer.world_size)
+        return train_loader(self.train_set, self.spec, rank=trainer.global_rank, world=trainer.world_size,
                             global_step=trainer.global_step)
 
     def val_dataloader(self) -> DataLoader:
-        workers = self.cfg.data.num_workers
-        return DataLoader(self.val_set, batch_size=self.cfg.train.batch_size, num_workers=workers,
+        workers = self.spec.data.num_workers
+        return DataLoader(self.val_set, batch_size=self.spec.batch_size, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                          generator=torch.Generator().manual_seed(self.cfg.train.seed))  # as train_loader's
+                          generator=torch.Generator().manual_seed(self.spec.seed))  # as train_loader's
 
 
-def train_loader(dataset: ListedImages, cfg, *, rank: int = 0, world: int = 1, global_step: int = 0) -> DataLoader:
+def train_loader(dataset: ListedImages, spec: LoaderSpec, *, rank: int = 0, world: int = 1,
+                 global_step: int = 0) -> DataLoader:
     """Rank `rank`'s training batches, from the batch after `global_step` on (the step a run resumed at).
     The loader's own generator gives its workers' base seeds, so it draws nothing from the training streams."""
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=cfg.train.seed,
-                               batch_size=cfg.train.batch_size)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=spec.seed,
+                               batch_size=spec.batch_size)
     sampler.resume_at(global_step)
-    workers = cfg.data.num_workers
-    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+    workers = spec.data.num_workers
+    return DataLoader(dataset, batch_size=spec.batch_size, sampler=sampler, drop_last=True,
                       num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(cfg.train.seed))
+                      generator=torch.Generator().manual_seed(spec.seed))
