@@ -150,6 +150,7 @@ class FFCVDataModule(pl.LightningDataModule):
     def __init__(self, root: Path, spec: LoaderSpec):
         super().__init__()
         self.root, self.spec = Path(root), spec
+        self._val = None
         indices = {split: readable_indices(self.root / f"{split}.beton") for split in ("train", "val")}
         self.train_size = len(indices["train"])
         self.skipped = {split: SkippedSamples(int(i.max(initial=0)) + 1) for split, i in indices.items()}
@@ -173,4 +174,8 @@ class FFCVDataModule(pl.LightningDataModule):
         return self._loader("train", train=True)
 
     def val_dataloader(self):
-        return self._loader("val", train=False)
+        # one loader for every validation of the process: each FFCV loader compiles its pipeline (seconds), and
+        # a run validates before training, during fit and after it
+        if self._val is None:
+            self._val = self._loader("val", train=False)
+        return self._val
