@@ -119,3 +119,24 @@ def test_each_command_of_a_process_gets_a_notes_folder_of_its_own(monkeypatch):
         assert second.is_dir() and os.environ[NOTES_ENV] == str(second)
     finally:
         close_notes(second)
+
+
+def test_lightning_tips_and_its_pytree_deprecation_are_silenced_and_nothing_else():
+    import logging
+    import warnings
+
+    from ddmim.train.trainer import quiet_third_party_noise
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_third_party_noise()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(...)` instead.", FutureWarning)
+        warnings.warn("a real deprecation", FutureWarning)
+    assert [str(w.message) for w in seen] == ["a real deprecation"]
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+
+    def record(msg: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.INFO, __file__, 0, msg, (), None)
+
+    assert not logger.filter(record("💡 Tip: For seamless cloud logging, try installing [litlogger](...)"))
+    assert logger.filter(record("GPU available: False, used: False"))

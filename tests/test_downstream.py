@@ -13,7 +13,8 @@ from ddmim.cli import main
 from ddmim.config import make_config
 from ddmim.eval.export import export_backbone
 from ddmim.eval.features import load_backbone, pooled_features
-from ddmim.eval.frozen import evaluate_backbone, knn_predict
+from ddmim.eval.frozen import evaluate_backbone
+from ddmim.eval.probes import knn_predict
 from ddmim.eval.reconstruction import PANELS, visualize
 from ddmim.finetune_config import make_finetune_config
 from ddmim.models.classifier import load_encoder_weights

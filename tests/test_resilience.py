@@ -79,6 +79,7 @@ def test_sigkilled_runs_resume_to_the_planned_steps_with_one_continuous_history(
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from" in done.stdout
+    assert "Tip:" not in done.stdout + done.stderr and "LeafSpec" not in done.stderr  # third-party noise
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] and summary["steps"] == PLANNED
     final = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)

@@ -141,7 +141,7 @@ def test_the_last_step_is_saved_and_resumes_as_if_the_run_went_on(sample_root, t
     """--max-steps 5 between two periodic checkpoints: last.ckpt held step 4 while the summary said 5
     steps and named it. Now it holds step 5, and a resume from it to step 7 gives
     the weights of a run of 7 steps."""
-    from ddmim.train.pretrain import pretrain
+    from ddmim.train.pretrain import format_summary, pretrain
 
     def run(out, steps, resume=False):
         cfg = make_config("tiny", ["train.batch_size=8", "data.num_workers=0", "train.ckpt_every_steps=2",
@@ -151,6 +151,10 @@ def test_the_last_step_is_saved_and_resumes_as_if_the_run_went_on(sample_root, t
     summary = run(tmp_path / "a", 5)
     last = torch.load(summary["checkpoint_last"], map_location="cpu", weights_only=False)
     assert summary["steps"] == last["global_step"] == 5
+    # 5 steps are all warm-up: the throughput is null in strict JSON (it was NaN), and the printout says why
+    written = json.loads((tmp_path / "a" / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert written["train_images_per_s"] is None and written["data_wait_share"] is None
+    assert "throughput      not measured: no step after the 5 warm-up steps" in format_summary(summary)
     run(tmp_path / "a", 7, resume=True)
     straight = run(tmp_path / "b", 7)
     resumed = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

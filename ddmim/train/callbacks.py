@@ -135,15 +135,15 @@ class ThroughputReport(pl.Callback):
         pl_module.print(line)
 
     @property
-    def images_per_s(self) -> float:
-        """Per process; multiply by the world size for the total."""
+    def images_per_s(self) -> float | None:
+        """Per process (multiply by the world size for the total); None when no step came after the warm-up."""
         total = self.wait_s + self.step_s
-        return self.images / total if total > 0 else float("nan")
+        return self.images / total if total > 0 else None
 
     @property
-    def data_wait_share(self) -> float:
+    def data_wait_share(self) -> float | None:
         total = self.wait_s + self.step_s
-        return self.wait_s / total if total > 0 else float("nan")
+        return self.wait_s / total if total > 0 else None
 
 
 class ValLossHistory(pl.Callback):

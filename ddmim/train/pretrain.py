@@ -41,8 +41,10 @@ def format_summary(summary: dict) -> str:
     return "\n".join([
         f"pretraining done: preset {summary['preset']}, {summary['steps']} steps in {summary['wall_s']:.0f} s "
         f"({summary['accelerator']}, precision {summary['precision']})",
-        f"  throughput      {summary['train_images_per_s']:.1f} images/s "
-        f"(data wait {100 * summary['data_wait_share']:.1f}% of step time)",
+        (f"  throughput      {summary['train_images_per_s']:.1f} images/s "
+         f"(data wait {100 * summary['data_wait_share']:.1f}% of step time)" if summary["train_images_per_s"]
+         else f"  throughput      not measured: no step after the {summary['throughput_warmup_steps']} warm-up "
+              f"steps"),
         (f"  val loss        {first:.4f} before training -> {last:.4f} after{ratio}" if not summary["resumed_from"]
          else f"  val loss        {first:.4f} first after resuming -> {last:.4f} after{ratio}")
         if first is not None else "  val loss        not measured",

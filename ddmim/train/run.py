@@ -32,6 +32,14 @@ class FitPlan:
     validate_first: bool = False  # measure the untrained model before a fresh run
 
 
+def throughput_fields(run: Run) -> dict:
+    """Training images/s of all ranks and the data-wait share; None (JSON null) for a run too short to measure."""
+    per_rank, wait = run.throughput.images_per_s, run.throughput.data_wait_share
+    return {"train_images_per_s": None if per_rank is None else round(per_rank * run.trainer.world_size, 2),
+            "data_wait_share": None if wait is None else round(wait, 4),
+            "throughput_warmup_steps": run.throughput.warmup}
+
+
 def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict]) -> dict:
     run_dir, ckpt = open_run_folder(Path(plan.out), plan.cfg, plan.resume, plan.fixed_sections)
     pl.seed_everything(plan.cfg.train.seed, workers=True, verbose=False)
@@ -63,8 +71,7 @@ def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], d
         "skipped_steps": module.skipped_steps,
         **compile_report(module.compiled),
         "wall_s": round(time.perf_counter() - start, 2),
-        "train_images_per_s": round(run.throughput.images_per_s * run.trainer.world_size, 2),
-        "data_wait_share": round(run.throughput.data_wait_share, 4),
+        **throughput_fields(run),
         **summary_fields(run, module),
         "run_dir": str(run_dir),
         "logs": str(run.log_dir / "metrics.csv"),

@@ -1,6 +1,7 @@
 """Assembles the Lightning Trainer: loggers, checkpoints, measurement callbacks."""
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,26 @@ from ddmim.train.history import HistoryCSVLogger, HistoryTensorBoardLogger
 from ddmim.train.launch import Launch
 from ddmim.train.preemption import Preemption
 
-# With ema.teacher_mode eval the EMA teacher stays in eval mode on purpose (no drop-path noise in the target).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising ("💡 Tip: ... try installing litlogger"), printed at every Trainer's start;
+    its other messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+NO_TIPS = _NoTips()
+
+
+def quiet_third_party_noise() -> None:
+    """Silences what a ddmim user cannot act on; every other warning and message still shows."""
+    # With ema.teacher_mode eval the EMA teacher stays in eval mode on purpose (no drop-path noise in the target).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Lightning's pytree helper builds a LeafSpec, which torch deprecated.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(NO_TIPS)
+
 
 @dataclass
 class Run:
@@ -45,6 +64,7 @@ def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tup
     """`cfg` needs `.train` (epochs, val_every, log_every, ckpt_every_steps, keep_checkpoints, report_every) and
     `.data.max_bad_samples`; `monitor` picks the best checkpoint, kept beside the `keep_checkpoints` most recent
     ones; `resume` continues the run folder's logs instead of starting them."""
+    quiet_third_party_noise()
     t = cfg.train
     throughput = ThroughputReport(report_every=t.report_every)
     history = ValLossHistory()
