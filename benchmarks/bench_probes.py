@@ -9,7 +9,7 @@ times the blocks of the val split. Linear probe: the median seconds of one epoch
 standardisation and evaluation included), scaled to the batches of the whole train split. Peak memory: the
 process's peak resident size (CPU) or the device's peak allocation (CUDA) over the whole run, beside the stored
 features' own size.
-Writes benchmarks/results/probes-<device>-<dtype>.json, or --json.
+Writes benchmarks/results/probes-<dtype>-<device>.json, or --json.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{knn_block_s:.2f} s per {TEST_BLOCK} val rows (median of {args.repeats}), so "
           f"{row['knn_val_s_estimate']:.0f} s for {args.val:,}; linear probe {row['probe_epoch_s_estimate']:.0f} s "
           f"per epoch of batch {args.probe_batch}; peak memory {row['peak_mib']:,} MiB")
-    name = f"probes-{device.type}-{row['dtype']}"
+    name = f"probes-{row['dtype']}"
     print(f"wrote {write_results(name, row, args.json)}")
     return 0
 
