@@ -1,8 +1,12 @@
 """The shared run flow, the backbone seam and the configuration each behave the same for every command."""
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from conftest import QUIET_STEPS
@@ -162,3 +166,75 @@ def test_the_last_step_is_saved_and_resumes_as_if_the_run_went_on(sample_root, t
     assert resumed["global_step"] == expected["global_step"] == 7
     for name, value in expected["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], value), name
+
+
+def _holder(out, then) -> int:
+    """A forked process that takes the run folder's lock and waits to be killed (pid returned once it holds it)."""
+    from ddmim.train.run_folder import FolderLock
+
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            then(FolderLock(out))
+            os.write(ready_w, b"1")
+            time.sleep(600)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"1"
+    os.close(ready_r)
+    return pid
+
+
+def test_a_second_run_in_a_live_run_folder_is_refused_until_the_first_ends(tmp_path):
+    """A requeued job while the first still runs, or two --resume auto: the second would interleave the history."""
+    from ddmim.errors import UserError
+    from ddmim.train.run_folder import open_run_folder
+
+    out, cfg = tmp_path / "run", make_config("tiny")
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    pid = _holder(out, lambda lock: None)
+    try:
+        with pytest.raises(UserError, match=rf"run folder {out} is in use by another ddmim run \(.+:{pid}\)"):
+            open_run_folder(out, cfg, True, ("model",))
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    _, ckpt, lock = open_run_folder(out, cfg, True, ("model",))  # the kernel dropped the killed run's lock
+    assert ckpt is None
+    lock.release()
+
+
+def test_two_fresh_runs_into_one_empty_folder_are_one_run(tmp_path):
+    from ddmim.errors import UserError
+    from ddmim.train.run_folder import FolderLock, open_run_folder
+
+    cfg = make_config("tiny")
+    first = FolderLock(tmp_path)  # another open file: conflicts as another process's would
+    with pytest.raises(UserError, match="in use by another ddmim run"):
+        open_run_folder(tmp_path, cfg, False, ("model",))
+    first.release()
+    _, _, lock = open_run_folder(tmp_path, cfg, False, ("model",))
+    lock.release()
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_a_forked_loader_worker_does_not_keep_a_released_run_folder_locked(tmp_path):
+    from ddmim.train.run_folder import FolderLock
+
+    lock = FolderLock(tmp_path)
+    ready_r, ready_w = os.pipe()
+    worker = os.fork()  # as a DataLoader worker is: it inherits the lock's descriptor
+    if worker == 0:
+        os.write(ready_w, b"1")  # past the fork handlers
+        time.sleep(600)
+        os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        lock.release()
+        FolderLock(tmp_path).release()  # taken again while the worker lives
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        os.waitpid(worker, 0)

@@ -41,7 +41,16 @@ def throughput_fields(run: Run) -> dict:
 
 
 def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict]) -> dict:
-    run_dir, ckpt = open_run_folder(Path(plan.out), plan.cfg, plan.resume, plan.fixed_sections)
+    run_dir, ckpt, lock = open_run_folder(Path(plan.out), plan.cfg, plan.resume, plan.fixed_sections)
+    try:
+        return _fit(plan, summary_fields, run_dir, ckpt)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict], run_dir: Path,
+         ckpt: Path | None) -> dict:
     pl.seed_everything(plan.cfg.train.seed, workers=True, verbose=False)
     module = plan.make_module()
     run = build_trainer(run_dir, plan.cfg, plan.launch, monitor=plan.monitor, resume=plan.resume)

@@ -5,19 +5,70 @@ or the same --out under torchrun and SLURM) and the checkpoint rank 0 chose.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import yaml
 
-from ddmim.atomic import TMP_MARK, write_text
+from ddmim.atomic import TMP_MARK, owner_tag, write_text
 from ddmim.errors import UserError
 from ddmim.train.checkpoint_files import resume_checkpoint
 from ddmim.train.launch import is_launched_worker
 
 RUN_DIR_ENV = "DDMIM_RUN_DIR"
 RESUME_ENV = "DDMIM_RESUME_FROM"
+LOCK_NAME = ".ddmim.lock"  # kept in the folder: removing it while another process waits on it would race
+_HELD: set[int] = set()  # this process's lock descriptors
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a data-loader worker): its copies of the descriptors would keep the lock alive after
+    the run that took it released it."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+class FolderLock:
+    """An exclusive lock on a run folder for as long as one run uses it, so that a second process (a requeued
+    job while the first still runs, two `--resume auto`) is refused instead of interleaving its history with
+    the first's. The kernel drops the lock when its process ends, however it ends (flock(2); shared file
+    systems that support it, NFS included, extend it across hosts). A folder whose file system has no locks
+    runs unlocked, with one warning."""
+
+    def __init__(self, folder: Path):
+        self.fd: int | None = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 256, 0).decode(errors="replace").strip() or "another process"
+            self.release()
+            raise UserError(f"run folder {folder} is in use by another ddmim run ({holder}); let it end or stop "
+                            f"it, then run this again") from None
+        except OSError as exc:
+            print(f"ddmim: cannot lock {folder / LOCK_NAME} ({exc.strerror}): nothing keeps a second run out of "
+                  f"this folder", file=sys.stderr)
+            self.release()
+            return
+        _HELD.add(self.fd)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, owner_tag().encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            _HELD.discard(self.fd)
+            os.close(self.fd)  # closing the last descriptor unlocks
+            self.fd = None
+
+
+def _holds_files(folder: Path) -> bool:
+    return any(p.name != LOCK_NAME for p in folder.iterdir())
 
 
 def prepare_run_dir(out: Path) -> Path:
@@ -27,7 +78,7 @@ def prepare_run_dir(out: Path) -> Path:
                         f"choose another --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and _holds_files(out):
         raise UserError(f"output folder {out} already exists and is not empty; choose another --out "
                         "(or --resume auto to continue the run in it)")
     try:
@@ -49,7 +100,7 @@ def resume_point(out: Path, cfg, fixed: tuple[str, ...]) -> Path | None:
     the config sections in `fixed` must be those it was started with."""
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and _holds_files(out):
             raise UserError(f"--resume auto: {out} holds files but is not a ddmim run folder (no config.yaml)")
         # a first launch (requeue scripts and torchrun --max-restarts run one command for every launch), or a run
         # killed before it wrote anything
@@ -73,23 +124,36 @@ def resume_point(out: Path, cfg, fixed: tuple[str, ...]) -> Path | None:
     return resume_checkpoint(out / "checkpoints", kind=cfg.kind)
 
 
-def open_run_folder(out: Path, cfg, resume: bool, fixed: tuple[str, ...]) -> tuple[Path, Path | None]:
-    """(The run folder, the checkpoint to start from); rank 0 also writes the resolved config.yaml."""
+def open_run_folder(out: Path, cfg, resume: bool,
+                    fixed: tuple[str, ...]) -> tuple[Path, Path | None, FolderLock | None]:
+    """(The run folder, the checkpoint to start from, rank 0's lock on the folder, which the caller releases);
+    rank 0 also writes the resolved config.yaml."""
     if is_launched_worker():
         run_dir = Path(os.environ.get(RUN_DIR_ENV, out))
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
-            return run_dir, None
+            return run_dir, None, None
         chosen = os.environ.get(RESUME_ENV)
-        return run_dir, (Path(chosen) if chosen else resume_checkpoint(run_dir / "checkpoints", announce=False))
-    ckpt = resume_point(out, cfg, fixed) if resume else None
-    if not resume or not (out / "config.yaml").is_file():
+        return run_dir, (Path(chosen) if chosen else resume_checkpoint(run_dir / "checkpoints", announce=False)), None
+    existing = resume and (out / "config.yaml").is_file()
+    if not existing:
+        if resume:
+            resume_point(out, cfg, fixed)  # no config.yaml: refuses a folder of other files, or starts at step 0
         prepare_run_dir(out)
+    lock = FolderLock(out)  # before the resume checks, so that what they read cannot change under them
+    if not existing and _holds_files(out):  # a run that started in the same moment took the folder first
+        lock.release()
+        raise UserError(f"output folder {out} was just taken by another run; choose another --out")
     try:
+        ckpt = resume_point(out, cfg, fixed) if existing else None
         write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as exc:
+        lock.release()
         raise UserError(f"cannot write {out / 'config.yaml'}: {exc.strerror}; choose an --out you can write to") \
             from None
+    except BaseException:
+        lock.release()
+        raise
     os.environ[RUN_DIR_ENV] = str(out.resolve())
     os.environ[RESUME_ENV] = str(ckpt.resolve()) if ckpt else ""
-    return out, ckpt
+    return out, ckpt, lock
