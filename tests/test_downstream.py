@@ -15,7 +15,7 @@ from ddmim.eval.export import export_backbone
 from ddmim.eval.features import load_backbone, pooled_features
 from ddmim.eval.frozen import evaluate_backbone
 from ddmim.eval.probes import knn_predict
-from ddmim.eval.reconstruction import PANELS, visualize
+from ddmim.eval.reconstruction import HEADER_PX, PANELS, visualize
 from ddmim.finetune_config import make_finetune_config
 from ddmim.models.classifier import load_encoder_weights
 from ddmim.models.factory import classifier, plain_backbone
@@ -97,12 +97,17 @@ def test_visualisation_writes_the_grid(pretrain_ckpt, sample_root, tmp_path):
     image = torch.tensor(list(Image.open(out["grid"]).convert("RGB").getdata()), dtype=torch.float32)
     width, height = Image.open(out["grid"]).size
     zoom, pad, size = 3, 2, 32  # 32 px images are enlarged 3x
-    assert (width, height) == (len(PANELS) * (zoom * size + pad) + pad, 3 * (zoom * size + pad) + pad)
+    assert (width, height) == (len(PANELS) * (zoom * size + pad) + pad, HEADER_PX + 3 * (zoom * size + pad) + pad)
     pixels = image.view(height, width, 3)
-    cell = zoom * size + pad
-    masked = pixels[pad:pad + zoom * size, pad + cell:pad + cell + zoom * size]
-    recon = pixels[pad:pad + zoom * size, pad + 2 * cell:pad + 2 * cell + zoom * size]
+    cell, top = zoom * size + pad, HEADER_PX + pad
+    masked = pixels[top:top + zoom * size, pad + cell:pad + cell + zoom * size]
+    recon = pixels[top:top + zoom * size, pad + 2 * cell:pad + 2 * cell + zoom * size]
     assert (masked - recon).abs().mean() > 1.0
+    # each column is named in the strip above it: dark text over a white strip
+    header = pixels[:HEADER_PX]
+    inked = [(header[:, pad + c * cell:(c + 1) * cell] < 128).any(dim=-1).sum().item() for c in range(len(PANELS))]
+    assert all(n > 20 for n in inked), inked
+    assert (header[:, -pad:] == 255).all()  # the margin holds no ink: the test can tell ink from none
 
 
 def _err(capsys, *argv):

@@ -4,8 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
-from torchvision.utils import make_grid, save_image
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
 
 from ddmim.checkpoints import read_pretraining
 from ddmim.config import Config
@@ -15,7 +17,10 @@ from ddmim.models.factory import pretraining_model
 from ddmim.models.masking import pixel_mask
 
 UNUSED_BY_OLD_SIMMIM = ("teacher.", "proj.")
-PANELS = ("original", "masked input", "reconstruction", "reconstruction in the masked pixels")
+# the column labels: the image, its masked input, the reconstruction, the reconstruction pasted into the
+# masked pixels of the image
+PANELS = ("original", "masked", "reconstruction", "pasted in")
+HEADER_PX = 14  # the strip above the columns that names them
 
 
 def load_model(ckpt: Path) -> tuple[nn.Module, Config]:
@@ -45,6 +50,17 @@ def reconstruction_report(model: nn.Module, batches, seed: int = 0) -> dict:
     return {"recon_loss": loss / n, "baseline_loss": baseline / n, "ratio": loss / baseline}
 
 
+def labelled(grid: torch.Tensor, cell: int) -> Image.Image:
+    """The grid (values in [0, 1]) under a white strip with each column's name (PIL's built-in font)."""
+    picture = to_pil_image(grid)
+    out = Image.new("RGB", (picture.width, picture.height + HEADER_PX), "white")
+    out.paste(picture, (0, HEADER_PX))
+    draw = ImageDraw.Draw(out)
+    for column, name in enumerate(PANELS):
+        draw.text((2 + column * cell + 2, 1), name, fill="black")
+    return out
+
+
 @torch.no_grad()
 def write_grid(model: nn.Module, images: torch.Tensor, out: Path, mean, std, seed: int = 0) -> Path:
     """One row per image: original, masked input (masked pixels grey), reconstruction, reconstruction pasted
@@ -62,7 +78,7 @@ def write_grid(model: nn.Module, images: torch.Tensor, out: Path, mean, std, see
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_image(make_grid(rows, nrow=len(PANELS), padding=2, pad_value=1.0), out)
+        labelled(make_grid(rows, nrow=len(PANELS), padding=2, pad_value=1.0), cell=rows.shape[-1] + 2).save(out)
     except (OSError, ValueError) as exc:  # PIL raises ValueError for a name it cannot tell the format of
         raise UserError(f"cannot write the picture {out}: {getattr(exc, 'strerror', None) or exc}") from None
     return out
