@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
 
 from benchmarks.common import device_sync, median_seconds, write_results
-from ddmim.eval.probes import feature_dtype, knn_predict, linear_probe, nearest
+from ddmim.probes import feature_dtype, knn_predict, linear_probe, nearest
 
 TEST_BLOCK = 1024
 

@@ -182,6 +182,20 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Representation quality watched during pretraining (`ddmim/train/online_knn.py`)."""
+    every_epochs: int = 0  # k-NN top-1 at every n-th epoch's validation and the one before training; 0: off
+    k: int = 20
+    temperature: float = 0.07
+
+    def check(self) -> None:
+        at_least("eval.every_epochs", self.every_epochs, 0)
+        at_least("eval.k", self.k, 1)
+        if self.temperature <= 0:
+            raise UserError(f"eval.temperature must be positive, got {self.temperature}")
+
+
+@dataclass
 class TrainConfig:
     """What every training command shares."""
     epochs: int = 50
@@ -238,6 +252,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -37,7 +37,8 @@ def run_demo(out: Path, methods: tuple[str, ...] = ("ddmim",)) -> dict:
     rows, summary = {}, {"methods": {}}
     for method in methods:
         pre_preset, ft_preset = METHODS[method]
-        pre = pretrain(make_config(pre_preset), data, out / method / "pretrain", quiet)
+        # val/knn_top1 every epoch: the representation watched while it trains
+        pre = pretrain(make_config(pre_preset, ["eval.every_epochs=1"]), data, out / method / "pretrain", quiet)
         print(format_summary(pre))
         ckpt = Path(pre["checkpoint_last"])
         grid = visualize(ckpt, data, out / method / "reconstructions.png")

@@ -12,13 +12,13 @@ from ddmim.checkpoints import load_pretraining
 from ddmim.cli import main
 from ddmim.config import make_config
 from ddmim.eval.export import export_backbone
-from ddmim.eval.features import load_backbone, pooled_features
+from ddmim.eval.features import load_backbone
 from ddmim.eval.frozen import evaluate_backbone
-from ddmim.eval.probes import knn_predict
 from ddmim.eval.reconstruction import HEADER_PX, PANELS, visualize
 from ddmim.finetune_config import make_finetune_config
 from ddmim.models.classifier import load_encoder_weights
 from ddmim.models.factory import classifier, plain_backbone
+from ddmim.probes import knn_predict, pooled_features
 from ddmim.train.finetune import make_optimizer, make_scheduler
 
 TINY_SHAPE = ["model.img_size=32", "model.patch_size=2", "model.embed_dim=32", "model.depths=[1,1,2,1]",

@@ -14,7 +14,7 @@ SOURCES = {"ddmim": ROOT / "ddmim", "ddmim_kernels": ROOT / "kernels", "data_pre
 LAYERS = {
     "ddmim.errors": 0, "ddmim.atomic": 0, "ddmim.config_engine": 0.5, "ddmim.machine": 1, "ddmim.config": 1,
     "ddmim.finetune_config": 2,
-    "ddmim.checkpoints": 3, "ddmim_kernels": 3, "ddmim.models": 4, "ddmim.data": 4, "ddmim.train": 6,
+    "ddmim.checkpoints": 3, "ddmim.probes": 3, "ddmim_kernels": 3, "ddmim.models": 4, "ddmim.data": 4, "ddmim.train": 6,
     "ddmim.eval": 7, "ddmim.demo": 8, "ddmim.cli_failures": 8.5, "ddmim.cli": 9, "ddmim.__main__": 10,
     "ddmim.presets": 0, "ddmim": 0,
     "data_prep": 11, "benchmarks": 12,

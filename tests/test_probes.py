@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddmim.eval.probes import knn_predict, linear_probe, nearest, standardiser
+from ddmim.probes import knn_predict, linear_probe, nearest, standardiser
 
 
 def _clusters(rows: int, classes: int = 5, dim: int = 32, spread: float = 0.6, seed: int = 0):

@@ -206,3 +206,14 @@ def test_the_dali_converter_labels_a_file_list_and_imagenets_flat_val_as_the_fol
     for split, listing in (("train", train), ("val", val)):
         assert sorted(y for _, y in shard_samples(tmp_path / "from_list" / split)) == sorted(
             y for _, y in listing.files), split
+
+
+def test_the_online_knn_asks_for_labels_before_any_step(unlabeled, sample_root, tmp_path):
+    from ddmim.errors import UserError
+    from ddmim.train.launch import Launch
+    from ddmim.train.pretrain import pretrain
+
+    cfg = make_config("tiny", ["data.num_workers=0", "eval.every_epochs=1", "train.epochs=1"])
+    with pytest.raises(UserError, match="eval.every_epochs needs a labeled source"):
+        pretrain(cfg, unlabeled, tmp_path / "run", Launch(progress_bar=False, max_steps=1))
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing that blocks the next

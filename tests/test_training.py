@@ -1,7 +1,10 @@
+import csv
 import json
 import math
 
+import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddmim.config import make_config
 from ddmim.train.launch import Launch
@@ -10,7 +13,7 @@ from ddmim.train.pretrain_module import DDMIMModule
 
 
 def test_tiny_pretraining_on_sample_data_lowers_the_loss(sample_root, tmp_path):
-    cfg = make_config("tiny", ["train.epochs=3", "data.num_workers=0"])
+    cfg = make_config("tiny", ["train.epochs=3", "data.num_workers=0", "eval.every_epochs=1"])
     summary = pretrain(cfg, sample_root, tmp_path / "run", Launch(progress_bar=False))
     assert summary["steps"] == 3 * (len(list((sample_root / "train").rglob("*.png"))) // cfg.train.batch_size)
     assert len(summary["val_loss_history"]) == 4  # before training and after each epoch
@@ -19,6 +22,18 @@ def test_tiny_pretraining_on_sample_data_lowers_the_loss(sample_root, tmp_path):
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["val_loss_last"] == summary["val_loss_last"]
     assert (tmp_path / "run" / "logs" / "metrics.csv").read_text().count("val/recon") == 1
+
+    # the online k-NN: before training and after each epoch, in the summary, the CSV and TensorBoard. On the
+    # digits a random Swin's features already separate the classes well (85%); the first epoch's large steps
+    # disturb them, then training improves them epoch after epoch
+    knn = summary["val_knn_top1_history"]
+    assert len(knn) == 4 and all(0 < v <= 100 for v in knn) and knn[1] < knn[2] < knn[3], knn
+    assert saved["val_knn_top1_history"] == knn
+    rows = list(csv.DictReader((tmp_path / "run" / "logs" / "metrics.csv").open()))
+    assert [float(r["val/knn_top1"]) for r in rows if r.get("val/knn_top1")] == pytest.approx(knn)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("val/knn_top1")] == pytest.approx(knn)
 
     # the last checkpoint restores the trained weights, teacher included
     restored = DDMIMModule.load_from_checkpoint(summary["checkpoint_last"])

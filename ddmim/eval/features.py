@@ -21,7 +21,3 @@ def load_backbone(ckpt: Path | None, fallback, seed: int = 0) -> tuple[nn.Module
     net.load_state_dict(state, strict=True)
     return net.eval(), cfg
 
-
-def pooled_features(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Average-pooled final-stage features (768-d for Swin-T), before any head."""
-    return net.forward_head(net.forward_features(images), pre_logits=True)

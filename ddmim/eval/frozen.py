@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from ddmim.data import eval_batches
-from ddmim.eval.features import load_backbone, pooled_features
-from ddmim.eval.probes import feature_dtype, knn_predict, linear_probe
+from ddmim.eval.features import load_backbone
+from ddmim.probes import feature_dtype, knn_predict, linear_probe, pooled_features
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from ddmim.models.factory import check_pretraining
 from ddmim.models.kernels import check_kernels
 from ddmim.train.compile import compile_line
 from ddmim.train.launch import Launch, resolve_launch
+from ddmim.train.online_knn import OnlineKnn
 from ddmim.train.pretrain_module import DDMIMModule
 from ddmim.train.run import FitPlan, run_fit
 
@@ -20,17 +21,21 @@ def pretrain(cfg: Config, data_root: Path, out: Path, launch: Launch | None = No
     check_pretraining(cfg)  # before the data set is listed, which takes minutes at ImageNet's size
     launch = resolve_launch(launch or Launch())
     check_kernels(cfg.train.kernels)
+    e = cfg.eval
+    knn = OnlineKnn(e.every_epochs, e.k, e.temperature) if e.every_epochs else None
     plan = FitPlan(
         cfg=cfg, data=data_root, out=out, launch=launch, resume=resume, fixed_sections=RESUMABLE,
         datamodule=make_datamodule(data_root, cfg, data_format, channels_last=launch.channels_last),
         make_module=lambda: DDMIMModule(cfg, channels_last=launch.channels_last,
                                         cuda=launch.accelerator == "gpu"),
-        validate_first=True)  # the untrained model's loss, to compare the trained one with
+        validate_first=True,  # the untrained model's loss, to compare the trained one with
+        callbacks=(knn,) if knn else ())
 
     def fields(run, module) -> dict:
         losses = run.val_history.losses
         return {"val_loss_first": losses[0] if losses else None, "val_loss_last": losses[-1] if losses else None,
-                "val_loss_history": losses}
+                "val_loss_history": losses,
+                "val_knn_top1_history": knn.history if knn else None, "val_knn_top1_steps": knn.steps if knn else None}
 
     return run_fit(plan, fields)
 
@@ -48,6 +53,8 @@ def format_summary(summary: dict) -> str:
         (f"  val loss        {first:.4f} before training -> {last:.4f} after{ratio}" if not summary["resumed_from"]
          else f"  val loss        {first:.4f} first after resuming -> {last:.4f} after{ratio}")
         if first is not None else "  val loss        not measured",
+        *([f"  k-NN top-1      {knn[0]:.1f}% first -> {knn[-1]:.1f}% last (val/knn_top1, "
+            f"{len(knn)} measurements)"] if (knn := summary.get("val_knn_top1_history")) else []),
         *([compile_line(summary)] if summary["compile"] != "off" else []),
         f"  run folder      {summary['run_dir']}",
         f"  metrics (CSV)   {summary['logs']}",

@@ -30,6 +30,7 @@ class FitPlan:
     fixed_sections: tuple[str, ...] = ("model",)  # what a resumed run must share with the run folder's
     monitor: tuple[str, str] = ("val/loss", "min")  # picks the best checkpoint
     validate_first: bool = False  # measure the untrained model before a fresh run
+    callbacks: tuple[pl.Callback, ...] = ()  # the command's own, beside the shared ones
 
 
 def throughput_fields(run: Run) -> dict:
@@ -53,7 +54,8 @@ def _fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict
          ckpt: Path | None) -> dict:
     pl.seed_everything(plan.cfg.train.seed, workers=True, verbose=False)
     module = plan.make_module()
-    run = build_trainer(run_dir, plan.cfg, plan.launch, monitor=plan.monitor, resume=plan.resume)
+    run = build_trainer(run_dir, plan.cfg, plan.launch, monitor=plan.monitor, resume=plan.resume,
+                        extra_callbacks=plan.callbacks)
     start = time.perf_counter()
     try:
         if ckpt is not None:

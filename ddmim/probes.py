@@ -1,11 +1,17 @@
-"""k-NN and the linear probe on frozen features, computed where the features are (the training accelerator when
-there is one) with memory bounded at ImageNet's size: the features are stored once in `feature_dtype`, the
-cosine similarities and their top-k are taken in blocks of test x train rows, and the linear probe trains in
-mini-batches, so no step holds more than one block of scores or one batch of standardised features."""
+"""A backbone's pooled features, and k-NN and the linear probe on them (frozen), computed where the features
+are (the training accelerator when there is one) with memory bounded at ImageNet's size: the features are
+stored once in `feature_dtype`, the cosine similarities and their top-k are taken in blocks of test x train
+rows, and the linear probe trains in mini-batches, so no step holds more than one block of scores or one
+batch of standardised features. Used by `ddmim eval` and by the online k-NN of pretraining."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def pooled_features(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A timm backbone's average-pooled final-stage features (768-d for Swin-T), before any head."""
+    return net.forward_head(net.forward_features(images), pre_logits=True)
 
 
 def feature_dtype(device: torch.device) -> torch.dtype:
