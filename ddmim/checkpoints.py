@@ -15,6 +15,21 @@ STUDENT_PREFIX = "model.student.net."  # the plain timm model inside the student
 
 
 DIGEST_KEY = "ddmim_digest"  # of every tensor in the checkpoint, written with it (train/checkpoint_files.py)
+FORMAT_KEY = "ddmim_format"  # written with it too; a checkpoint without one is format 1
+# 2: the config's `eval` section. Raised whenever a checkpoint gains what an earlier ddmim cannot read, so that
+# ddmim says "newer" instead of failing on an unknown key
+FORMAT = 2
+
+
+class NewerCheckpoint(UserError):
+    """A checkpoint of a later checkpoint format than this ddmim reads."""
+
+
+def check_format(ckpt: Any, path: Path) -> None:
+    found = ckpt.get(FORMAT_KEY, 1) if isinstance(ckpt, dict) else 1
+    if isinstance(found, int) and found > FORMAT:
+        raise NewerCheckpoint(f"checkpoint {path} was written by a newer ddmim (checkpoint format {found}; this "
+                              f"ddmim reads formats up to {FORMAT}): upgrade ddmim to use it")
 
 
 def payload_digest(ckpt: Any) -> str:
@@ -62,6 +77,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as exc:  # truncated zip, pickle errors, not a torch file at all
         raise UserError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: "
                         f"{type(exc).__name__}: {exc})") from None
+    check_format(ckpt, path)
     problem = damage(ckpt)
     if problem:
         raise UserError(f"checkpoint {path} is damaged: {problem}")

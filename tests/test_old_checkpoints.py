@@ -2,12 +2,14 @@
 one line. The old layout is made from a new checkpoint by adding what the old SimMIM also saved: a teacher,
 a projection head, and their tensors in the optimiser state."""
 
+import pytest
 import torch
 
 from conftest import QUIET_STEPS
 from ddmim.checkpoints import DIGEST_KEY, payload_digest
 from ddmim.cli import main
 from ddmim.config import make_config
+from ddmim.errors import UserError
 
 
 def _as_written_before(path) -> None:
@@ -42,3 +44,42 @@ def test_an_old_simmim_checkpoint_is_read_and_its_run_is_not_resumed(sample_root
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "written by an earlier ddmim and cannot be resumed" in err[-1]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing written over
+
+
+def _as_written_by(source, target, fmt: int) -> None:
+    """A copy of `source` as a ddmim of checkpoint format `fmt` with a config section this one lacks writes it."""
+    from ddmim.checkpoints import FORMAT_KEY
+
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    ckpt[FORMAT_KEY] = fmt
+    ckpt["hyper_parameters"]["config"]["future"] = {"knob": 1}
+    ckpt[DIGEST_KEY] = payload_digest(ckpt)
+    torch.save(ckpt, target)
+
+
+def test_a_newer_ddmims_checkpoint_is_refused_as_newer_and_never_set_aside(pretrain_ckpt, tmp_path, capsys):
+    from ddmim.checkpoints import FORMAT
+    from ddmim.train.checkpoint_files import resume_checkpoint
+
+    assert torch.load(pretrain_ckpt, weights_only=False)["ddmim_format"] == FORMAT  # every checkpoint says its format
+    newer, same = tmp_path / "newer.ckpt", tmp_path / "same.ckpt"
+    _as_written_by(pretrain_ckpt, newer, FORMAT + 1)
+    _as_written_by(pretrain_ckpt, same, FORMAT)  # the control: the same file, of this ddmim's format
+    assert main(["export", "--ckpt", str(newer), "--out", str(tmp_path / "e1")]) == 2
+    err = capsys.readouterr().err
+    assert f"was written by a newer ddmim (checkpoint format {FORMAT + 1}" in err and "upgrade ddmim" in err
+    assert main(["export", "--ckpt", str(same), "--out", str(tmp_path / "e2")]) == 2
+    assert "unknown option future" in capsys.readouterr().err
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "step00000001.ckpt").write_bytes(pretrain_ckpt.read_bytes())
+    newest = folder / "step00000009.ckpt"
+    _as_written_by(pretrain_ckpt, newest, FORMAT + 1)
+    ckpt = torch.load(newest, weights_only=False)
+    ckpt["global_step"] = 9
+    ckpt[DIGEST_KEY] = payload_digest(ckpt)
+    torch.save(ckpt, newest)
+    with pytest.raises(UserError, match="newer ddmim"):
+        resume_checkpoint(folder)
+    assert newest.is_file()  # not renamed *.unreadable, and the older one was not chosen in its place

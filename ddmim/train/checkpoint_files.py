@@ -17,7 +17,15 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ddmim.atomic import TMP_MARK, atomic_write
-from ddmim.checkpoints import DIGEST_KEY, checkpoint_kind, payload_digest, read_checkpoint
+from ddmim.checkpoints import (
+    DIGEST_KEY,
+    FORMAT,
+    FORMAT_KEY,
+    NewerCheckpoint,
+    checkpoint_kind,
+    payload_digest,
+    read_checkpoint,
+)
 from ddmim.errors import UserError
 
 STEP_PREFIX = "step"  # recent checkpoints are named step<8 digits>.ckpt
@@ -35,6 +43,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint[FORMAT_KEY] = FORMAT
         checkpoint[DIGEST_KEY] = payload_digest(checkpoint)  # checked whenever the file is read
         try:
             with atomic_write(path, "wb", fsync=True) as f:
@@ -74,6 +83,8 @@ def _read(path: Path) -> tuple[str | None, str | None]:
     """(Why a checkpoint cannot be resumed from (it does not load, or it is damaged), or None; its kind)."""
     try:
         return None, checkpoint_kind(read_checkpoint(path))
+    except NewerCheckpoint:
+        raise  # sound, and not this ddmim's to set aside: the run needs the newer ddmim
     except UserError as exc:  # a checkpoint that does not load is not one to resume from
         return str(exc), None
 
