@@ -164,7 +164,7 @@ def test_two_nodes_under_torchrun_share_one_run_folder(sample_root, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 3
     assert "last.ckpt" in {p.name for p in (out / "checkpoints").glob("*.ckpt")}
     assert not [p for p in out.iterdir() if p.name not in ("checkpoints", "logs", "tensorboard", "config.yaml",
-                                                           "summary.json", ".ddmim.lock")]
+                                                           "summary.json", "curves.png", ".ddmim.lock")]
 
     dealt = [json.loads((record / f"rank{rank}-epoch0.json").read_text()) for rank in (0, 1)]
     assert [(d["sampler_rank"], d["world"]) for d in dealt] == [(0, 2), (1, 2)]

@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddmim.config import make_config
+from ddmim.train.curves import PANEL_HEIGHT, WIDTH
 from ddmim.train.launch import Launch
 from ddmim.train.pretrain import pretrain
 from ddmim.train.pretrain_module import DDMIMModule
@@ -34,6 +36,8 @@ def test_tiny_pretraining_on_sample_data_lowers_the_loss(sample_root, tmp_path):
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [e.value for e in events.Scalars("val/knn_top1")] == pytest.approx(knn)
+    assert saved["curves"] == str(tmp_path / "run" / "curves.png")
+    assert Image.open(saved["curves"]).size == (WIDTH, 2 * PANEL_HEIGHT)  # the losses, and the k-NN
 
     # the last checkpoint restores the trained weights, teacher included
     restored = DDMIMModule.load_from_checkpoint(summary["checkpoint_last"])
@@ -110,3 +114,20 @@ def test_sixteen_bit_mixed_precision_trains_under_the_nonfinite_guard(tmp_path):
     halvings = round(math.log2(256.0 / scaler.get_scale()))
     assert halvings == module.skipped_steps == 3
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_the_curves_picture_draws_each_logged_series_in_its_colour(tmp_path):
+    from ddmim.train.curves import PANELS, write_curves
+
+    metrics = tmp_path / "metrics.csv"
+    rows = ["step,train/loss,val/loss,val/knn_top1,lr-AdamW"]
+    rows += [f"{s},{5 - s / 50},,,0.1" for s in range(0, 100, 5)] + ["0,,5.5,,", "99,,3.0,,", "99,,,nan,"]
+    metrics.write_text("\n".join(rows) + "\n")
+    picture = Image.open(write_curves(metrics, tmp_path / "curves.png")).convert("RGB")
+    assert picture.size == (WIDTH, PANEL_HEIGHT)  # no k-NN values (one NaN): no k-NN panel
+    colours = dict(PANELS[0][1])
+    counts = {name: sum(1 for p in picture.getdata() if p == colour) for name, colour in colours.items()}
+    assert counts["train/loss"] > 300 and counts["val/loss"] > 100, counts
+    assert sum(1 for p in picture.getdata() if p == dict(PANELS[1][1])["val/knn_top1"]) == 0
+    (tmp_path / "empty.csv").write_text("step,lr-AdamW\n0,0.1\n")
+    assert write_curves(tmp_path / "empty.csv", tmp_path / "none.png") is None

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 from ddmim.atomic import write_text
 from ddmim.config import RunConfig
 from ddmim.train.compile import compile_report
+from ddmim.train.curves import write_curves
 from ddmim.train.launch import Launch, is_launched_worker
 from ddmim.train.run_folder import open_run_folder, remove_failed_start
 from ddmim.train.trainer import Run, build_trainer
@@ -91,5 +92,16 @@ def _fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict
         "checkpoint_last": run.checkpoint.last_model_path,
     }
     if run.trainer.is_global_zero:
+        summary["curves"] = _curves(run.log_dir / "metrics.csv", run_dir / "curves.png")
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _curves(metrics: Path, out: Path) -> str | None:
+    """The run's curves picture; a run that trained is not failed for a picture it could not draw."""
+    try:
+        written = write_curves(metrics, out) if metrics.is_file() else None
+    except (OSError, ValueError) as exc:
+        print(f"ddmim: no {out.name}: {exc}")
+        return None
+    return str(written) if written else None
