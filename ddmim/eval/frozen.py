@@ -1,5 +1,5 @@
 """Frozen-feature evaluation of a backbone: its features extracted onto the evaluation device, then k-NN
-(cosine, temperature-weighted votes) or a linear probe there (`ddmim/eval/probes.py`)."""
+(cosine, temperature-weighted votes) or a linear probe there (`ddmim/probes.py`)."""
 from __future__ import annotations
 
 from pathlib import Path

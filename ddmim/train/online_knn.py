@@ -47,10 +47,9 @@ class OnlineKnn(pl.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._feats is None:
             return
-        images, labels = batch
         feats = pooled_features(pl_module.model.student.net, pl_module._images(batch))
         self._feats.append(feats.to(feature_dtype(feats.device)))
-        self._labels.append(labels)
+        self._labels.append(batch[1])
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not self._feats:
