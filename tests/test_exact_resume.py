@@ -80,3 +80,24 @@ def test_a_two_rank_dali_run_killed_twice_ends_as_the_run_never_stopped(digits_d
     assert "resuming from" in finish(cmd(out, "--resume", "auto"))
 
     _assert_identical(*(_final_state(run, DDP_STEPS) for run in (tmp_path / "whole", out)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["folder", "dali"])
+def test_a_run_killed_after_its_end_of_epoch_checkpoint_ends_as_the_run_never_stopped(fmt, sample_root, request,
+                                                                                   tmp_path):
+    """Checkpoints once an epoch (the default): Lightning restarts from one with its epoch count one ahead, and
+    a loader that trusted that count trained the next epoch's order in place of this one's."""
+    data = sample_root if fmt == "folder" else request.getfixturevalue(f"digits_{fmt}")
+
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return [*_cmd(data, out, *extra), "--set", "train.ckpt_every_steps=0"]  # the later value wins
+
+    finish(cmd(tmp_path / "whole"))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert kill_when(proc, lambda: newest_step(out / "checkpoints") > 0)
+    assert newest_step(out / "checkpoints") == 22  # the end of the first epoch
+    assert "resuming from" in finish(cmd(out, "--resume", "auto"))
+
+    _assert_identical(_final_state(tmp_path / "whole"), _final_state(out))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -113,7 +114,7 @@ class FolderDataModule(pl.LightningDataModule):
             return train_loader(self.train_set, self.spec)
         check_one_batch_per_rank(self.root, len(self.train_set), self.spec.batch_size, trainer.world_size)
         return train_loader(self.train_set, self.spec, rank=trainer.global_rank, world=trainer.world_size,
-                            global_step=trainer.global_step)
+                            trained_steps=lambda: trainer.global_step)
 
     def val_dataloader(self) -> DataLoader:
         workers = self.spec.data.num_workers
@@ -123,12 +124,12 @@ class FolderDataModule(pl.LightningDataModule):
 
 
 def train_loader(dataset: ListedImages, spec: LoaderSpec, *, rank: int = 0, world: int = 1,
-                 global_step: int = 0) -> DataLoader:
-    """Rank `rank`'s training batches, from the batch after `global_step` on (the step a run resumed at).
-    The loader's own generator gives its workers' base seeds, so it draws nothing from the training streams."""
+                 trained_steps: Callable[[], int] | None = None) -> DataLoader:
+    """Rank `rank`'s training batches; each epoch from the batch after the `trained_steps()` a run has taken
+    (see `ResumableSampler`). The loader's own generator gives its workers' base seeds, so it draws nothing from
+    the training streams."""
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=spec.seed,
-                               batch_size=spec.batch_size)
-    sampler.resume_at(global_step)
+                               batch_size=spec.batch_size, trained_steps=trained_steps)
     workers = spec.data.num_workers
     return DataLoader(dataset, batch_size=spec.batch_size, sampler=sampler, drop_last=True,
                       num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -52,26 +53,27 @@ def seeded_visit(seed: int):
 
 
 class ResumableSampler(DistributedSampler):
-    """Yields (sample index, visit seed). Lightning leaves a DistributedSampler as it is and sets its epoch."""
+    """Yields (sample index, visit seed).
 
-    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int, batch_size: int):
+    Given `trained_steps` (the optimiser steps the run has taken, one batch each), every epoch it deals out is
+    the one those steps imply, from the batch after the last one trained: Lightning's own epoch number, which
+    it sets on the sampler, is one too high after a restart from an end-of-epoch checkpoint, and the resumed run
+    then trained on the next epoch's order in place of this one's. Without it (outside a trainer), the epoch is
+    DistributedSampler's, set with `set_epoch`."""
+
+    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int, batch_size: int,
+                 trained_steps: Callable[[], int] | None = None):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.batch_size = batch_size
-        self._resume = (0, 0)  # (epoch, batches of it already trained)
+        self.trained_steps = trained_steps
 
     def batches_per_epoch(self) -> int:
         return len(self) // self.batch_size  # the loader drops the last partial batch
 
-    def resume_at(self, global_step: int) -> None:
-        """Where a run resumed at `global_step` (optimiser steps, one batch each) goes on. The epoch is set here
-        too: Lightning draws the first batch of a resumed epoch before it sets the sampler's epoch."""
-        self._resume = divmod(global_step, self.batches_per_epoch())
-        self.set_epoch(self._resume[0])
-
     def __iter__(self):
-        indices = list(super().__iter__())
-        epoch, done = self._resume
-        if self.epoch == epoch:
-            indices = indices[done * self.batch_size:]
+        done = 0
+        if self.trained_steps is not None:
+            self.epoch, done = divmod(self.trained_steps(), self.batches_per_epoch())
+        indices = list(super().__iter__())[done * self.batch_size:]
         seeds = visit_seeds(self.seed, self.epoch, len(self.dataset))
         return ((i, int(seeds[i])) for i in indices)
