@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from ddmim.cli import main
 from ddmim.config import make_config
 from ddmim.models.factory import pretraining_model
 
@@ -92,10 +93,15 @@ def _two_cpu_processes(command: str, data, out, steps: int, preset: str = "tiny"
     return json.loads((out / "summary.json").read_text())
 
 
-def test_cli_launches_two_cpu_processes(sample_root, tmp_path):
+def test_cli_launches_two_cpu_processes(sample_root, tmp_path, capsys):
     summary = _two_cpu_processes("train", sample_root, tmp_path / "run", steps=4)
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert summary["val_loss_last"] < summary["val_loss_first"]
+    # resumed on one process, it would deal another data order and global batch: refused in one line
+    code = main(["train", "--data", str(sample_root), "--preset", "tiny", "--max-steps", "8", "--epochs", "1",
+                 "--workers", "0", "--out", str(tmp_path / "run"), "--no-progress", "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2 and "trained on 2 process(es)" in err and "resumed on 1" in err, err
 
 
 def test_dali_validation_under_ddp_with_parts_of_unequal_size(digits_dali, tmp_path):

@@ -144,14 +144,22 @@ def test_unreadable_newer_checkpoints_are_set_aside(sample_root, tmp_path, capsy
     assert steps == ["step00000006.ckpt", "step00000008.ckpt"]  # the new ones survive the pruning
 
 
-def test_resume_refuses_a_run_of_another_preset(sample_root, tmp_path, capsys):
+def test_resume_refuses_what_changes_the_run_and_takes_what_only_runs_it(sample_root, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(out), "--max-steps", "1",
-                 "--epochs", "1", "--workers", "0", "--no-progress"]) == 0
-    code = main(["train", "--data", str(sample_root), "--preset", "tiny", "--set", "model.embed_dim=64",
-                 "--out", str(out), "--resume", "auto", "--no-progress"])
-    err = capsys.readouterr().err
-    assert code == 2 and "different 'model' section" in err
+    train = ["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(out), "--no-progress"]
+    assert main([*train, "--max-steps", "1", "--epochs", "1", "--workers", "0"]) == 0
+    saved = (out / "config.yaml").read_bytes()
+    for changes in (["model.embed_dim=64"], ["optim.lr=0.01", "train.batch_size=32"], ["train.seed=1"],
+                    ["data.hflip=0.5"], ["loss.tau=0.1"]):
+        code = main([*train, "--resume", "auto", *(f"--set={change}" for change in changes)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert all(change.split("=")[0] in err for change in changes) and "other values" in err, err
+        assert (out / "config.yaml").read_bytes() == saved
+    # how the run is run, watched and checkpointed may change: more epochs, workers, logging, kernels
+    assert main([*train, "--resume", "auto", "--max-steps", "2", "--epochs", "2", "--workers", "1", "--set",
+                 "train.log_every=1", "--set", "train.kernels=torch", "--set", "eval.every_epochs=0"]) == 0
+    assert "resuming from" in capsys.readouterr().out
     code = main(["train", "--data", str(sample_root), "--resume", "auto"])
     assert code == 2 and "--resume auto needs --out" in capsys.readouterr().err
 

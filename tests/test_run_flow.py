@@ -198,11 +198,11 @@ def test_a_second_run_in_a_live_run_folder_is_refused_until_the_first_ends(tmp_p
     pid = _holder(out, lambda lock: None)
     try:
         with pytest.raises(UserError, match=rf"run folder {out} is in use by another ddmim run \(.+:{pid}\)"):
-            open_run_folder(out, cfg, True, ("model",))
+            open_run_folder(out, cfg, True)
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    _, ckpt, lock = open_run_folder(out, cfg, True, ("model",))  # the kernel dropped the killed run's lock
+    _, ckpt, lock = open_run_folder(out, cfg, True)  # the kernel dropped the killed run's lock
     assert ckpt is None
     lock.release()
 
@@ -214,9 +214,9 @@ def test_two_fresh_runs_into_one_empty_folder_are_one_run(tmp_path):
     cfg = make_config("tiny")
     first = FolderLock(tmp_path)  # another open file: conflicts as another process's would
     with pytest.raises(UserError, match="in use by another ddmim run"):
-        open_run_folder(tmp_path, cfg, False, ("model",))
+        open_run_folder(tmp_path, cfg, False)
     first.release()
-    _, _, lock = open_run_folder(tmp_path, cfg, False, ("model",))
+    _, _, lock = open_run_folder(tmp_path, cfg, False)
     lock.release()
     assert (tmp_path / "config.yaml").is_file()
 

@@ -1,10 +1,15 @@
 """What ddmim's callbacks read of a training LightningModule, declared once for pretraining and fine-tuning."""
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 
+from ddmim.errors import UserError
 from ddmim.train.nonfinite import NonFiniteGuard
+
+PROCESSES_KEY = "ddmim_processes"
 
 
 class TrainingModule(NonFiniteGuard, pl.LightningModule):
@@ -19,3 +24,15 @@ class TrainingModule(NonFiniteGuard, pl.LightningModule):
     def flops_per_image(self, batch: int = 2) -> float | None:
         """FLOPs of one training image, forward and backward; None: not counted."""
         return None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[PROCESSES_KEY] = self.trainer.world_size
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A run resumed on another number of processes would deal its data and batches differently (each
+        process's share of an epoch, the global batch and the learning rate scaled to it): refused."""
+        saved = checkpoint.get(PROCESSES_KEY)
+        if saved is not None and self._trainer is not None and saved != self.trainer.world_size:
+            raise UserError(f"--resume auto: this run was trained on {saved} process(es) (devices x nodes) and is "
+                            f"resumed on {self.trainer.world_size}; its global batch, data order and learning rate "
+                            f"follow that count, so resume it on {saved}")

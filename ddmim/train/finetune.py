@@ -66,6 +66,7 @@ class FinetuneModule(TrainingModule):
         self.compiled = CompiledForward(self.net, self.cfg.train.compile_backend) if self.cfg.train.compile else None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[KIND_KEY] = "finetune"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,7 @@ def finetune(cfg: FinetuneConfig, data_root: Path, out: Path, launch: Launch | N
         return module
 
     plan = FitPlan(cfg=cfg, data=data_root, out=out, launch=launch, datamodule=datamodule, make_module=make_module,
-                   resume=resume, fixed_sections=("model", "head"), monitor=("val/top1", "max"))
+                   resume=resume, monitor=("val/top1", "max"))
 
     def fields(run, module) -> dict:
         metrics = run.trainer.callback_metrics

@@ -13,8 +13,6 @@ from ddmim.train.online_knn import OnlineKnn
 from ddmim.train.pretrain_module import DDMIMModule
 from ddmim.train.run import FitPlan, run_fit
 
-RESUMABLE = ("model", "ddmim", "mae", "mask", "loss", "ema")  # what must not change when a run is resumed
-
 
 def pretrain(cfg: Config, data_root: Path, out: Path, launch: Launch | None = None, *, data_format: str = "auto",
              resume: bool = False) -> dict:
@@ -24,7 +22,7 @@ def pretrain(cfg: Config, data_root: Path, out: Path, launch: Launch | None = No
     e = cfg.eval
     knn = OnlineKnn(e.every_epochs, e.k, e.temperature) if e.every_epochs else None
     plan = FitPlan(
-        cfg=cfg, data=data_root, out=out, launch=launch, resume=resume, fixed_sections=RESUMABLE,
+        cfg=cfg, data=data_root, out=out, launch=launch, resume=resume,
         datamodule=make_datamodule(data_root, cfg, data_format, channels_last=launch.channels_last),
         make_module=lambda: DDMIMModule(cfg, channels_last=launch.channels_last,
                                         cuda=launch.accelerator == "gpu"),

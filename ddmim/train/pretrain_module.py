@@ -48,11 +48,13 @@ class DDMIMModule(TrainingModule):
             return forward(images, base, masks, gather=self._gather)["loss"]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[KIND_KEY] = "pretrain"
         checkpoint["rng"] = every_rank_rng_state()
         checkpoint["ema_updates"] = self.ema_updates
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("optimizer_states") or [{"param_groups": []}]
         count = sum(len(group["params"]) for group in saved[0]["param_groups"])
         trained = sum(1 for p in self.model.parameters() if p.requires_grad)

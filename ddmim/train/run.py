@@ -28,7 +28,6 @@ class FitPlan:
     datamodule: pl.LightningDataModule
     make_module: Callable[[], pl.LightningModule]  # called after seeding
     resume: bool = False
-    fixed_sections: tuple[str, ...] = ("model",)  # what a resumed run must share with the run folder's
     monitor: tuple[str, str] = ("val/loss", "min")  # picks the best checkpoint
     validate_first: bool = False  # measure the untrained model before a fresh run
     callbacks: tuple[pl.Callback, ...] = ()  # the command's own, beside the shared ones
@@ -43,7 +42,7 @@ def throughput_fields(run: Run) -> dict:
 
 
 def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict]) -> dict:
-    run_dir, ckpt, lock = open_run_folder(Path(plan.out), plan.cfg, plan.resume, plan.fixed_sections)
+    run_dir, ckpt, lock = open_run_folder(Path(plan.out), plan.cfg, plan.resume)
     try:
         return _fit(plan, summary_fields, run_dir, ckpt)
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from ddmim.atomic import TMP_MARK, owner_tag, write_text
+from ddmim.config_engine import build_dataclass
 from ddmim.errors import UserError
 from ddmim.train.checkpoint_files import resume_checkpoint
 from ddmim.train.launch import is_launched_worker
@@ -95,9 +96,43 @@ def remove_failed_start(out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
-def resume_point(out: Path, cfg, fixed: tuple[str, ...]) -> Path | None:
-    """The checkpoint to continue from (None: the run never wrote one), after checking the run is this one:
-    the config sections in `fixed` must be those it was started with."""
+# What a resumed run may set differently from the run it continues: how it is run, watched and checkpointed.
+# Every other value defines what the run computes, and a checkpoint cannot honour a change to it (the restored
+# optimiser and schedule keep the old learning rate, a new batch size or seed deals another data order), so it
+# is refused. A key a later ddmim adds is refused too until it is listed here.
+MAY_CHANGE_ON_RESUME = frozenset({
+    "name", "train.epochs", "train.val_every", "train.log_every", "train.ckpt_every_steps", "train.keep_checkpoints",
+    "train.max_bad_steps", "train.report_every", "train.compile", "train.compile_backend", "train.ddp_bucket_mb",
+    "train.kernels", "data.num_workers", "data.ffcv_os_cache", "data.max_bad_samples", "eval.every_epochs",
+})
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def refuse_changes(out: Path, saved: dict, cfg) -> None:
+    """One line naming every value this run sets differently from the run in `out`, beyond those a resume may
+    change. `saved` is the run's config.yaml, completed with today's defaults (an earlier ddmim's folder)."""
+    before = _flat(build_dataclass(type(cfg), cfg.upgrade(saved)).to_dict())
+    now = _flat(cfg.to_dict())
+    changed = [key for key in now if key not in MAY_CHANGE_ON_RESUME and before.get(key) != now[key]]
+    if changed:
+        pairs = ", ".join(f"{key} {before.get(key)!r} -> {now[key]!r}" for key in changed)
+        raise UserError(f"--resume auto: the run in {out} was started with other values than this command gives "
+                        f"({pairs}) and a resumed run keeps its own: drop the changes ({out / 'config.yaml'} has the "
+                        "run's values), or start a new run with another --out")
+
+
+def resume_point(out: Path, cfg) -> Path | None:
+    """The checkpoint to continue from (None: the run never wrote one), after checking the run is this one
+    (`refuse_changes`)."""
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
         if out.is_dir() and _holds_files(out):
@@ -113,19 +148,13 @@ def resume_point(out: Path, cfg, fixed: tuple[str, ...]) -> Path | None:
     if not isinstance(raw, dict):
         raise UserError(f"--resume auto: {saved_path} is not a readable run config ({str(raw)[:80]}); restore it "
                         f"from a copy, or start a new run with another --out")
-    saved = cfg.upgrade(raw)  # an earlier ddmim's keys, in today's places
-    current = cfg.to_dict()
-    for section in fixed:
-        if saved.get(section) != current[section]:
-            raise UserError(f"--resume auto: {out} was made with preset '{saved.get('name')}' and a different "
-                            f"'{section}' section than this run (preset '{cfg.name}')")
+    refuse_changes(out, raw, cfg)
     for stale in (out / "checkpoints").glob(f"*{TMP_MARK}*"):
         stale.unlink()  # left by a writer that was killed; no writer runs while a run is being resumed
     return resume_checkpoint(out / "checkpoints", kind=cfg.kind)
 
 
-def open_run_folder(out: Path, cfg, resume: bool,
-                    fixed: tuple[str, ...]) -> tuple[Path, Path | None, FolderLock | None]:
+def open_run_folder(out: Path, cfg, resume: bool) -> tuple[Path, Path | None, FolderLock | None]:
     """(The run folder, the checkpoint to start from, rank 0's lock on the folder, which the caller releases);
     rank 0 also writes the resolved config.yaml."""
     if is_launched_worker():
@@ -138,14 +167,14 @@ def open_run_folder(out: Path, cfg, resume: bool,
     existing = resume and (out / "config.yaml").is_file()
     if not existing:
         if resume:
-            resume_point(out, cfg, fixed)  # no config.yaml: refuses a folder of other files, or starts at step 0
+            resume_point(out, cfg)  # no config.yaml: refuses a folder of other files, or starts at step 0
         prepare_run_dir(out)
     lock = FolderLock(out)  # before the resume checks, so that what they read cannot change under them
     if not existing and _holds_files(out):  # a run that started in the same moment took the folder first
         lock.release()
         raise UserError(f"output folder {out} was just taken by another run; choose another --out")
     try:
-        ckpt = resume_point(out, cfg, fixed) if existing else None
+        ckpt = resume_point(out, cfg) if existing else None
         write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as exc:
         lock.release()
