@@ -36,8 +36,9 @@ def said(exc: BaseException) -> int | None:
         if "signal" not in STOPPED:
             print("ddmim: stopped by SIGTERM before a training step ended: no checkpoint written", file=sys.stderr)
             return 128 + signal.SIGTERM
+        requeue = f"; {STOPPED['requeue']}" if "requeue" in STOPPED else ""
         print(f"ddmim: stopped by {signal.Signals(STOPPED['signal']).name} after step {STOPPED['step']}: "
-              f"{STOPPED['checkpoint']} written; continue with --resume auto", file=sys.stderr)
+              f"{STOPPED['checkpoint']} written{requeue}; continue with --resume auto", file=sys.stderr)
         return 128 + STOPPED["signal"]
     if isinstance(exc, KeyboardInterrupt):
         print("ddmim: interrupted", file=sys.stderr)

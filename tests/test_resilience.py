@@ -18,7 +18,7 @@ from conftest import QUIET_STEPS
 from ddmim.atomic import TMP_MARK
 from ddmim.cli import main
 from ddmim.config import make_config
-from ddmim.train.checkpoint_files import is_loadable
+from ddmim.train.checkpoint_files import is_loadable, resume_checkpoint
 from ddmim.train.nonfinite import NonFiniteTraining
 from ddmim.train.pretrain import pretrain
 from ddmim.train.pretrain_module import DDMIMModule
@@ -386,15 +386,28 @@ def test_a_full_disk_while_a_new_column_rewrites_metrics_csv_keeps_its_rows(writ
     assert (after == before) == (writer == "ddmim"), after
 
 
+def _slurm_job(tmp_path: Path) -> dict:
+    """The environment of a one-task SLURM job (4242), with an `scontrol` that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    return {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "pretrain",
+            "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+            "SLURM_NODELIST": "localhost"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_scheduler_stop_saves_the_step_and_never_exits_0(stop, sample_root, tmp_path):
-    """SIGTERM (a scheduler's stop) and SIGUSR1 (SLURM's warning) end the step, write its checkpoint and exit
-    128 + the signal: Lightning's own handling exited 0 at the epoch's end, without a checkpoint."""
+    """SIGTERM (a scheduler's stop) and SIGUSR1 (SLURM's warning, in a SLURM job) end the step, write its
+    checkpoint and exit 128 + the signal: Lightning's own handling exited 0 at the epoch's end, without a
+    checkpoint, and under SLURM wrote an hpc checkpoint mid-step that its final validation then loaded."""
     out = tmp_path / "run"
     cmd = _train_cmd(sample_root, out)
+    env = _slurm_job(tmp_path) if stop == signal.SIGUSR1 else ENV
     metrics = Growth(out / "logs" / "metrics.csv")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and not (metrics() and len(_train_steps(out)) >= 3):
         time.sleep(0.02)
@@ -405,19 +418,26 @@ def test_a_scheduler_stop_saves_the_step_and_never_exits_0(stop, sample_root, tm
     step = int(last.split("after step ")[1].split(":")[0])
     assert last.startswith(f"ddmim: stopped by {stop.name} after step {step}: ") and "--resume auto" in last
     assert 3 <= step < PLANNED and not (out / "summary.json").exists()
+    if stop == signal.SIGUSR1:
+        assert "SLURM job 4242 requeued" in last and (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+        assert not list(out.rglob("hpc_ckpt*")), list(out.rglob("hpc_ckpt*"))
     saved = torch.load(out / "checkpoints" / f"step{step:08d}.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == step
-    done = subprocess.run(_train_cmd(sample_root, out, "--resume", "auto"), cwd=REPO, env=ENV, capture_output=True,
+    chosen = resume_checkpoint(out / "checkpoints", announce=False)
+    assert torch.load(chosen, map_location="cpu", weights_only=False)["global_step"] == step  # the stop's step
+    done = subprocess.run(_train_cmd(sample_root, out, "--resume", "auto"), cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    resumed = done.stdout.split("resuming from ")[1].split()[0]
-    assert torch.load(resumed, map_location="cpu", weights_only=False)["global_step"] == step  # the stop's step
-    assert json.loads((out / "summary.json").read_text())["steps"] == PLANNED
+    assert done.stdout.split("resuming from ")[1].split()[0] == str(chosen)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == PLANNED
+    final = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not list(out.glob("checkpoints/last-v*"))  # Lightning's versioned name when last.ckpt was not its own
+    assert final["global_step"] == PLANNED  # the weights the final validation measured
 
 
 def test_resume_takes_the_latest_step_whatever_the_file_times(sample_root, tmp_path):
     """A copy or a `touch` gives an older checkpoint the newest file time: resume goes by the recorded step."""
-    from ddmim.train.checkpoint_files import resume_checkpoint
 
     out = tmp_path / "run"
     assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(out), "--workers", "0",

@@ -1,7 +1,12 @@
 """A run that a scheduler stops (SIGTERM, what SLURM and Kubernetes send before they kill a job; SIGUSR1, SLURM's
 advance warning with `--signal=USR1@90`) finishes its current step, writes a checkpoint of that step and exits
 with 128 + the signal's number, as a process the signal ended: never 0, which a scheduler reads as a finished job.
-`--resume auto` continues from that checkpoint as from any step checkpoint.
+`--resume auto` continues from that checkpoint as from any step checkpoint. Under SLURM, SIGUSR1 also requeues
+the job (`scontrol requeue`, as Lightning's own handler would), so the requeued job's `--resume auto` goes on.
+
+Lightning's SLURM handler is switched off (`slurm_environment`): it wrote `hpc_ckpt_N.ckpt` from inside the signal
+handler, mid-step, beside ddmim's checkpoints, which resume never chose but Lightning's next `validate` loaded in
+place of the trained weights, so the final validation and the best checkpoint were wrong.
 
 Lightning's own SIGTERM handling sets `trainer.received_sigterm` and, in one process, only acts at the epoch's end
 (exiting with code 0 and no checkpoint); here the step's end does. Under data parallelism Lightning agrees on the
@@ -10,15 +15,36 @@ step, where this callback writes the checkpoint (a collective) on every rank.
 """
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ddmim.train.checkpoint_files import STEP_PREFIX
 
 STOPPED: dict = {}  # the last stop by a signal: the signal, step, checkpoint, or an interrupt (read by the CLI)
+
+
+def slurm_environment() -> list[SLURMEnvironment]:
+    """The trainer's cluster environment under SLURM, without Lightning's SIGUSR1 handler; none elsewhere."""
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def requeue_slurm_job() -> str:
+    """Requeues this SLURM job; what happened, in words."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID", "")
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"SLURM job {job} not requeued ({type(exc).__name__}: {exc}); requeue it to go on"
+    if done.returncode:
+        return f"SLURM job {job} not requeued (scontrol: {done.stderr.strip()[:200]}); requeue it to go on"
+    return f"SLURM job {job} requeued"
 
 
 class Preemption(pl.Callback):
@@ -27,7 +53,7 @@ class Preemption(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         STOPPED.clear()
-        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):  # Lightning's SLURM requeue keeps its own
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):  # a handler the user installed stays
             self.previous = signal.signal(signal.SIGUSR1, lambda signum, frame: self._asked(trainer, signum))
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -60,3 +86,5 @@ class Preemption(pl.Callback):
         trainer.save_checkpoint(path)
         trainer.save_checkpoint(self.folder / "last.ckpt")
         STOPPED.update(signal=self.signal or signal.SIGTERM, step=step, checkpoint=str(path))
+        if STOPPED["signal"] == signal.SIGUSR1 and SLURMEnvironment.detect() and trainer.is_global_zero:
+            STOPPED["requeue"] = requeue_slurm_job()

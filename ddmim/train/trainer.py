@@ -15,7 +15,7 @@ from ddmim.train.callbacks import FinalStepCheckpoint, NoteOnStop, StepRows, Thr
 from ddmim.train.checkpoint_files import STEP_PREFIX, AtomicCheckpointIO
 from ddmim.train.history import HistoryCSVLogger, HistoryTensorBoardLogger
 from ddmim.train.launch import Launch
-from ddmim.train.preemption import Preemption
+from ddmim.train.preemption import Preemption, slurm_environment
 
 
 class _NoTips(logging.Filter):
@@ -70,8 +70,11 @@ def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tup
     history = ValLossHistory()
     folder = run_dir / "checkpoints"
     every = {"every_n_train_steps": t.ckpt_every_steps} if t.ckpt_every_steps else {"every_n_epochs": 1}
+    # no version counter: a last.ckpt that Lightning's restored state does not name as its own (a stop's, a copied
+    # run folder's) is replaced, not left stale beside a new last-v1.ckpt
     recent = ModelCheckpoint(dirpath=folder, filename=STEP_PREFIX + "{step:08d}", auto_insert_metric_name=False,
-                             save_top_k=-1, save_last=True, **every)  # pruned by AtomicCheckpointIO
+                             save_top_k=-1, save_last=True, enable_version_counter=False,
+                             **every)  # pruned by AtomicCheckpointIO
     best = ModelCheckpoint(dirpath=folder, filename=f"best-epoch{{epoch:03d}}-{monitor[0].replace('/', '_')}"
                            f"{{{monitor[0]}:.4f}}", auto_insert_metric_name=False, monitor=monitor[0],
                            mode=monitor[1], save_top_k=1)
@@ -97,7 +100,7 @@ def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tup
         callbacks=[StepRows(t.log_every), throughput, BadSampleGuard(cfg.data.max_bad_samples, t.log_every), history,
                    recent, best, LearningRateMonitor(logging_interval="epoch"), NoteOnStop(),
                    FinalStepCheckpoint(folder, t.ckpt_every_steps), Preemption(folder), *extra_callbacks],
-        plugins=[AtomicCheckpointIO(keep=t.keep_checkpoints)],
+        plugins=[AtomicCheckpointIO(keep=t.keep_checkpoints), *slurm_environment()],
         logger=loggers,
         enable_progress_bar=launch.progress_bar,
         enable_model_summary=False,
