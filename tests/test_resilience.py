@@ -204,9 +204,24 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
 def test_too_many_non_finite_steps_stop_training(tmp_path):
     nan_only = torch.full((16, 3, 32, 32), float("nan"))
     module, _, trainer = _fit(nan_only, max_bad_steps=3, steps=10, tmp_path=tmp_path)
-    message = "stopped at step 2: 3 consecutive non-finite steps; last good checkpoint"
+    message = "stopped at step 2: 3 consecutive non-finite steps; last checkpoint with usable weights: none"
     with pytest.raises(NonFiniteTraining, match=message):
         trainer.fit(module, datamodule=_Batches(nan_only))
+
+
+def test_the_stop_names_the_latest_checkpoint_whose_weights_are_usable(tmp_path):
+    """A blown-up run's checkpoints hold finite but enormous weights (1.25e29 was seen), then NaN ones: the
+    message names the one before them."""
+    from ddmim.train.checkpoint_files import last_usable_checkpoint
+
+    for step, value in ((4, 0.5), (8, 1.25e29), (12, float("nan")), (16, 2.0)):
+        weights = {"w": torch.full((8, 8), value), "steps": torch.tensor(step)}
+        torch.save({"global_step": step, "state_dict": weights}, tmp_path / f"step{step:08d}.ckpt")
+    assert last_usable_checkpoint(tmp_path) == f"{tmp_path / 'step00000016.ckpt'} (step 16)"  # the control
+    (tmp_path / "step00000016.ckpt").unlink()
+    assert last_usable_checkpoint(tmp_path) == f"{tmp_path / 'step00000004.ckpt'} (step 4)"
+    (tmp_path / "step00000004.ckpt").unlink()
+    assert last_usable_checkpoint(tmp_path) == "none with usable weights"
 
 
 def test_a_run_of_non_finite_steps_between_checks_stops_training(tmp_path):

@@ -143,6 +143,26 @@ def resume_checkpoint(folder: Path, *, announce: bool = True, kind: str | None =
                     f"({', '.join(p.name for p, _ in unreadable)}); move them away to start the run over")
 
 
+def usable_weights(path: Path) -> bool:
+    """Whether a checkpoint loads and every weight tensor's squares still sum to a finite float32: a blown-up
+    run's weights (1e29, say) are finite, yet any layer norm or product of them overflows."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
+    except Exception:  # any file that is not a readable checkpoint
+        return False
+    return all(bool(torch.isfinite(t.float().square().sum())) for t in state.values()
+               if torch.is_tensor(t) and t.is_floating_point())
+
+
+def last_usable_checkpoint(folder: Path) -> str:
+    """The checkpoint of the latest recorded step with `usable_weights`, in words, for a message."""
+    candidates = sorted((p for p in Path(folder).glob("*.ckpt") if TMP_MARK not in p.name), key=_newest_first)
+    for path in candidates:
+        if usable_weights(path):
+            return f"{path} (step {recorded_step(path)})"
+    return "none with usable weights"
+
+
 def rng_state() -> dict:
     """Every random generator this process draws from, so a resumed run continues the same streams: CUDA's of
     this process's device only (a rank of a data-parallel run owns one device)."""

@@ -17,6 +17,7 @@ from collections import defaultdict
 import torch
 
 from ddmim.errors import UserError
+from ddmim.train.checkpoint_files import last_usable_checkpoint
 
 
 class NonFiniteTraining(UserError):
@@ -96,6 +97,7 @@ class NonFiniteGuard:
                        f"{skipped} in all)")
             state["reported"] = skipped
         if longest >= self.max_bad_steps:
-            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+            last = last_usable_checkpoint(folder) if folder else "none written"
             raise NonFiniteTraining(f"training stopped at step {self.global_step}: {longest} consecutive "
-                                    f"non-finite steps; last good checkpoint: {last}")
+                                    f"non-finite steps; last checkpoint with usable weights: {last}")
