@@ -1,9 +1,10 @@
-"""What a failed `ddmim` command says: one `ddmim: error: ...` line and an exit code, for a user's mistake (2),
-an interrupt (130), a scheduler's stop signal (128 + its number, after the step's checkpoint), memory running
-out (2) and, under data-parallel training, another rank's stop (2 when that
-rank left its reason, else 1); anything else is a bug and keeps its traceback."""
+"""What a failed `ddmim` command says: one `ddmim: error: ...` line and an exit code, for a user's mistake or a
+full disk (2), an interrupt (130), a scheduler's stop signal (128 + its number, after the step's checkpoint),
+memory running out (2) and, under data-parallel training, another rank's stop (2 when that rank left its
+reason, else 1); anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 
@@ -27,6 +28,11 @@ def said(exc: BaseException) -> int | None:
         print(f"ddmim: error: {one_line(exc)}", file=sys.stderr)
         if is_launched_worker():
             leave_note(one_line(exc))
+        return 2
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        print(f"ddmim: error: {exc.strerror} writing {exc.filename or 'a file'}: the disk is full or a file-size "
+              "limit was reached; the checkpoints already written stay, and --resume auto goes on from them once "
+              "there is room", file=sys.stderr)
         return 2
     if isinstance(exc, SystemExit) and STOPPED.get("interrupted"):  # Lightning's exit after Ctrl-C
         print(f"ddmim: interrupted at step {STOPPED['step']}; the checkpoints written before stay, and --resume auto "

@@ -3,6 +3,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,36 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_earlier_ones(sample_ro
     fresh = subprocess.run([*cmd[:9], str(tmp_path / "fresh"), *cmd[10:], "--max-steps", "2"], cwd=REPO,
                            capture_output=True, text=True, timeout=300, preexec_fn=small_files)
     assert "no earlier checkpoint of this run exists" in fresh.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_run_folder_deleted_during_training_is_one_line(sample_root, tmp_path):
+    from helpers import Growth, ddmim_cmd, settings
+
+    out = tmp_path / "run"
+    cmd = ddmim_cmd("train", sample_root, out, "--max-steps", "200", "--workers", "0",
+                    *settings(train__log_every=1))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = Growth(out / "logs" / "metrics.csv")
+    while proc.poll() is None and not metrics():  # a training row is on disk: the run writes there
+        time.sleep(0.05)
+    shutil.rmtree(out)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"ddmim: error: the run folder {out} was deleted or moved during the run"), last
+
+
+def test_a_full_disk_anywhere_is_one_line_and_a_bug_keeps_its_traceback(capsys):
+    import errno
+
+    from ddmim.cli_failures import said
+
+    assert said(OSError(errno.ENOSPC, "No space left on device", "/runs/a/logs/metrics.csv")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ddmim: error: No space left on device writing /runs/a/logs/metrics.csv: the disk is full")
+    assert "\n" not in err
+    assert said(OSError(errno.EACCES, "Permission denied", "/runs/a")) is None  # not a full disk: a traceback
 
 
 def test_converted_data_without_its_library_is_one_line(capsys, converted, monkeypatch):

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 
 from ddmim.atomic import write_text
 from ddmim.config import RunConfig
+from ddmim.errors import UserError, one_line
 from ddmim.train.compile import compile_report
 from ddmim.train.curves import write_curves
 from ddmim.train.launch import Launch, is_launched_worker
@@ -45,6 +46,11 @@ def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], d
     run_dir, ckpt, lock = open_run_folder(Path(plan.out), plan.cfg, plan.resume)
     try:
         return _fit(plan, summary_fields, run_dir, ckpt)
+    except Exception as exc:  # Lightning's loggers say a missing folder in their own ways (RuntimeError, OSError)
+        if (run_dir / "config.yaml").is_file():  # not the folder: the run's writers may have made it again
+            raise
+        raise UserError(f"the run folder {run_dir} was deleted or moved during the run ({type(exc).__name__}: "
+                        f"{one_line(exc)[:160]}); restore it and --resume auto, or start the run again") from None
     finally:
         if lock is not None:
             lock.release()
