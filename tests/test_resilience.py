@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -449,6 +450,22 @@ def test_a_scheduler_stop_saves_the_step_and_never_exits_0(stop, sample_root, tm
     final = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert not list(out.glob("checkpoints/last-v*"))  # Lightning's versioned name when last.ckpt was not its own
     assert final["global_step"] == PLANNED  # the weights the final validation measured
+
+
+def test_a_copied_run_folder_resumes_into_its_own_last_checkpoint(sample_root, tmp_path):
+    """Lightning's restored state names the original folder's last.ckpt: it wrote last-v1.ckpt in the copy and
+    left last.ckpt stale there, and the original's files must stay untouched."""
+    train = ["train", "--data", str(sample_root), "--preset", "tiny", "--workers", "0", "--no-progress",
+             "--set", "train.ckpt_every_steps=2"]
+    assert main([*train, "--out", str(tmp_path / "a"), "--max-steps", "2"]) == 0
+    original = {p.name: p.read_bytes() for p in (tmp_path / "a" / "checkpoints").iterdir()}
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert main([*train, "--out", str(tmp_path / "b"), "--max-steps", "4", "--resume", "auto"]) == 0
+    names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert not [n for n in names if n.startswith("last-v")], names
+    last = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a" / "checkpoints").iterdir()} == original
 
 
 def test_resume_takes_the_latest_step_whatever_the_file_times(sample_root, tmp_path):
