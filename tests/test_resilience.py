@@ -157,6 +157,13 @@ def test_resume_refuses_what_changes_the_run_and_takes_what_only_runs_it(sample_
         assert code == 2 and len(err.splitlines()) == 1, err
         assert all(change.split("=")[0] in err for change in changes) and "other values" in err, err
         assert (out / "config.yaml").read_bytes() == saved
+    fewer = tmp_path / "fewer"
+    shutil.copytree(sample_root, fewer)
+    for image in sorted((fewer / "train").rglob("*.png"))[:100]:
+        image.unlink()
+    code = main([*train[:2], str(fewer), *train[3:], "--resume", "auto", "--max-steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "trained on 1442 images in folder format and --data gives 1342" in err, err
     # how the run is run, watched and checkpointed may change: more epochs, workers, logging, kernels
     assert main([*train, "--resume", "auto", "--max-steps", "2", "--epochs", "2", "--workers", "1", "--set",
                  "train.log_every=1", "--set", "train.kernels=torch", "--set", "eval.every_epochs=0"]) == 0

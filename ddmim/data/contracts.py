@@ -13,6 +13,8 @@ class TrainingData(Protocol):
     num_classes: int  # classes of the train split (labels 0..num_classes-1)
     applies_randaugment: bool  # False: the loader cannot run timm's PIL RandAugment; the batch gets it instead
     skipped: dict[str, SkippedSamples]  # per split: the samples that failed to decode, replaced in their batches
+    data_format: str  # folder | ffcv | dali
+    train_size: int  # training samples listed (those that later fail to decode included)
 
     def train_dataloader(self): ...
 

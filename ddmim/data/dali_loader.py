@@ -246,6 +246,7 @@ def open_loader(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, chann
 
 class DALIDataModule(pl.LightningDataModule):
     applies_randaugment = False
+    data_format = "dali"
 
     def __init__(self, root: Path, spec: LoaderSpec, channels_last: bool = False):
         super().__init__()

@@ -146,6 +146,7 @@ def make_loader(path: Path, spec: LoaderSpec, *, train: bool, device: torch.devi
 
 class FFCVDataModule(pl.LightningDataModule):
     applies_randaugment = False
+    data_format = "ffcv"
 
     def __init__(self, root: Path, spec: LoaderSpec):
         super().__init__()

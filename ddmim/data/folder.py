@@ -89,6 +89,7 @@ def open_split(root: Path, split: str, transform, layout: str = "auto", val_frac
 
 class FolderDataModule(pl.LightningDataModule):
     applies_randaugment = True  # in the PIL pipeline, per image
+    data_format = "folder"
 
     def __init__(self, root: Path, spec: LoaderSpec, randaugment: str = "", labels: bool = False):
         """`labels`: refuse an unlabeled source."""
@@ -102,6 +103,7 @@ class FolderDataModule(pl.LightningDataModule):
         self.train_set = ListedImages(train.files, classes, train_transform(size, spec.data, randaugment))
         self.val_set = ListedImages(val.files, classes, val_transform(size, spec.data))
         self.num_classes = len(classes)  # 0: unlabeled
+        self.train_size = len(self.train_set)
         check_one_batch_per_rank(self.root, len(self.train_set), spec.batch_size)
 
     @property
