@@ -46,11 +46,6 @@ def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], d
     run_dir, ckpt, lock = open_run_folder(Path(plan.out), plan.cfg, plan.resume)
     try:
         return _fit(plan, summary_fields, run_dir, ckpt)
-    except Exception as exc:  # Lightning's loggers say a missing folder in their own ways (RuntimeError, OSError)
-        if (run_dir / "config.yaml").is_file():  # not the folder: the run's writers may have made it again
-            raise
-        raise UserError(f"the run folder {run_dir} was deleted or moved during the run ({type(exc).__name__}: "
-                        f"{one_line(exc)[:160]}); restore it and --resume auto, or start the run again") from None
     finally:
         if lock is not None:
             lock.release()
@@ -69,10 +64,30 @@ def _fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict
         elif plan.validate_first:
             run.trainer.validate(module, datamodule=plan.datamodule, verbose=False)
         run.trainer.fit(module, datamodule=plan.datamodule, ckpt_path=ckpt)
-    except BaseException:
+    except BaseException as exc:
+        _refuse_gone_folder(run_dir, exc)
         if not plan.resume and run.trainer.global_step == 0 and not is_launched_worker():
             remove_failed_start(run_dir)
         raise
+    try:
+        return _finish(plan, summary_fields, run, module, run_dir, ckpt, start)
+    except Exception as exc:
+        _refuse_gone_folder(run_dir, exc)
+        raise
+
+
+def _refuse_gone_folder(run_dir: Path, exc: BaseException) -> None:
+    """One line for a run folder deleted or moved during the run, which Lightning's loggers report in their
+    own ways (RuntimeError, OSError). It is known gone by its config.yaml: the run's writers may have made the
+    folder again."""
+    if isinstance(exc, Exception) and not (run_dir / "config.yaml").is_file():
+        raise UserError(f"the run folder {run_dir} was deleted or moved during the run ({type(exc).__name__}: "
+                        f"{one_line(exc)[:160]}); restore it and --resume auto, or start the run again") from None
+
+
+def _finish(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict], run: Run,
+            module: pl.LightningModule, run_dir: Path, ckpt: Path | None, start: float) -> dict:
+    """The final validation and the summary."""
     if not run.val_history.steps or run.val_history.steps[-1] != run.trainer.global_step:
         run.trainer.validate(module, datamodule=plan.datamodule, verbose=False)  # the final weights
     summary = {
