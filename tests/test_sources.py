@@ -177,7 +177,7 @@ def imagenet_download(sample_root, tmp_path):
 
 def test_imagenets_flat_val_takes_its_labels_from_the_ground_truth(imagenet_download, tmp_path):
     root, rows, truth = imagenet_download
-    with pytest.raises(UserError, match="LOC_val_solution.csv beside it or in a folder above it"):
+    with pytest.raises(UserError, match=r"LOC_val_solution.csv \(or the devkit's .*\) beside it or in a folder above"):
         list_splits(root, "auto", 0.01)
     (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
     classes, _, val = list_splits(root, "auto", 0.01)
@@ -185,6 +185,28 @@ def test_imagenets_flat_val_takes_its_labels_from_the_ground_truth(imagenet_down
     assert classes == wnids and len(val.files) == len(truth) - 1
     assert all(classes[label] == truth[Path(p).stem] for p, label in val.files)
     assert [Path(p).name for p, _ in val.ignored] == ["ILSVRC2012_val_00000006.png"]
+
+
+def test_imagenets_flat_val_takes_its_labels_from_the_devkit(imagenet_download, tmp_path):
+    """The devkit numbers its classes in its own order (meta.mat), not in sorted WordNet order."""
+    import numpy as np
+    from scipy.io import savemat
+
+    root, _, truth = imagenet_download
+    wnids = sorted(set(truth.values()))
+    ilsvrc_id = {wnid: len(wnids) - i for i, wnid in enumerate(wnids)}  # reversed: sorted order would mislabel
+    data = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    synsets = np.array([(ilsvrc_id[w], w) for w in wnids], dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
+    savemat(data / "meta.mat", {"synsets": synsets})
+    names = sorted(truth)
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ilsvrc_id[truth[n]]}\n" for n in names))
+    classes, _, val = list_splits(root, "auto", 0.01)
+    assert classes == wnids and len(val.files) == len(truth)
+    assert all(classes[label] == truth[Path(p).stem] for p, label in val.files)
+    (data / "meta.mat").write_bytes(b"not a mat file")
+    with pytest.raises(UserError, match="not ImageNet's devkit ground truth"):
+        list_splits(root, "auto", 0.01)
 
 
 def test_the_dali_converter_labels_a_file_list_and_imagenets_flat_val_as_the_folder_loader(imagenet_download,

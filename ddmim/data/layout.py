@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddmim.data.label_files import GROUND_TRUTH, find_ground_truth, read_ground_truth, read_list
+from ddmim.data.label_files import DEVKIT_TRUTH, GROUND_TRUTH, find_ground_truth, read_ground_truth, read_list
 from ddmim.data.pixels import EXTENSIONS
 from ddmim.errors import UserError
 
@@ -183,7 +183,8 @@ def list_flat_val(val: Path, classes: list[str], extensions: tuple[str, ...] | N
     truth_file = find_ground_truth(val)
     if truth_file is None:
         raise UserError(f"{val} is a flat folder of images without class folders; for ImageNet's official val put "
-                        f"its ground truth {GROUND_TRUTH} beside it or in a folder above it")
+                        f"its ground truth {GROUND_TRUTH} (or the devkit's {DEVKIT_TRUTH} and meta.mat) beside it "
+                        "or in a folder above it")
     truth, index, listing = read_ground_truth(truth_file), {n: i for i, n in enumerate(classes)}, SplitListing([])
     for entry in sorted(os.scandir(val), key=lambda e: e.name):
         if not entry.is_file() or (extensions is not None and not entry.name.lower().endswith(extensions)):
