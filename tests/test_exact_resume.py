@@ -38,11 +38,26 @@ def _assert_identical(whole: dict[str, torch.Tensor], killed: dict[str, torch.Te
     assert not differ, f"{len(differ)} of {len(whole)} tensors differ{context}: {differ[:5]}"
 
 
+@pytest.fixture(scope="module")
+def never_stopped(tmp_path_factory):
+    """The final state of the run never stopped, per data path, run once for the tests of this module (the
+    checkpoint cadence changes no training value)."""
+    states: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def state(data: Path) -> dict[str, torch.Tensor]:
+        if data not in states:
+            out = tmp_path_factory.mktemp("whole")
+            finish(_cmd(data, out))
+            states[data] = _final_state(out)
+        return states[data]
+    return state
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["folder", "ffcv", "dali"])
-def test_a_run_killed_at_three_steps_ends_as_the_run_never_stopped(fmt, sample_root, request, tmp_path):
+def test_a_run_killed_at_three_steps_ends_as_the_run_never_stopped(fmt, sample_root, request, never_stopped,
+                                                                   tmp_path):
     data = sample_root if fmt == "folder" else request.getfixturevalue(f"digits_{fmt}")
-    finish(_cmd(data, tmp_path / "whole"))
     out = tmp_path / "killed"
     resumed_at = []
     for attempt, step in enumerate((5, 17, 26)):  # each killed once a checkpoint of that step is complete
@@ -52,7 +67,7 @@ def test_a_run_killed_at_three_steps_ends_as_the_run_never_stopped(fmt, sample_r
         resumed_at.append(newest_step(out / "checkpoints"))
     assert "resuming from" in finish(_cmd(data, out, "--resume", "auto"))
 
-    _assert_identical(_final_state(tmp_path / "whole"), _final_state(out), f" after resuming at {resumed_at}")
+    _assert_identical(never_stopped(data), _final_state(out), f" after resuming at {resumed_at}")
 
 
 DDP_STEPS = 16
@@ -83,21 +98,17 @@ def test_a_two_rank_dali_run_killed_twice_ends_as_the_run_never_stopped(digits_d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["folder", "dali"])
-def test_a_run_killed_after_its_end_of_epoch_checkpoint_ends_as_the_run_never_stopped(fmt, sample_root, request,
+def test_a_run_killed_after_its_end_of_epoch_checkpoint_ends_as_the_run_never_stopped(sample_root, never_stopped,
                                                                                    tmp_path):
     """Checkpoints once an epoch (the default): Lightning restarts from one with its epoch count one ahead, and
-    a loader that trusted that count trained the next epoch's order in place of this one's."""
-    data = sample_root if fmt == "folder" else request.getfixturevalue(f"digits_{fmt}")
+    the folder loader, which trusted that count, trained the next epoch's order in place of this one's (FFCV
+    and DALI take the epoch from the step)."""
+    def cmd(*extra: str) -> list[str]:
+        return [*_cmd(sample_root, tmp_path, *extra), "--set", "train.ckpt_every_steps=0"]  # the later value wins
 
-    def cmd(out: Path, *extra: str) -> list[str]:
-        return [*_cmd(data, out, *extra), "--set", "train.ckpt_every_steps=0"]  # the later value wins
+    proc = subprocess.Popen(cmd(), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert kill_when(proc, lambda: newest_step(tmp_path / "checkpoints") > 0)
+    assert newest_step(tmp_path / "checkpoints") == 22  # the end of the first epoch
+    assert "resuming from" in finish(cmd("--resume", "auto"))
 
-    finish(cmd(tmp_path / "whole"))
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(out), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert kill_when(proc, lambda: newest_step(out / "checkpoints") > 0)
-    assert newest_step(out / "checkpoints") == 22  # the end of the first epoch
-    assert "resuming from" in finish(cmd(out, "--resume", "auto"))
-
-    _assert_identical(_final_state(tmp_path / "whole"), _final_state(out))
+    _assert_identical(never_stopped(sample_root), _final_state(tmp_path))
