@@ -164,10 +164,13 @@ def test_resume_refuses_what_changes_the_run_and_takes_what_only_runs_it(sample_
     code = main([*train[:2], str(fewer), *train[3:], "--resume", "auto", "--max-steps", "2"])
     err = capsys.readouterr().err
     assert code == 2 and "trained on 1442 images in folder format and --data gives 1342" in err, err
+    (out / "hpc_ckpt_1.ckpt").write_bytes(b"Lightning's SLURM checkpoint of an earlier ddmim")
     # how the run is run, watched and checkpointed may change: more epochs, workers, logging, kernels
     assert main([*train, "--resume", "auto", "--max-steps", "2", "--epochs", "2", "--workers", "1", "--set",
                  "train.log_every=1", "--set", "train.kernels=torch", "--set", "eval.every_epochs=0"]) == 0
-    assert "resuming from" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "resuming from" in said and "set aside Lightning's mid-step SLURM checkpoints" in said
+    assert not (out / "hpc_ckpt_1.ckpt").exists() and (out / "hpc_ckpt_1.ckpt.unused").is_file()
     code = main(["train", "--data", str(sample_root), "--resume", "auto"])
     assert code == 2 and "--resume auto needs --out" in capsys.readouterr().err
 

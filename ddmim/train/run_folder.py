@@ -151,7 +151,20 @@ def resume_point(out: Path, cfg) -> Path | None:
     refuse_changes(out, raw, cfg)
     for stale in (out / "checkpoints").glob(f"*{TMP_MARK}*"):
         stale.unlink()  # left by a writer that was killed; no writer runs while a run is being resumed
+    _set_aside_hpc_checkpoints(out)
     return resume_checkpoint(out / "checkpoints", kind=cfg.kind)
+
+
+def _set_aside_hpc_checkpoints(out: Path) -> None:
+    """Lightning's SLURM handler of an earlier ddmim left hpc_ckpt_N.ckpt in the run folder, written mid-step;
+    under SLURM Lightning's next fit or validate without a checkpoint path would load it in place of the
+    trained weights. Renamed, so that only ddmim's own checkpoints are resumed from."""
+    found = sorted(out.glob("hpc_ckpt_*.ckpt"))
+    for path in found:
+        path.rename(path.with_name(path.name + ".unused"))
+    if found:
+        print(f"set aside Lightning's mid-step SLURM checkpoints (renamed *.unused): "
+              f"{', '.join(p.name for p in found)}")
 
 
 def open_run_folder(out: Path, cfg, resume: bool) -> tuple[Path, Path | None, FolderLock | None]:
