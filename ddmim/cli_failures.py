@@ -4,13 +4,12 @@ memory running out (2) and, under data-parallel training, another rank's stop (2
 reason, else 1); anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
-import errno
 import signal
 import sys
 
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ddmim.errors import UserError, one_line
+from ddmim.errors import UserError, is_full_disk, one_line
 from ddmim.train.launch import is_launched_worker
 from ddmim.train.preemption import STOPPED
 from ddmim.train.rank_notes import leave_note, lost_a_rank, notes, this_rank
@@ -29,7 +28,7 @@ def said(exc: BaseException) -> int | None:
         if is_launched_worker():
             leave_note(one_line(exc))
         return 2
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if is_full_disk(exc):
         print(f"ddmim: error: {exc.strerror} writing {exc.filename or 'a file'}: the disk is full or a file-size "
               "limit was reached; the checkpoints already written stay, and --resume auto goes on from them once "
               "there is room", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The one exception type for mistakes a user can make, and how any error is told in one line (the CLI prints a
 UserError so and exits 2)."""
+import errno
 
 
 class UserError(Exception):
@@ -14,3 +15,8 @@ def one_line(exc: BaseException) -> str:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(("Error", "Exception")) else last
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def is_full_disk(exc: BaseException) -> bool:
+    """A write that failed for want of space: a full disk, a quota, a file-size limit."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -7,7 +7,6 @@ and is renamed over it, which is atomic on POSIX filesystems.
 """
 from __future__ import annotations
 
-import errno
 import random
 import shutil
 from pathlib import Path
@@ -26,7 +25,7 @@ from ddmim.checkpoints import (
     payload_digest,
     read_checkpoint,
 )
-from ddmim.errors import UserError
+from ddmim.errors import UserError, is_full_disk
 
 STEP_PREFIX = "step"  # recent checkpoints are named step<8 digits>.ckpt
 
@@ -59,7 +58,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def write_failure(exc: BaseException, folder: Path) -> str:
     """What went wrong, in words: torch.save's zip writer reports a full disk as '[enforce fail at
     inline_container.cc:...] unexpected pos' or 'file write failed', without the system's reason."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if is_full_disk(exc):
         return f"{exc.strerror}: the disk is full, or a file-size limit was reached"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "unexpected pos" in text or "file write failed" in text:
@@ -110,6 +109,10 @@ def _newest_first(path: Path) -> tuple:
     return (step is not None, -(step or 0), -path.stat().st_mtime_ns)
 
 
+def _newest_first_checkpoints(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.glob("*.ckpt") if TMP_MARK not in p.name), key=_newest_first)
+
+
 def resume_checkpoint(folder: Path, *, announce: bool = True, kind: str | None = None) -> Path | None:
     """The checkpoint in `folder` of the latest recorded step that loads; None for a folder without any.
 
@@ -118,7 +121,7 @@ def resume_checkpoint(folder: Path, *, announce: bool = True, kind: str | None =
     of the way of the pruning of recent checkpoints, which goes by name). `announce`: say what was done
     (rank 0); other ranks only look. `kind`: the one that loads must be of this kind (pretrain, finetune)."""
     folder = Path(folder)
-    candidates = sorted((p for p in folder.glob("*.ckpt") if TMP_MARK not in p.name), key=_newest_first)
+    candidates = _newest_first_checkpoints(folder)
     if not candidates:
         if announce:
             print(f"no checkpoint found in {folder}, starting from step 0")
@@ -156,8 +159,7 @@ def usable_weights(path: Path) -> bool:
 
 def last_usable_checkpoint(folder: Path) -> str:
     """The checkpoint of the latest recorded step with `usable_weights`, in words, for a message."""
-    candidates = sorted((p for p in Path(folder).glob("*.ckpt") if TMP_MARK not in p.name), key=_newest_first)
-    for path in candidates:
+    for path in _newest_first_checkpoints(Path(folder)):
         if usable_weights(path):
             return f"{path} (step {recorded_step(path)})"
     return "none with usable weights"
