@@ -199,7 +199,10 @@ class EvalConfig:
 class TrainConfig:
     """What every training command shares."""
     epochs: int = 50
-    batch_size: int = 52
+    batch_size: int = 52  # per device (per micro-batch under accumulation)
+    # images per optimiser step over every device; 0: batch_size x devices x accumulate (ddmim/train/accumulation.py)
+    global_batch: int = 0
+    accumulate: int = 0  # micro-batches per optimiser step; 0: what global_batch implies (1 without it)
     seed: int = 0
     val_every: int = 1  # epochs between validations
     log_every: int = 50  # steps between logged training losses
@@ -214,7 +217,7 @@ class TrainConfig:
     def check(self) -> None:
         for name in ("epochs", "batch_size", "val_every", "log_every", "max_bad_steps"):
             at_least(f"train.{name}", getattr(self, name), 1)
-        for name in ("ckpt_every_steps", "keep_checkpoints", "report_every"):
+        for name in ("ckpt_every_steps", "keep_checkpoints", "report_every", "global_batch", "accumulate"):
             at_least(f"train.{name}", getattr(self, name), 0)
         if not 0 <= self.seed < 2**32:
             raise UserError(f"train.seed must be in [0, 2^32), the range of the random generators it seeds, got "

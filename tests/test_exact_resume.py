@@ -112,3 +112,26 @@ def test_a_run_killed_after_its_end_of_epoch_checkpoint_ends_as_the_run_never_st
     assert "resuming from" in finish(cmd("--resume", "auto"))
 
     _assert_identical(never_stopped(sample_root), _final_state(tmp_path))
+
+
+ACC_STEPS = 10  # 3 micro-batches a step: DALI's 22 batches an epoch end in a step of one batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["folder", "dali"])  # FFCV's position: tests/test_ffcv_resume.py
+def test_a_run_accumulating_micro_batches_killed_and_resumed_ends_as_the_run_never_stopped(fmt, sample_root, request,
+                                                                                           tmp_path):
+    """Under accumulation checkpoints fall at step ends only, and each loader resumes at the micro-batch after
+    the step (the DALI reader's state is kept per step), including across an epoch whose last step is short."""
+    data = sample_root if fmt == "folder" else request.getfixturevalue(f"digits_{fmt}")
+
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return _cmd(data, out, "--set", "train.accumulate=3", "--set", "ema.every=2", *extra, steps=ACC_STEPS)
+
+    finish(cmd(tmp_path / "whole"))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert kill_when(proc, lambda: newest_step(out / "checkpoints") >= 5, deadline_s=900)
+    assert "resuming from" in finish(cmd(out, "--resume", "auto"))
+
+    _assert_identical(*(_final_state(run, ACC_STEPS) for run in (tmp_path / "whole", out)))

@@ -32,9 +32,10 @@ def gradients(tmp_path_factory):
     return out / "train.beton"
 
 
-def batches(path, *overrides, epochs=2, global_step=0):
+def batches(path, *overrides, epochs=2, global_step=0, accumulate=1):
     cfg = make_config("tiny", ["train.batch_size=4", *overrides])
-    loader = make_loader(path, LoaderSpec.of(cfg), train=True, device=CPU, global_step=global_step)
+    loader = make_loader(path, LoaderSpec.of(cfg), train=True, device=CPU, global_step=global_step,
+                         accumulate=accumulate)
     return [x.clone() for _ in range(epochs) for x, _ in loader]  # FFCV reuses its batch buffers
 
 
@@ -63,6 +64,10 @@ def test_a_resumed_loader_goes_on_at_the_batch_after_the_step(converted):
     for step in (3, per_epoch + 5):
         rest = batches(path, global_step=step, epochs=3 - step // per_epoch)
         assert len(rest) == len(whole) - step and all(torch.equal(a, b) for a, b in zip(rest, whole[step:]))
+    # 5 batches a step: an epoch of 12 batches is 3 steps, the last of 2 batches; step 4 is 5 batches into epoch 1
+    rest = batches(path, global_step=4, epochs=2, accumulate=5)
+    assert per_epoch == 12 and len(rest) == len(whole) - 17
+    assert all(torch.equal(a, b) for a, b in zip(rest, whole[17:]))
     cfg = make_config("tiny")
     seen = [i for x in whole[:per_epoch] for i in decode_index(x, cfg.data.mean, cfg.data.std)]
     assert len(seen) == len(set(seen))  # an epoch reads each sample once

@@ -85,15 +85,15 @@ def test_the_first_ema_update_copies_and_the_counter_restarts_each_epoch():
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
-    module.ema_step(batch_idx=0)  # the first update: a plain copy
+    module.ema_step(epoch_step=0)  # the first update: a plain copy
     assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), student.parameters()))
     before = [t.clone() for t in teacher.parameters()]
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
-    module.ema_step(batch_idx=1)  # not a multiple of every: no update
+    module.ema_step(epoch_step=1)  # not a multiple of every: no update
     assert all(torch.equal(t, b) for t, b in zip(teacher.parameters(), before))
-    module.ema_step(batch_idx=0)  # batch 0 of the next epoch: an EMA step
+    module.ema_step(epoch_step=0)  # batch 0 of the next epoch: an EMA step
     assert all(torch.allclose(t, b + 0.5) for t, b in zip(teacher.parameters(), before))
 
 

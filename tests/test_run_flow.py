@@ -132,7 +132,8 @@ def test_the_summary_names_a_best_checkpoint_only_when_there_is_one(best):
     from ddmim.train.pretrain import format_summary
 
     summary = {"val_loss_first": 2.0, "val_loss_last": 1.0, "preset": "tiny", "steps": 3, "wall_s": 1.0,
-               "accelerator": "cpu", "precision": "32", "train_images_per_s": 1.0, "data_wait_share": 0.1,
+               "global_batch": 64, "accumulate": 1, "world_size": 1, "accelerator": "cpu", "precision": "32",
+               "train_images_per_s": 1.0, "data_wait_share": 0.1,
                "resumed_from": None, "compile": "off", "run_dir": "/run", "logs": "/run/logs/metrics.csv",
                "tensorboard": "/run/tensorboard", "checkpoint_last": "/run/checkpoints/last.ckpt",
                "checkpoint_best": best}

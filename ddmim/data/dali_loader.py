@@ -56,15 +56,16 @@ class DaliLoader:
     that same step, keeping the epoch's batch count, so no rank waits for another."""
 
     def __init__(self, make_pipe, *, train: bool, channels_last: bool, folder: Path, skipped: SkippedSamples,
-                 group=None):
+                 group=None, accumulate: int = 1):
         self.make_pipe, self.train, self.channels_last = make_pipe, train, channels_last
+        self.accumulate = accumulate  # training batches per optimiser step
         self.folder, self.skipped, self.ranks = folder, skipped, RankExchange(group)
         self.left_out: set[str] = set()  # 'SHARD.tar:KEY' of every sample left out so far
         self.shards = self._screened()
         self.iterator = self._iterator()
-        self.consumed = 0  # training batches yielded in this run, counting those of the run it resumed
+        self.consumed = 0  # optimiser steps whose batches were yielded, counting those of the run it resumed
         self.resume_done = 0  # batches of the first epoch after a resume that the checkpoint had already trained
-        self.states: dict[int, dict] = {}  # consumed -> the state after that batch, for the last few batches
+        self.states: dict[int, dict] = {}  # consumed -> the state after that step's last batch, for the last few
         self.sent = None  # (whether any rank's last batch failed, in flight; what this rank found)
         self.repaired = False  # a pipeline rebuilt in this epoch: the next epoch starts a pass of its own
 
@@ -100,15 +101,15 @@ class DaliLoader:
                                    prepare_first_batch=False)
 
     def _remember(self, epoch_done: int) -> None:
-        """Keeps the state after the batch just yielded: Lightning asks for it at the step that trained that
-        batch, when it may already have fetched the next one."""
+        """Keeps the state after the batch just yielded, a step's last: Lightning asks for it at the step that
+        trained that batch, when it may already have fetched the next one."""
         self.states[self.consumed] = {"dali": self.iterator.checkpoints()[0], "epoch_done": epoch_done,
                                       "left_out": sorted(self.left_out), "repaired": self.repaired,
                                       "unsettled": self.sent[1] if self.sent else []}
         self.states.pop(self.consumed - 4, None)
 
     def state_at(self, step: int) -> dict:
-        """What a resume at `step` (batches trained) needs to go on exactly: DALI's own checkpoint of the pipeline
+        """What a resume after `step` optimiser steps needs to go on exactly: DALI's own checkpoint of the pipeline
         (reader position, every random stream), how far into its epoch, and the samples left out; one entry per
         rank (a collective under data-parallel training: every rank saves the checkpoint, rank 0 writes it)."""
         return {"ranks": self.ranks.gather(self.states.get(step))}
@@ -220,7 +221,7 @@ class DaliLoader:
             if self.ranks.shared and not self.train and done == total - 1:
                 images, labels = self._even(images, labels)
             done += 1
-            if self.train:
+            if self.train and (done % self.accumulate == 0 or done == total):  # a step's last batch
                 self.consumed += 1
                 self._remember(done)
             yield images, labels
@@ -231,7 +232,8 @@ class DaliLoader:
 
 
 def open_loader(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, channels_last: bool = False,
-                skipped: SkippedSamples | None = None, group=None, **pipeline_options) -> DaliLoader:
+                skipped: SkippedSamples | None = None, group=None, accumulate: int = 1,
+                **pipeline_options) -> DaliLoader:
     """The loader of one split folder; `pipeline_options` go to `build_pipeline` (shard_id, batch_size, ...)."""
     if skipped is None:
         skipped = SkippedSamples(sample_count(list_shards(folder)[1]))
@@ -241,7 +243,7 @@ def open_loader(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, chann
                               enable_checkpointing=train, checkpoint=checkpoint, **pipeline_options)
 
     return DaliLoader(make_pipe, train=train, channels_last=channels_last, folder=folder, skipped=skipped,
-                      group=group)
+                      group=group, accumulate=accumulate)
 
 
 class DALIDataModule(pl.LightningDataModule):
@@ -271,7 +273,8 @@ class DALIDataModule(pl.LightningDataModule):
         gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return open_loader(self.root / split, self.spec, train=train, gpu=gpu, channels_last=self.channels_last,
-                           skipped=self.skipped[split], shard_id=rank, num_shards=world, group=self.group)
+                           skipped=self.skipped[split], shard_id=rank, num_shards=world, group=self.group,
+                           accumulate=trainer.accumulate_grad_batches if trainer is not None else 1)
 
     def train_dataloader(self) -> DaliLoader:
         if self.trainer is not None:

@@ -21,6 +21,7 @@ from ddmim.data.bad_samples import SkippedSamples, fill_from_others
 from ddmim.data.contracts import check_one_batch_per_rank
 from ddmim.data.layout import read_class_count
 from ddmim.data.loader_spec import LoaderSpec
+from ddmim.data.resumable import resume_position
 from ddmim.data.workers import loader_threads
 from ddmim.errors import UserError
 
@@ -107,9 +108,9 @@ class ResumedOrder:
         return order[self.skip:] if epoch == self.epoch else order
 
 
-def resume_loader(loader, global_step: int) -> None:
-    """Makes an FFCV training loader go on after `global_step` batches (optimiser steps, one batch each)."""
-    epoch, done = divmod(global_step, len(loader))
+def resume_loader(loader, global_step: int, accumulate: int = 1) -> None:
+    """Makes an FFCV training loader go on after `global_step` optimiser steps of `accumulate` batches each."""
+    epoch, done = resume_position(global_step, len(loader), accumulate)
     loader.next_epoch = epoch
     loader.traversal_order = ResumedOrder(loader.traversal_order, epoch=epoch, skip=done * loader.batch_size,
                                           keep=len(loader) * loader.batch_size)
@@ -117,8 +118,8 @@ def resume_loader(loader, global_step: int) -> None:
 
 def make_loader(path: Path, spec: LoaderSpec, *, train: bool, device: torch.device, distributed: bool = False,
                 order: str = "random", os_cache: bool = True, drop_last: bool | None = None, batch_size=None,
-                skipped: SkippedSamples | None = None, global_step: int = 0) -> CheckedBatches:
-    """`global_step`: for training, the step a run resumed at (see `resume_loader`)."""
+                skipped: SkippedSamples | None = None, global_step: int = 0, accumulate: int = 1) -> CheckedBatches:
+    """`global_step`, `accumulate`: for training, the step a run resumed at (see `resume_loader`)."""
     from ffcv.loader import Loader, OrderOption
 
     from ddmim.data.ffcv_decoders import CheckedCenterCrop, CheckedRandomResizedCrop
@@ -140,7 +141,7 @@ def make_loader(path: Path, spec: LoaderSpec, *, train: bool, device: torch.devi
                     indices=indices, seed=spec.seed,
                     pipelines={"image": image_pipeline(decoder, spec, device), "label": label_pipeline(device)})
     if train and global_step:
-        resume_loader(loader, global_step)
+        resume_loader(loader, global_step, accumulate)
     return CheckedBatches(loader, path, spec, skipped or SkippedSamples(int(indices.max(initial=0)) + 1))
 
 
@@ -165,7 +166,8 @@ class FFCVDataModule(pl.LightningDataModule):
         return make_loader(self.root / f"{split}.beton", self.spec, train=train, device=device,
                            distributed=distributed, order=self.spec.data.ffcv_order,
                            os_cache=self.spec.data.ffcv_os_cache, skipped=self.skipped[split],
-                           global_step=trainer.global_step if trainer is not None and train else 0)
+                           global_step=trainer.global_step if trainer is not None and train else 0,
+                           accumulate=trainer.accumulate_grad_batches if trainer is not None else 1)
 
 
     def train_dataloader(self):

@@ -116,7 +116,7 @@ class FolderDataModule(pl.LightningDataModule):
             return train_loader(self.train_set, self.spec)
         check_one_batch_per_rank(self.root, len(self.train_set), self.spec.batch_size, trainer.world_size)
         return train_loader(self.train_set, self.spec, rank=trainer.global_rank, world=trainer.world_size,
-                            trained_steps=lambda: trainer.global_step)
+                            accumulate=trainer.accumulate_grad_batches, trained_steps=lambda: trainer.global_step)
 
     def val_dataloader(self) -> DataLoader:
         workers = self.spec.data.num_workers
@@ -125,13 +125,13 @@ class FolderDataModule(pl.LightningDataModule):
                           generator=torch.Generator().manual_seed(self.spec.seed))  # as train_loader's
 
 
-def train_loader(dataset: ListedImages, spec: LoaderSpec, *, rank: int = 0, world: int = 1,
+def train_loader(dataset: ListedImages, spec: LoaderSpec, *, rank: int = 0, world: int = 1, accumulate: int = 1,
                  trained_steps: Callable[[], int] | None = None) -> DataLoader:
     """Rank `rank`'s training batches; each epoch from the batch after the `trained_steps()` a run has taken
     (see `ResumableSampler`). The loader's own generator gives its workers' base seeds, so it draws nothing from
     the training streams."""
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=spec.seed,
-                               batch_size=spec.batch_size, trained_steps=trained_steps)
+                               batch_size=spec.batch_size, accumulate=accumulate, trained_steps=trained_steps)
     workers = spec.data.num_workers
     return DataLoader(dataset, batch_size=spec.batch_size, sampler=sampler, drop_last=True,
                       num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,

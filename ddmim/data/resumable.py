@@ -20,6 +20,14 @@ import torch
 from torch.utils.data import DistributedSampler, get_worker_info
 
 
+def resume_position(trained_steps: int, batches: int, accumulate: int = 1) -> tuple[int, int]:
+    """(epoch, micro-batches of it already trained) on a rank after `trained_steps` optimiser steps, with `batches`
+    micro-batches per epoch and `accumulate` per step (an epoch's last step may have fewer: Lightning steps on an
+    epoch's last batch)."""
+    epoch, steps = divmod(trained_steps, -(-batches // accumulate))
+    return epoch, steps * accumulate
+
+
 def visit_seeds(seed: int, epoch: int, size: int) -> np.ndarray:
     """The seed of each sample's visit in `epoch`: one vectorised draw per epoch (a per-sample SeedSequence took
     seconds per epoch at ImageNet's size, on the main process)."""
@@ -55,25 +63,45 @@ def seeded_visit(seed: int):
 class ResumableSampler(DistributedSampler):
     """Yields (sample index, visit seed).
 
-    Given `trained_steps` (the optimiser steps the run has taken, one batch each), every epoch it deals out is
-    the one those steps imply, from the batch after the last one trained: Lightning's own epoch number, which
-    it sets on the sampler, is one too high after a restart from an end-of-epoch checkpoint, and the resumed run
-    then trained on the next epoch's order in place of this one's. Without it (outside a trainer), the epoch is
+    Under gradient accumulation each rank trains `accumulate` micro-batches per optimiser step; the epoch's
+    shuffle is dealt (DistributedSampler's dealing) to devices x accumulate slots, and rank r's micro-batch m of a
+    step is slot r * accumulate + m's next batch. A step's images are therefore the same on 1 device accumulating
+    2 micro-batches as on 2 devices accumulating none: the run is defined by its global batch.
+
+    Given `trained_steps` (the optimiser steps the run has taken), every epoch it deals out is the one those steps
+    imply, from the micro-batch after the last one trained: Lightning's own epoch number, which it sets on the
+    sampler, is one too high after a restart from an end-of-epoch checkpoint, and the resumed run then trained on
+    the next epoch's order in place of this one's. Without it (outside a trainer), the epoch is
     DistributedSampler's, set with `set_epoch`."""
 
-    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int, batch_size: int,
+    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int, batch_size: int, accumulate: int = 1,
                  trained_steps: Callable[[], int] | None = None):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.batch_size = batch_size
+        super().__init__(dataset, num_replicas=num_replicas * accumulate, rank=rank * accumulate, shuffle=True,
+                         seed=seed)
+        self.batch_size, self.accumulate = batch_size, accumulate
+        self.slots = range(rank * accumulate, (rank + 1) * accumulate)
         self.trained_steps = trained_steps
 
+    def __len__(self) -> int:
+        return self.batches_per_epoch() * self.batch_size
+
     def batches_per_epoch(self) -> int:
-        return len(self) // self.batch_size  # the loader drops the last partial batch
+        """Micro-batches of an epoch on this rank (each slot's last partial batch dropped)."""
+        return self.num_samples // self.batch_size * self.accumulate
+
+    def _slot(self, slot: int) -> list[int]:
+        self.rank = slot
+        try:
+            return list(super().__iter__())
+        finally:
+            self.rank = self.slots[0]
 
     def __iter__(self):
         done = 0
         if self.trained_steps is not None:
-            self.epoch, done = divmod(self.trained_steps(), self.batches_per_epoch())
-        indices = list(super().__iter__())[done * self.batch_size:]
+            self.epoch, done = resume_position(self.trained_steps(), self.batches_per_epoch(), self.accumulate)
+        slots, b = [self._slot(v) for v in self.slots], self.batch_size
+        batches = [slot[s * b:(s + 1) * b] for s in range(self.num_samples // b) for slot in slots]
+        indices = [i for batch in batches[done:] for i in batch]
         seeds = visit_seeds(self.seed, self.epoch, len(self.dataset))
         return ((i, int(seeds[i])) for i in indices)

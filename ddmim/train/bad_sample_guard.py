@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch.distributed as dist
 
 from ddmim.errors import UserError
+from ddmim.train.accumulation import optimizer_stepped
 from ddmim.train.callbacks import write_row
 
 
@@ -46,7 +47,7 @@ class BadSampleGuard(pl.Callback):
                             f"{self.limit}; the data set looks damaged (the lines above name the samples)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0:
+        if optimizer_stepped(trainer) and trainer.global_step % self.every == 0:
             self._check(trainer)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from ddmim.errors import UserError, one_line
 from ddmim.machine import peak_flops, peak_memory_gib
+from ddmim.train.accumulation import optimizer_stepped
 from ddmim.train.checkpoint_files import STEP_PREFIX
 from ddmim.train.launch import is_launched_worker
 from ddmim.train.rank_notes import leave_note
@@ -52,7 +53,7 @@ class StepRows(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = pl_module.step_metrics  # a TrainingModule
-        if metrics and (logged_step(trainer) + 1) % self.every == 0:
+        if metrics and optimizer_stepped(trainer) and (logged_step(trainer) + 1) % self.every == 0:
             write_row(trainer, {name: float(value) for name, value in metrics.items()})
 
 
@@ -94,8 +95,9 @@ class ThroughputReport(pl.Callback):
         self._mark = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        reporting = self.report_every and trainer.global_step % self.report_every == 0
-        last = trainer.global_step == trainer.max_steps or batch_idx + 1 == trainer.num_training_batches
+        stepped = optimizer_stepped(trainer)
+        reporting = self.report_every and stepped and trainer.global_step % self.report_every == 0
+        last = stepped and (trainer.global_step == trainer.max_steps or batch_idx + 1 == trainer.num_training_batches)
         if reporting or last or self.seen + 1 == self.warmup:
             self._sync(trainer)  # the warm-up's, a report's and an epoch's queued work: the time is the device's
         now = time.perf_counter()
@@ -182,6 +184,8 @@ class FinalStepCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if not optimizer_stepped(trainer):
+            return
         last_of_run = step == trainer.max_steps or (batch_idx + 1 == trainer.num_training_batches
                                                     and trainer.current_epoch + 1 == trainer.max_epochs)
         if self.every_steps and last_of_run and step % self.every_steps != 0:

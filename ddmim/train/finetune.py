@@ -21,6 +21,7 @@ from ddmim.errors import UserError
 from ddmim.finetune_config import FinetuneConfig, finetune_config_from_dict
 from ddmim.models.classifier import load_encoder_weights
 from ddmim.models.factory import classifier
+from ddmim.train.accumulation import global_batch
 from ddmim.train.base_module import TrainingModule
 from ddmim.train.compile import CompiledForward, data_parallel_wrapper
 from ddmim.train.launch import Launch, resolve_launch
@@ -118,7 +119,7 @@ class FinetuneModule(TrainingModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        lr = scaled_lr(o.lr, o.lr_batch, self.cfg.train.batch_size * self.trainer.world_size)
+        lr = scaled_lr(o.lr, o.lr_batch, global_batch(self.trainer, self.cfg.train.batch_size))
         optimizer = make_optimizer(self.net, o, lr)
         steps = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
         scheduler = make_scheduler(optimizer, o, lr, self.cfg.train.epochs, steps)

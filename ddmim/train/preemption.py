@@ -12,6 +12,11 @@ Lightning's own SIGTERM handling sets `trainer.received_sigterm` and, in one pro
 (exiting with code 0 and no checkpoint); here the step's end does. Under data parallelism Lightning agrees on the
 stop itself: rank 0's flag is broadcast before every step and every rank raises SIGTERMException at the same
 step, where this callback writes the checkpoint (a collective) on every rank.
+
+Under gradient accumulation a signal that comes mid-step is held (Lightning's flag cleared, then set again) until
+the step's last micro-batch, so the checkpoint is of a whole step; in the moment between this callback and
+Lightning's own check a signal can still stop a step midway: then no checkpoint is written (the CLI says so) and the
+resume goes on from the last one.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ddmim.train.accumulation import optimizer_stepped
 from ddmim.train.checkpoint_files import STEP_PREFIX
 
 STOPPED: dict = {}  # the last stop by a signal: the signal, step, checkpoint, or an interrupt (read by the CLI)
@@ -50,6 +56,7 @@ def requeue_slurm_job() -> str:
 class Preemption(pl.Callback):
     def __init__(self, folder: Path):
         self.folder, self.signal, self.previous = Path(folder), None, None
+        self.held = False  # a signal that came mid-step under accumulation, acted on at the step's end
 
     def on_train_start(self, trainer, pl_module) -> None:
         STOPPED.clear()
@@ -69,13 +76,18 @@ class Preemption(pl.Callback):
         trainer._signal_connector.received_sigterm = True  # Lightning's flag: broadcast from rank 0 under DDP
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stepped = optimizer_stepped(trainer)
+        if trainer.received_sigterm and not stepped:
+            self.held, trainer._signal_connector.received_sigterm = True, False
+        elif self.held and stepped:
+            self.held, trainer._signal_connector.received_sigterm = False, True
         if trainer.received_sigterm and trainer.world_size == 1:
             self._save(trainer)
             raise SIGTERMException()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore()
-        if isinstance(exception, SIGTERMException) and not STOPPED:
+        if isinstance(exception, SIGTERMException) and not STOPPED and optimizer_stepped(trainer):
             self._save(trainer)
         elif isinstance(exception, KeyboardInterrupt):  # Lightning then exits with code 1: the CLI says 130
             STOPPED.update(interrupted=True, step=trainer.global_step)

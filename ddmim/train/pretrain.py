@@ -44,6 +44,9 @@ def format_summary(summary: dict) -> str:
     return "\n".join([
         f"pretraining done: preset {summary['preset']}, {summary['steps']} steps in {summary['wall_s']:.0f} s "
         f"({summary['accelerator']}, precision {summary['precision']})",
+        f"  global batch    {summary['global_batch']} images a step (micro-batches of "
+        f"{summary['global_batch'] // summary['accumulate']} over {summary['world_size']} process(es), "
+        f"{summary['accumulate']} a step)",
         (f"  throughput      {summary['train_images_per_s']:.1f} images/s "
          f"(data wait {100 * summary['data_wait_share']:.1f}% of step time)" if summary["train_images_per_s"]
          else f"  throughput      not measured: no step after the {summary['throughput_warmup_steps']} warm-up "

@@ -10,6 +10,7 @@ from ddmim.config import Config, config_from_dict
 from ddmim.errors import UserError
 from ddmim.models.factory import pretraining_model
 from ddmim.models.kernels import resolve_kernels
+from ddmim.train.accumulation import global_batch
 from ddmim.train.base_module import TrainingModule
 from ddmim.train.checkpoint_files import every_rank_rng_state, restore_rng_state
 from ddmim.train.compile import CompiledForward, data_parallel_wrapper
@@ -78,10 +79,6 @@ class DDMIMModule(TrainingModule):
         self.model.zero_grad(set_to_none=True)
         return flops / batch
 
-    @property
-    def global_batch(self) -> int:
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return self.cfg.train.batch_size * world
 
     def _gather(self, z_t: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Negatives from every data-parallel rank; z_t is a stop-gradient target, so no gradient to route.
@@ -114,7 +111,11 @@ class DDMIMModule(TrainingModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = self._images(batch)
-        index = self.global_step * self.trainer.world_size + self.global_rank
+        # one mask stream per micro-batch of the global batch, numbered by rank and micro-step: the same draws
+        # wherever (devices x accumulation) a step's micro-batches run
+        accumulate = self.trainer.accumulate_grad_batches
+        index = ((self.global_step * self.trainer.world_size + self.global_rank) * accumulate
+                 + batch_idx % accumulate)
         base, masks = self.model.draw_masks(images.shape[0], device=images.device, seed=self.cfg.train.seed,
                                             index=index)
         forward = self.compiled or self.model
@@ -126,13 +127,14 @@ class DDMIMModule(TrainingModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # here, not in on_train_batch_end: Lightning runs the callbacks' on_train_batch_end (the step
         # checkpoints) before the module's, so a checkpoint would miss its own step's teacher update
-        self.ema_step(batch_idx)
+        self.ema_step(batch_idx // self.trainer.accumulate_grad_batches)  # batch_idx counts micro-batches
 
-    def ema_step(self, batch_idx: int) -> None:
+    def ema_step(self, epoch_step: int) -> None:
+        """`epoch_step`: the optimiser step's index in its epoch."""
         ema = self.cfg.ema
-        # the original counts the batches of each epoch (updating after batch 0, 32, ...); the alternative
+        # the original counts the batches (steps) of each epoch (updating after batch 0, 32, ...); the alternative
         # counts optimiser steps over the run (this step's included: Lightning advances global_step after it)
-        counter = batch_idx if ema.count == "epoch_batches" else self.global_step + 1
+        counter = epoch_step if ema.count == "epoch_batches" else self.global_step + 1
         if counter % ema.every == 0:
             copy = ema.first_copy and self.ema_updates == 0
             self.model.update_teacher(0.0 if copy else ema.decay, skip=self.step_skipped)
@@ -151,7 +153,8 @@ class DDMIMModule(TrainingModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=scaled_lr(o.lr, o.lr_batch, self.global_batch),
+        lr = scaled_lr(o.lr, o.lr_batch, global_batch(self._trainer, self.cfg.train.batch_size))
+        optimizer = torch.optim.AdamW(params, lr=lr,
                                       weight_decay=o.weight_decay, betas=tuple(o.betas),
                                       fused=True)  # on the CPU too: its found_inf skips a non-finite step
         if o.schedule == "step" and not o.warmup_epochs:  # the original: torch's StepLR, stepped per epoch

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 from ddmim.atomic import write_text
 from ddmim.config import RunConfig
 from ddmim.errors import UserError, one_line
+from ddmim.train.accumulation import global_batch
 from ddmim.train.compile import compile_report
 from ddmim.train.curves import write_curves
 from ddmim.train.launch import Launch, is_launched_worker
@@ -96,6 +97,8 @@ def _finish(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], d
         "accelerator": plan.launch.accelerator,
         "precision": plan.launch.precision,
         "world_size": run.trainer.world_size,
+        "accumulate": run.trainer.accumulate_grad_batches,
+        "global_batch": global_batch(run.trainer, plan.cfg.train.batch_size),
         "channels_last": plan.launch.channels_last,
         "resumed_from": str(ckpt) if ckpt else None,
         "steps": run.trainer.global_step,

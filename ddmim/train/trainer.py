@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from ddmim.config import RunConfig
+from ddmim.train.accumulation import accumulation
 from ddmim.train.bad_sample_guard import BadSampleGuard
 from ddmim.train.callbacks import FinalStepCheckpoint, NoteOnStop, StepRows, ThroughputReport, ValLossHistory
 from ddmim.train.checkpoint_files import STEP_PREFIX, AtomicCheckpointIO
@@ -91,6 +92,8 @@ def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tup
         precision=launch.precision,
         max_epochs=t.epochs,
         max_steps=launch.max_steps,
+        accumulate_grad_batches=accumulation(t.global_batch, t.batch_size, t.accumulate,
+                                             launch.devices * launch.num_nodes),
         check_val_every_n_epoch=t.val_every,
         log_every_n_steps=t.log_every,
         num_sanity_val_steps=0,  # an explicit validation runs before training instead

@@ -1,0 +1,116 @@
+"""One global batch on any device count: the accumulation a global batch implies, the folder loader's dealing of
+a step's images to (devices x micro-batches) slots, resume positions, and a stop signal held to a step's end."""
+from types import SimpleNamespace
+
+import pytest
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch.utils.data import DistributedSampler
+
+from ddmim.data.resumable import ResumableSampler, resume_position
+from ddmim.errors import UserError
+from ddmim.train import preemption
+from ddmim.train.accumulation import accumulation
+
+SIZE, BATCH = 203, 8
+
+
+@pytest.mark.parametrize(("global_batch", "batch_size", "accumulate", "processes", "expected"),
+                         [(0, 16, 0, 4, 1), (0, 16, 3, 2, 3), (64, 16, 0, 1, 4), (64, 16, 0, 2, 2), (64, 8, 0, 8, 1),
+                          (64, 16, 2, 2, 2)])
+def test_the_global_batch_sets_the_micro_batches_per_step(global_batch, batch_size, accumulate, processes, expected):
+    assert accumulation(global_batch, batch_size, accumulate, processes) == expected
+
+
+def test_a_global_batch_no_device_count_reaches_is_one_clear_refusal():
+    with pytest.raises(UserError, match=r"global_batch=100 is not reachable on 3 process\(es\).*nor does any"):
+        accumulation(100, 16, 0, 3)
+    with pytest.raises(UserError, match=r"per-device batches that do: 50, 25, 10, 5"):
+        accumulation(100, 16, 0, 2)
+    with pytest.raises(UserError, match=r"train.accumulate=3 and train.global_batch=64 disagree"):
+        accumulation(64, 16, 3, 2)
+
+
+def _steps(world: int, accumulate: int, trained: int = 0, epoch: int = 0) -> list[list[int]]:
+    """The images of each optimiser step of an epoch, over every rank and micro-batch, in slot order."""
+    per_rank = []
+    for rank in range(world):
+        sampler = ResumableSampler(range(SIZE), num_replicas=world, rank=rank, seed=3, batch_size=BATCH,
+                                   accumulate=accumulate, trained_steps=lambda: trained + epoch * 6)
+        indices = [i for i, _ in sampler]
+        per_rank.append([indices[k:k + BATCH * accumulate] for k in range(0, len(indices), BATCH * accumulate)])
+    return [sum((rank[s] for rank in per_rank), []) for s in range(len(per_rank[0]))]
+
+
+def test_a_step_trains_the_same_images_on_any_devices_times_accumulation():
+    reference = _steps(4, 1)
+    assert len(reference) == 6  # 203 images in 4 slots of 50 (+1 padded): 6 batches of 8 each
+    for world, accumulate in ((1, 4), (2, 2)):
+        assert _steps(world, accumulate) == reference, (world, accumulate)
+    assert _steps(1, 2) != _steps(1, 4)[:len(_steps(1, 2))]  # a control: another global batch deals otherwise
+    assert _steps(1, 4, epoch=1) != reference  # and each epoch is shuffled anew
+
+
+def test_without_accumulation_the_order_is_distributed_samplers_so_earlier_runs_resume_as_they_were():
+    for rank in range(2):
+        plain = DistributedSampler(range(SIZE), num_replicas=2, rank=rank, shuffle=True, seed=3)
+        plain.set_epoch(1)
+        ours = ResumableSampler(range(SIZE), num_replicas=2, rank=rank, seed=3, batch_size=BATCH,
+                                trained_steps=lambda: 12)  # 12 steps of 12 a epoch: epoch 1's start
+        expected = list(plain)[:len(plain) // BATCH * BATCH]
+        assert [i for i, _ in ours] == expected
+
+
+def test_a_resumed_epoch_goes_on_at_the_micro_batch_after_the_last_step():
+    whole = sum(_steps(2, 2), [])
+    for trained in (1, 4):
+        assert sum(_steps(2, 2, trained), []) == whole[trained * 2 * 2 * BATCH:]
+
+
+def test_an_epoch_whose_batches_do_not_fill_its_last_step_counts_that_step():
+    # 22 batches in steps of 3: 7 full steps and one of a single batch (Lightning steps on an epoch's last batch)
+    assert resume_position(7, 22, 3) == (0, 21)
+    assert resume_position(8, 22, 3) == (1, 0)
+    assert resume_position(13, 22, 3) == (1, 15)
+    assert resume_position(13, 22, 1) == (0, 13)
+
+
+class _Trainer(SimpleNamespace):
+    """What the stop callback reads of a one-process trainer accumulating `accumulate` batches a step."""
+
+    def __init__(self, accumulate: int):
+        super().__init__(world_size=1, global_step=0, ready=0, accumulate=accumulate, saved=[],
+                         _signal_connector=SimpleNamespace(received_sigterm=False))
+        self.fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=self._accumulating))
+
+    def _accumulating(self) -> bool:
+        return self.ready % self.accumulate != 0
+
+    @property
+    def received_sigterm(self) -> bool:
+        return self._signal_connector.received_sigterm
+
+    def save_checkpoint(self, path) -> None:
+        self.saved.append((path.name, self.global_step))
+
+    def batch(self, callback) -> None:
+        self.ready += 1
+        self.global_step += not self._accumulating()
+        callback.on_train_batch_end(self, None, None, None, self.ready - 1)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_a_stop_signal_mid_step_is_acted_on_at_the_steps_last_micro_batch(accumulate, tmp_path):
+    callback, trainer = preemption.Preemption(tmp_path), _Trainer(accumulate)
+    trainer.batch(callback)  # step 1's first micro-batch (all of it, without accumulation)
+    trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+    try:
+        with pytest.raises(SIGTERMException):
+            for _ in range(accumulate):
+                trainer.batch(callback)
+                assert not trainer.saved and not trainer.received_sigterm  # held: Lightning would stop mid-step
+        step = trainer.global_step
+        assert trainer.ready % accumulate == 0 and step == (2 if accumulate == 1 else 1)  # a whole step
+        assert trainer.saved == [(f"step{step:08d}.ckpt", step), ("last.ckpt", step)]
+        assert preemption.STOPPED["step"] == step
+    finally:
+        preemption.STOPPED.clear()
