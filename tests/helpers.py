@@ -2,6 +2,7 @@
 observable event."""
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -69,3 +70,12 @@ class Growth:
         size = self.path.stat().st_size if self.path.exists() else -1
         grew, self.size = size != self.size, size
         return grew
+
+
+def train_steps(run: Path) -> list[int]:
+    """The steps of a run folder's logged training rows, in file order."""
+    path = run / "logs" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path) as rows:
+        return [int(r["step"]) for r in csv.DictReader(rows) if r.get("train/loss")]

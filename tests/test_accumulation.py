@@ -114,3 +114,29 @@ def test_a_stop_signal_mid_step_is_acted_on_at_the_steps_last_micro_batch(accumu
         assert preemption.STOPPED["step"] == step
     finally:
         preemption.STOPPED.clear()
+
+
+def _resumed(format_: str, saved: tuple[int, int], now: tuple[int, int]) -> dict:
+    """A checkpoint of step 3 written on saved = (processes, micro-batches), loaded on now = (...)."""
+    from ddmim.train.base_module import ACCUMULATE_KEY, PROCESSES_KEY, TrainingModule
+
+    counts = {"ready": 3 * saved[1], "started": 3 * saved[1], "processed": 3 * saved[1], "completed": 3 * saved[1] - 1}
+    progress = {"current": dict(counts), "total": dict(counts)}
+    checkpoint = {PROCESSES_KEY: saved[0], ACCUMULATE_KEY: saved[1],
+                  "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}
+    module = TrainingModule(max_bad_steps=1, check_every=1)
+    module._trainer = SimpleNamespace(world_size=now[0], accumulate_grad_batches=now[1],
+                                      datamodule=SimpleNamespace(data_format=format_, train_size=100))
+    module.on_load_checkpoint(checkpoint)
+    return checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+
+
+def test_folder_runs_resume_on_another_process_count_at_the_same_global_batch():
+    assert _resumed("folder", (2, 1), (1, 2)) == {"ready": 6, "started": 6, "processed": 6, "completed": 5}
+    assert _resumed("folder", (1, 4), (2, 2)) == {"ready": 6, "started": 6, "processed": 6, "completed": 5}
+    assert _resumed("ffcv", (2, 2), (2, 2))["ready"] == 6  # nothing to recount
+    with pytest.raises(UserError, match=r"global batch is 2 process\(es\) x 1 .* 1 x 1"):
+        _resumed("folder", (2, 1), (1, 1))
+    for format_ in ("ffcv", "dali"):
+        with pytest.raises(UserError, match=rf"trained on 2 process\(es\).*{format_} data is dealt to each process"):
+            _resumed(format_, (2, 1), (1, 2))

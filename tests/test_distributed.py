@@ -1,15 +1,20 @@
 """Data-parallel training on 2 CPU processes (gloo): identical weights, and the same loss as one process."""
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import ENV, REPO, kill_when, newest_step, run, settings, train_steps
 from torch.nn.parallel import DistributedDataParallel
 
 from ddmim.cli import main
@@ -97,11 +102,11 @@ def test_cli_launches_two_cpu_processes(sample_root, tmp_path, capsys):
     summary = _two_cpu_processes("train", sample_root, tmp_path / "run", steps=4)
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert summary["val_loss_last"] < summary["val_loss_first"]
-    # resumed on one process, it would deal another data order and global batch: refused in one line
+    # resumed on one process with the same per-device batch, its global batch would halve: refused in one line
     code = main(["train", "--data", str(sample_root), "--preset", "tiny", "--max-steps", "8", "--epochs", "1",
                  "--workers", "0", "--out", str(tmp_path / "run"), "--no-progress", "--resume", "auto"])
     err = capsys.readouterr().err
-    assert code == 2 and "trained on 2 process(es)" in err and "resumed on 1" in err, err
+    assert code == 2 and "global batch is 2 process(es) x 1 micro-batch(es)" in err and "1 x 1" in err, err
 
 
 def test_dali_validation_under_ddp_with_parts_of_unequal_size(digits_dali, tmp_path):
@@ -161,10 +166,13 @@ from ddmim.cli import main
 plain = ResumableSampler.__iter__
 
 def recorded(self):
-    # the epoch order this rank's sampler deals out, under the rank torchrun gave the process
+    # the epoch order this rank's sampler deals out, under the rank its launcher gave the process
     visits = list(plain(self))
-    with open(os.path.join(os.environ["RECORD_DIR"], f"rank{os.environ['RANK']}-epoch{self.epoch}.json"), "w") as f:
-        json.dump({"sampler_rank": self.rank, "world": self.num_replicas, "indices": [i for i, _ in visits]}, f)
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    name = f"{os.environ.get('SEGMENT', '')}rank{rank}-epoch{self.epoch}.json"
+    with open(os.path.join(os.environ["RECORD_DIR"], name), "w") as f:
+        json.dump({"sampler_rank": self.rank // self.accumulate, "world": self.num_replicas // self.accumulate,
+                   "accumulate": self.accumulate, "indices": [i for i, _ in visits]}, f)
     return iter(visits)
 
 ResumableSampler.__iter__ = recorded
@@ -175,8 +183,7 @@ sys.exit(main())
 def test_two_nodes_under_torchrun_share_one_run_folder(sample_root, tmp_path):
     """Node-rank handling, as on a cluster: two torchrun "nodes" of one process each on this machine (gloo,
     localhost rendezvous) make one run folder, one summary and one set of checkpoints, and their samplers deal
-    the epoch out between them: every training image once across the 2 ranks (one more where the count is odd,
-    as DistributedSampler pads)."""
+    the epoch out between them: no training image on both ranks."""
     port, out, record = _free_port(), tmp_path / "run", tmp_path / "record"
     record.mkdir()
     launch = tmp_path / "launch.py"
@@ -202,9 +209,71 @@ def test_two_nodes_under_torchrun_share_one_run_folder(sample_root, tmp_path):
     assert [(d["sampler_rank"], d["world"]) for d in dealt] == [(0, 2), (1, 2)]
     images = sum(1 for p in (sample_root / "train").rglob("*") if p.is_file())
     first, second = (d["indices"] for d in dealt)
-    assert set(first) | set(second) == set(range(images))
-    assert len(first) == len(second) == len(set(first)) == len(set(second))
-    assert len(first) + len(second) - images == images % 2
+    part = (images + 1) // 2  # each rank's part of the epoch; the sampler yields its whole batches of 64
+    assert len(first) == len(second) == len(set(first)) == len(set(second)) == part // 64 * 64
+    assert not set(first) & set(second) and set(first) | set(second) <= set(range(images))
+
+
+def test_a_run_killed_on_two_processes_goes_on_on_one_and_back_on_two(sample_root, tmp_path):
+    """A requeued job that gets another process count: a 2-process run killed mid-epoch goes on as 1 process x 2
+    micro-batches, is killed again and ends on 2 processes. Every image the epoch trains is trained exactly once
+    across the kills, in the steps of the run never stopped, and the weights end as that run's up to the order
+    of float32 sums (SimMIM without drop path: see the accumulation test above)."""
+    steps, batch, record = 14, 32, tmp_path / "record"
+    record.mkdir()
+    launch = tmp_path / "launch.py"
+    launch.write_text(RECORDING_LAUNCH)
+
+    def cmd(out: Path, devices: int, *extra: str) -> list[str]:
+        return [sys.executable, str(launch), "train", "--data", str(sample_root), "--preset", "tiny_simmim",
+                "--devices", str(devices), "--strategy", "ddp" if devices > 1 else "auto", "--accelerator", "cpu",
+                "--max-steps", str(steps), "--workers", "0", "--out", str(out), "--no-progress",
+                *settings(model__drop_path_rate=0, train__batch_size=batch, train__global_batch=2 * batch,
+                          train__ckpt_every_steps=1, train__log_every=1), *extra]
+
+    def segment(name: str, out: Path, devices: int, kill_at: Callable[[int], bool] | None, *extra: str) -> None:
+        env = {**ENV, "RECORD_DIR": str(record), "SEGMENT": name}
+        if kill_at is None:
+            assert run(cmd(out, devices, *extra), env=env).returncode == 0
+            return
+        proc = subprocess.Popen(cmd(out, devices, *extra), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            assert kill_when(proc, lambda: kill_at(newest_step(out / "checkpoints")), deadline_s=600), name
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # rank 1, which Lightning's launcher started
+
+    segment("whole-", tmp_path / "whole", 2, None)
+    out = tmp_path / "killed"
+    # an odd step: Lightning's count of the epoch's batches, kept for 1 batch a step, would end the resumed
+    # run's steps one micro-batch early (a step 3, 5 on two batches) unless recounted
+    segment("a-", out, 2, lambda step: step >= 3 and step % 2)
+    first = newest_step(out / "checkpoints")
+    assert first % 2
+    segment("b-", out, 1, lambda step: step >= first + 4, "--resume", "auto")
+    second = newest_step(out / "checkpoints")
+    segment("c-", out, 2, None, "--resume", "auto")
+
+    def trained(name: str, ranks: int, step_count: int) -> list[int]:
+        """The images a segment trained in its first `step_count` steps, in step order."""
+        dealt = [json.loads((record / f"{name}rank{r}-epoch0.json").read_text()) for r in range(ranks)]
+        per_step = [[d["indices"][s * batch * d["accumulate"]:(s + 1) * batch * d["accumulate"]] for d in dealt]
+                    for s in range(step_count)]
+        return [i for step in per_step for part in step for i in part]
+
+    whole = trained("whole-", 2, steps)
+    across = trained("a-", 2, first) + trained("b-", 1, second - first) + trained("c-", 2, steps - second)
+    assert len(across) == len(set(across)) == steps * 2 * batch  # each image once, the global batch kept
+    assert sorted(across) == sorted(whole)  # (in another order within a step: slots are dealt to ranks)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["global_batch"] == 2 * batch and summary["world_size"] == 2
+    assert train_steps(out) == list(range(steps))  # each step's row once
+
+    a, b = (torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+            for run_dir in (tmp_path / "whole", out))
+    difference = max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in a["state_dict"])
+    assert difference < 1e-4, difference
 
 
 def test_data_parallel_runs_do_not_broadcast_the_constant_buffers(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import ENV, Growth, kill_when, newest_step
+from helpers import ENV, Growth, kill_when, newest_step, train_steps
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import QUIET_STEPS
@@ -35,14 +35,6 @@ def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
             "--set", "train.log_every=1", *extra]
 
 
-def _train_steps(run: Path) -> list[int]:
-    """The steps of the logged training rows, in file order."""
-    path = run / "logs" / "metrics.csv"
-    if not path.is_file():
-        return []
-    return [int(r["step"]) for r in csv.DictReader(open(path)) if r.get("train/loss")]
-
-
 @pytest.mark.slow
 def test_sigkilled_runs_resume_to_the_planned_steps_with_one_continuous_history(sample_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -60,7 +52,7 @@ def test_sigkilled_runs_resume_to_the_planned_steps_with_one_continuous_history(
     def after_three_more_logged_steps():
         if not metrics():  # read the rows only when the file grew
             return False
-        steps = _train_steps(out)
+        steps = train_steps(out)
         return bool(steps) and steps[-1] >= start_row + 3
 
     # killed while a checkpoint is being written, once a new checkpoint is complete, and once the step
@@ -68,7 +60,7 @@ def test_sigkilled_runs_resume_to_the_planned_steps_with_one_continuous_history(
     kills = []
     for attempt, condition in enumerate([while_writing, after_a_new_checkpoint, after_three_more_logged_steps]):
         start_step = newest_step(ckpts)
-        start_row = (_train_steps(out) or [0])[-1]
+        start_row = (train_steps(out) or [0])[-1]
         cmd = _train_cmd(sample_root, out, *(["--resume", "auto"] if attempt else []))
         proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # a checkpoint is written in a few ms: that window is watched closely, the others at the default pace
@@ -90,7 +82,7 @@ def test_sigkilled_runs_resume_to_the_planned_steps_with_one_continuous_history(
     assert len([p for p in ckpts.glob("step*.ckpt")]) <= 2  # keep_checkpoints
 
     # the history of the four runs reads as one: every step once, in order, in the CSV and in TensorBoard
-    assert _train_steps(out) == list(range(PLANNED))
+    assert train_steps(out) == list(range(PLANNED))
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(PLANNED))
@@ -100,9 +92,9 @@ def test_resume_keeps_the_earlier_rows(sample_root, tmp_path):
     base = ["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(tmp_path / "run"), "--workers",
             "0", "--no-progress", "--set", "train.log_every=1", "--set", "train.ckpt_every_steps=4"]
     assert main([*base, "--max-steps", "8"]) == 0
-    assert _train_steps(tmp_path / "run") == list(range(8))
+    assert train_steps(tmp_path / "run") == list(range(8))
     assert main([*base, "--max-steps", "12", "--resume", "auto"]) == 0
-    assert _train_steps(tmp_path / "run") == list(range(12))
+    assert train_steps(tmp_path / "run") == list(range(12))
     rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
     assert [r["step"] for r in rows if r.get("val/loss")][0] == "0"  # the untrained model's loss is still there
 
@@ -321,7 +313,7 @@ def test_resuming_from_an_end_of_epoch_checkpoint_numbers_every_row_as_the_unint
             "--no-progress", "--set", "train.log_every=1", "--set", "train.report_every=0"]
     assert main([*base, "--max-steps", "22"]) == 0  # one whole epoch of the digits at batch 64: last.ckpt at its end
     assert main([*base, "--max-steps", "30", "--resume", "auto"]) == 0
-    assert _train_steps(out) == list(range(30))  # step 22 neither missing nor every later one a step too high
+    assert train_steps(out) == list(range(30))  # step 22 neither missing nor every later one a step too high
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(30))
@@ -435,7 +427,7 @@ def test_a_scheduler_stop_saves_the_step_and_never_exits_0(stop, sample_root, tm
     metrics = Growth(out / "logs" / "metrics.csv")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and not (metrics() and len(_train_steps(out)) >= 3):
+    while proc.poll() is None and time.monotonic() < deadline and not (metrics() and len(train_steps(out)) >= 3):
         time.sleep(0.02)
     proc.send_signal(stop)
     _, err = proc.communicate(timeout=300)
@@ -498,7 +490,7 @@ def test_ctrl_c_is_one_line_and_exit_130(sample_root, tmp_path):
     proc = subprocess.Popen(_train_cmd(sample_root, out), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and not (metrics() and len(_train_steps(out)) >= 3):
+    while proc.poll() is None and time.monotonic() < deadline and not (metrics() and len(train_steps(out)) >= 3):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)

@@ -44,3 +44,15 @@ def optimizer_stepped(trainer: pl.Trainer) -> bool:
     """In on_train_batch_end: whether this batch ended an optimiser step (`trainer.global_step` counts it). The
     training epoch loop's rule, which is private (checked against pytorch-lightning 2.6.6)."""
     return not trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+def rescale_epoch_progress(checkpoint: dict, before: int, now: int) -> None:
+    """Lightning's count of the epoch's batches in a checkpoint written with `before` micro-batches a step, recounted
+    for `now` (the same global batch on another process count), so that a resumed run ends each step on the right
+    micro-batch. The loop's state layout is private (checked against pytorch-lightning 2.6.6); a checkpoint falls
+    at a step's end, where `ready` counts whole steps (`completed` may lag it by the batch being saved)."""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    for counts in (progress["current"], progress["total"]):
+        ready = counts["ready"]
+        for name, value in counts.items():
+            counts[name] = ready // before * now - (ready - value)

@@ -7,9 +7,11 @@ import pytorch_lightning as pl
 import torch
 
 from ddmim.errors import UserError
+from ddmim.train.accumulation import rescale_epoch_progress
 from ddmim.train.nonfinite import NonFiniteGuard
 
 PROCESSES_KEY = "ddmim_processes"
+ACCUMULATE_KEY = "ddmim_accumulate"
 DATA_KEY = "ddmim_data"
 
 
@@ -35,17 +37,29 @@ class TrainingModule(NonFiniteGuard, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[PROCESSES_KEY] = self.trainer.world_size
+        checkpoint[ACCUMULATE_KEY] = self.trainer.accumulate_grad_batches
         checkpoint[DATA_KEY] = self._data()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A run resumed on another number of processes would deal its data and batches differently (each
-        process's share of an epoch, the global batch and the learning rate scaled to it), and on other data it
-        would be another run: both refused."""
+        """A run resumed with another global batch would be another run, and on other data too: both refused.
+        On another process count the folder format deals the same steps (its order follows the global batch);
+        FFCV and DALI deal each process its own part, so there the count is kept."""
         saved = checkpoint.get(PROCESSES_KEY)
-        if saved is not None and self._trainer is not None and saved != self.trainer.world_size:
-            raise UserError(f"--resume auto: this run was trained on {saved} process(es) (devices x nodes) and is "
-                            f"resumed on {self.trainer.world_size}; its global batch, data order and learning rate "
-                            f"follow that count, so resume it on {saved}")
+        if saved is not None and self._trainer is not None:
+            saved_acc, world, acc = checkpoint.get(ACCUMULATE_KEY, 1), self.trainer.world_size, \
+                self.trainer.accumulate_grad_batches
+            if saved * saved_acc != world * acc:
+                raise UserError(f"--resume auto: this run's global batch is {saved} process(es) x {saved_acc} "
+                                f"micro-batch(es) of its batch size and this resume would make it {world} x {acc}; "
+                                "give the run's train.global_batch (its per-device batch x processes x "
+                                "micro-batches) to resume it on this process count")
+            data_format = (self._data() or {}).get("format")
+            if saved != world and data_format != "folder":
+                raise UserError(f"--resume auto: this run was trained on {saved} process(es) (devices x nodes) and "
+                                f"is resumed on {world}; {data_format} data is dealt to each process on its own, so "
+                                f"resume it on {saved} (folder data resumes on any process count)")
+            if saved_acc != acc:
+                rescale_epoch_progress(checkpoint, saved_acc, acc)
         before, now = checkpoint.get(DATA_KEY), self._data() if self._trainer is not None else None
         if before and now and before != now:
             raise UserError(f"--resume auto: this run trained on {before['train_size']} images in {before['format']} "
