@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import ENV, REPO, kill_when, newest_step, run, settings, train_steps
+from helpers import ENV, REPO, Growth, kill_when, newest_step, run, settings, train_steps
 from torch.nn.parallel import DistributedDataParallel
 
 from ddmim.cli import main
@@ -274,6 +275,51 @@ def test_a_run_killed_on_two_processes_goes_on_on_one_and_back_on_two(sample_roo
             for run_dir in (tmp_path / "whole", out))
     difference = max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in a["state_dict"])
     assert difference < 1e-4, difference
+
+
+@pytest.mark.parametrize(("stop", "whole_group"), [(signal.SIGTERM, True), (signal.SIGUSR1, False)])
+def test_a_two_process_run_stopped_by_a_signal_saves_one_step_and_resumes_as_never_stopped(stop, whole_group,
+                                                                                          sample_root, tmp_path):
+    """A scheduler's signal to every process of the job (SIGTERM), or to the launching process alone (SIGUSR1),
+    stops both ranks at one step's end with its checkpoint, exit 128 + the signal. Lightning's own handler
+    broadcast from inside the signal handler, and with a checkpoint every step (a gather each step) the run hung
+    in 2 of 3 tries."""
+    steps = 12
+
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "ddmim", "train", "--data", str(sample_root), "--preset", "tiny", "--devices",
+                "2", "--strategy", "ddp", "--accelerator", "cpu", "--max-steps", str(steps), "--workers", "0",
+                "--out", str(out), "--no-progress",
+                *settings(train__batch_size=32, train__ckpt_every_steps=1, train__log_every=1), *extra]
+
+    assert run(cmd(tmp_path / "whole")).returncode == 0
+    out = tmp_path / "stopped"
+    metrics = Growth(out / "logs" / "metrics.csv")
+    proc = subprocess.Popen(cmd(out), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and not (metrics() and len(train_steps(out)) >= 3):
+            time.sleep(0.02)
+        if whole_group:
+            os.killpg(proc.pid, stop)
+        else:
+            proc.send_signal(stop)
+        _, err = proc.communicate(timeout=120)  # a hang ends here
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + stop, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    step = int(last.split("after step ")[1].split(":")[0])
+    assert last.startswith(f"ddmim: stopped by {stop.name} after step {step}: ") and 3 <= step < steps, last
+    assert newest_step(out / "checkpoints") == step
+    assert run(cmd(out, "--resume", "auto")).returncode == 0
+
+    a, b = (torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+            for run_dir in (tmp_path / "whole", out))
+    assert a["global_step"] == b["global_step"] == steps
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
 def test_data_parallel_runs_do_not_broadcast_the_constant_buffers(tmp_path):

@@ -8,15 +8,13 @@ Lightning's SLURM handler is switched off (`slurm_environment`): it wrote `hpc_c
 handler, mid-step, beside ddmim's checkpoints, which resume never chose but Lightning's next `validate` loaded in
 place of the trained weights, so the final validation and the best checkpoint were wrong.
 
-Lightning's own SIGTERM handling sets `trainer.received_sigterm` and, in one process, only acts at the epoch's end
-(exiting with code 0 and no checkpoint); here the step's end does. Under data parallelism Lightning agrees on the
-stop itself: rank 0's flag is broadcast before every step and every rank raises SIGTERMException at the same
-step, where this callback writes the checkpoint (a collective) on every rank.
-
-Under gradient accumulation a signal that comes mid-step is held (Lightning's flag cleared, then set again) until
-the step's last micro-batch, so the checkpoint is of a whole step; in the moment between this callback and
-Lightning's own check a signal can still stop a step midway: then no checkpoint is written (the CLI says so) and the
-resume goes on from the last one.
+Lightning's own SIGTERM handler is replaced while training runs: in one process it only acted at the epoch's end
+(exiting with code 0 and no checkpoint), and under data parallelism it issued a broadcast from inside the signal
+handler, at whatever point each rank was (a forwarded signal reaches the ranks at different moments), so a rank's
+broadcast met another rank's gradient all-reduce or checkpoint gather, and the run hung. Here a signal only sets a
+flag; at each optimiser step's end the ranks agree on it (one all-reduce of one number, a step's end being where
+every rank is together) and all write the checkpoint and stop at that same step. Under gradient accumulation a
+signal that comes mid-step is thus acted on at the step's last micro-batch; a second signal changes nothing.
 """
 from __future__ import annotations
 
@@ -26,6 +24,7 @@ import subprocess
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -54,42 +53,48 @@ def requeue_slurm_job() -> str:
 
 
 class Preemption(pl.Callback):
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self, folder: Path):
-        self.folder, self.signal, self.previous = Path(folder), None, None
-        self.held = False  # a signal that came mid-step under accumulation, acted on at the step's end
+        self.folder, self.signal, self.previous = Path(folder), None, {}
 
     def on_train_start(self, trainer, pl_module) -> None:
         STOPPED.clear()
-        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):  # a handler the user installed stays
-            self.previous = signal.signal(signal.SIGUSR1, lambda signum, frame: self._asked(trainer, signum))
+        self.signal = None
+        for signum in self.SIGNALS:
+            if signum == signal.SIGUSR1 and signal.getsignal(signum) not in (signal.SIG_DFL, None):
+                continue  # a SIGUSR1 handler the user installed stays
+            self.previous[signum] = signal.signal(signum, self._asked)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
 
     def _restore(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGUSR1, self.previous)
-            self.previous = None
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
-    def _asked(self, trainer, signum: int) -> None:
-        self.signal = signum
-        trainer._signal_connector.received_sigterm = True  # Lightning's flag: broadcast from rank 0 under DDP
+    def _asked(self, signum: int, frame) -> None:
+        if self.signal is None:
+            self.signal = signum
+
+    def _agreed(self, trainer) -> bool:
+        """Whether any rank was asked to stop (then `signal` is one rank's signal)."""
+        if trainer.world_size == 1:
+            return self.signal is not None
+        flag = torch.tensor([self.signal or 0], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signal = self.signal or int(flag.item()) or None
+        return self.signal is not None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stepped = optimizer_stepped(trainer)
-        if trainer.received_sigterm and not stepped:
-            self.held, trainer._signal_connector.received_sigterm = True, False
-        elif self.held and stepped:
-            self.held, trainer._signal_connector.received_sigterm = False, True
-        if trainer.received_sigterm and trainer.world_size == 1:
+        if optimizer_stepped(trainer) and self._agreed(trainer):
             self._save(trainer)
             raise SIGTERMException()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore()
-        if isinstance(exception, SIGTERMException) and not STOPPED and optimizer_stepped(trainer):
-            self._save(trainer)
-        elif isinstance(exception, KeyboardInterrupt):  # Lightning then exits with code 1: the CLI says 130
+        if isinstance(exception, KeyboardInterrupt):  # Lightning then exits with code 1: the CLI says 130
             STOPPED.update(interrupted=True, step=trainer.global_step)
 
     def _save(self, trainer) -> None:
@@ -97,6 +102,6 @@ class Preemption(pl.Callback):
         path = self.folder / f"{STEP_PREFIX}{step:08d}.ckpt"
         trainer.save_checkpoint(path)
         trainer.save_checkpoint(self.folder / "last.ckpt")
-        STOPPED.update(signal=self.signal or signal.SIGTERM, step=step, checkpoint=str(path))
+        STOPPED.update(signal=self.signal, step=step, checkpoint=str(path))
         if STOPPED["signal"] == signal.SIGUSR1 and SLURMEnvironment.detect() and trainer.is_global_zero:
             STOPPED["requeue"] = requeue_slurm_job()
