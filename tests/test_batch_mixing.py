@@ -71,7 +71,7 @@ def train_batches(fmt: str, root: Path, cfg, rank: int = 0, world: int = 1, epoc
                 mock.patch("torch.distributed.get_world_size", return_value=world), \
                 mock.patch("torch.distributed.get_rank", return_value=rank):
             loader = make_loader(root / "train.beton", LoaderSpec.of(cfg), train=True, device=torch.device("cpu"),
-                                 distributed=world > 1)
+                                 world=world, rank=rank)
             return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(epochs)]
     loader = open_loader(root / "train", LoaderSpec.of(cfg), train=True, gpu=False, shard_id=rank, num_shards=world)
     return [list(loader) for _ in range(epochs)]

@@ -64,10 +64,36 @@ def test_a_resumed_loader_goes_on_at_the_batch_after_the_step(converted):
     for step in (3, per_epoch + 5):
         rest = batches(path, global_step=step, epochs=3 - step // per_epoch)
         assert len(rest) == len(whole) - step and all(torch.equal(a, b) for a, b in zip(rest, whole[step:]))
-    # 5 batches a step: an epoch of 12 batches is 3 steps, the last of 2 batches; step 4 is 5 batches into epoch 1
-    rest = batches(path, global_step=4, epochs=2, accumulate=5)
-    assert per_epoch == 12 and len(rest) == len(whole) - 17
-    assert all(torch.equal(a, b) for a, b in zip(rest, whole[17:]))
+    # 5 micro-batches a step: 48 images in 5 slots of 10 (2 whole batches each), 2 steps an epoch; step 3 is 5
+    # micro-batches into epoch 1
+    dealt = batches(path, epochs=3, accumulate=5)
+    rest = batches(path, global_step=3, epochs=2, accumulate=5)
+    assert len(dealt) == 30 and len(rest) == len(dealt) - 15
+    assert all(torch.equal(a, b) for a, b in zip(rest, dealt[15:]))
     cfg = make_config("tiny")
     seen = [i for x in whole[:per_epoch] for i in decode_index(x, cfg.data.mean, cfg.data.std)]
     assert len(seen) == len(set(seen))  # an epoch reads each sample once
+
+
+def test_a_step_reads_the_same_samples_on_one_process_accumulating_as_on_two(converted):
+    """FFCV deals the epoch as the folder loader does (`DealtOrder`): the images of each optimiser step are the
+    same on 1 process x 2 micro-batches as on 2 processes x 1, so a run resumes on either at one global batch."""
+    from unittest import mock
+
+    cfg = make_config("tiny", ["train.batch_size=4"])
+    path = converted["ffcv"] / "train.beton"
+    one = make_loader(path, LoaderSpec.of(cfg), train=True, device=CPU, accumulate=2)
+    read = [i for x, _ in one for i in decode_index(x, cfg.data.mean, cfg.data.std)]
+    orders = []
+    for rank in (0, 1):
+        with mock.patch("torch.distributed.is_available", return_value=True), \
+                mock.patch("torch.distributed.get_world_size", return_value=2), \
+                mock.patch("torch.distributed.get_rank", return_value=rank):
+            two = make_loader(path, LoaderSpec.of(cfg), train=True, device=CPU, world=2, rank=rank)
+        assert len(two) == len(one) // 2
+        orders.append(two.loader.traversal_order.sample_order(0).tolist())
+    assert len(read) == len(set(read)) == 2 * len(orders[0]) and len(one) % 2 == 0
+    per_step = 2 * 4
+    for step in range(len(one) // 2):
+        both = orders[0][step * 4:(step + 1) * 4] + orders[1][step * 4:(step + 1) * 4]
+        assert sorted(read[step * per_step:(step + 1) * per_step]) == sorted(both), step

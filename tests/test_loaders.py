@@ -89,7 +89,7 @@ def test_ffcv_distributed_ranks_split_disjointly(converted, cfg):
         with mock.patch("torch.distributed.is_available", return_value=True), \
                 mock.patch("torch.distributed.get_world_size", return_value=2), \
                 mock.patch("torch.distributed.get_rank", return_value=rank):
-            halves.append({i for i, _ in traced(ffcv_batches(converted, cfg, distributed=True), cfg)})
+            halves.append({i for i, _ in traced(ffcv_batches(converted, cfg, world=2, rank=rank), cfg)})
     assert not halves[0] & halves[1]
     assert halves[0] | halves[1] == set(range(N_TRAIN))
 

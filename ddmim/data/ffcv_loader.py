@@ -21,7 +21,7 @@ from ddmim.data.bad_samples import SkippedSamples, fill_from_others
 from ddmim.data.contracts import check_one_batch_per_rank
 from ddmim.data.layout import read_class_count
 from ddmim.data.loader_spec import LoaderSpec
-from ddmim.data.resumable import resume_position
+from ddmim.data.resumable import dealt_in_steps, resume_position
 from ddmim.data.workers import loader_threads
 from ddmim.errors import UserError
 
@@ -108,6 +108,19 @@ class ResumedOrder:
         return order[self.skip:] if epoch == self.epoch else order
 
 
+class DealtOrder:
+    """FFCV's training order when processes x accumulate > 1: the folder loader's (`dealt_in_steps`) over the
+    readable samples, so a step trains the same images on any process count at one global batch, and a run resumes
+    on another count. Without accumulation it is FFCV's own distributed order; one process without accumulation
+    keeps FFCV's permutation."""
+
+    def __init__(self, indices: np.ndarray, **dealing):
+        self.indices, self.dealing = indices, dealing
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.indices[np.array(dealt_in_steps(len(self.indices), epoch=epoch, **self.dealing), dtype=np.int64)]
+
+
 def resume_loader(loader, global_step: int, accumulate: int = 1) -> None:
     """Makes an FFCV training loader go on after `global_step` optimiser steps of `accumulate` batches each."""
     epoch, done = resume_position(global_step, len(loader), accumulate)
@@ -116,10 +129,11 @@ def resume_loader(loader, global_step: int, accumulate: int = 1) -> None:
                                           keep=len(loader) * loader.batch_size)
 
 
-def make_loader(path: Path, spec: LoaderSpec, *, train: bool, device: torch.device, distributed: bool = False,
+def make_loader(path: Path, spec: LoaderSpec, *, train: bool, device: torch.device, world: int = 1, rank: int = 0,
                 order: str = "random", os_cache: bool = True, drop_last: bool | None = None, batch_size=None,
                 skipped: SkippedSamples | None = None, global_step: int = 0, accumulate: int = 1) -> CheckedBatches:
-    """`global_step`, `accumulate`: for training, the step a run resumed at (see `resume_loader`)."""
+    """Process `rank` of `world`'s loader; `accumulate` (micro-batches a step) and `global_step`, for training:
+    how the epoch is dealt (`DealtOrder`) and the step a run resumed at (see `resume_loader`)."""
     from ffcv.loader import Loader, OrderOption
 
     from ddmim.data.ffcv_decoders import CheckedCenterCrop, CheckedRandomResizedCrop
@@ -132,6 +146,7 @@ def make_loader(path: Path, spec: LoaderSpec, *, train: bool, device: torch.devi
     else:
         decoder = CheckedCenterCrop(size, ratio=spec.data.val_crop_ratio)
         traversal = OrderOption.SEQUENTIAL
+    distributed = world > 1
     if distributed and traversal == OrderOption.QUASI_RANDOM:
         raise UserError("ffcv quasi_random order does not support data-parallel training; use order random")
     indices = readable_indices(path)
@@ -140,6 +155,10 @@ def make_loader(path: Path, spec: LoaderSpec, *, train: bool, device: torch.devi
                     drop_last=train if drop_last is None else drop_last, distributed=distributed,
                     indices=indices, seed=spec.seed,
                     pipelines={"image": image_pipeline(decoder, spec, device), "label": label_pipeline(device)})
+    if train and traversal == OrderOption.RANDOM and world * accumulate > 1:
+        loader.traversal_order = DealtOrder(indices, seed=spec.seed, world=world, rank=rank, accumulate=accumulate,
+                                            batch_size=loader.batch_size)
+        loader.first_traversal_order = loader.next_traversal_order()  # the loader's length is read from it
     if train and global_step:
         resume_loader(loader, global_step, accumulate)
     return CheckedBatches(loader, path, spec, skipped or SkippedSamples(int(indices.max(initial=0)) + 1))
@@ -162,9 +181,9 @@ class FFCVDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        distributed = trainer is not None and trainer.world_size > 1
-        return make_loader(self.root / f"{split}.beton", self.spec, train=train, device=device,
-                           distributed=distributed, order=self.spec.data.ffcv_order,
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return make_loader(self.root / f"{split}.beton", self.spec, train=train, device=device, world=world, rank=rank,
+                           order=self.spec.data.ffcv_order,
                            os_cache=self.spec.data.ffcv_os_cache, skipped=self.skipped[split],
                            global_step=trainer.global_step if trainer is not None and train else 0,
                            accumulate=trainer.accumulate_grad_batches if trainer is not None else 1)

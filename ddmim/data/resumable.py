@@ -28,6 +28,22 @@ def resume_position(trained_steps: int, batches: int, accumulate: int = 1) -> tu
     return epoch, steps * accumulate
 
 
+def dealt_in_steps(size: int, *, seed: int, epoch: int, world: int, rank: int, accumulate: int,
+                   batch_size: int) -> list[int]:
+    """The samples (of 0..size-1) that process `rank` of `world` trains in `epoch`, micro-batch by micro-batch: the
+    epoch's shuffle (DistributedSampler's, seeded by seed + epoch) is dealt to world x accumulate slots, and each
+    optimiser step takes the next whole batch of each of the process's slots in turn. A step's images are thus the
+    same on 1 process accumulating 2 micro-batches as on 2 processes accumulating none: the run is defined by its
+    global batch. Without accumulation this is DistributedSampler's order, cut to whole batches."""
+    slots = []
+    for slot in range(rank * accumulate, (rank + 1) * accumulate):
+        sampler = DistributedSampler(range(size), num_replicas=world * accumulate, rank=slot, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        slots.append(list(sampler))
+    b = batch_size
+    return [i for s in range(len(slots[0]) // b) for slot in slots for i in slot[s * b:(s + 1) * b]]
+
+
 def visit_seeds(seed: int, epoch: int, size: int) -> np.ndarray:
     """The seed of each sample's visit in `epoch`: one vectorised draw per epoch (a per-sample SeedSequence took
     seconds per epoch at ImageNet's size, on the main process)."""
@@ -61,12 +77,7 @@ def seeded_visit(seed: int):
 
 
 class ResumableSampler(DistributedSampler):
-    """Yields (sample index, visit seed).
-
-    Under gradient accumulation each rank trains `accumulate` micro-batches per optimiser step; the epoch's
-    shuffle is dealt (DistributedSampler's dealing) to devices x accumulate slots, and rank r's micro-batch m of a
-    step is slot r * accumulate + m's next batch. A step's images are therefore the same on 1 device accumulating
-    2 micro-batches as on 2 devices accumulating none: the run is defined by its global batch.
+    """Yields (sample index, visit seed), in the order of `dealt_in_steps`.
 
     Given `trained_steps` (the optimiser steps the run has taken), every epoch it deals out is the one those steps
     imply, from the micro-batch after the last one trained: Lightning's own epoch number, which it sets on the
@@ -76,10 +87,11 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int, batch_size: int, accumulate: int = 1,
                  trained_steps: Callable[[], int] | None = None):
+        # one slot's share of the epoch: DistributedSampler's `num_samples`
         super().__init__(dataset, num_replicas=num_replicas * accumulate, rank=rank * accumulate, shuffle=True,
                          seed=seed)
+        self.world, self.process_rank = num_replicas, rank
         self.batch_size, self.accumulate = batch_size, accumulate
-        self.slots = range(rank * accumulate, (rank + 1) * accumulate)
         self.trained_steps = trained_steps
 
     def __len__(self) -> int:
@@ -89,19 +101,11 @@ class ResumableSampler(DistributedSampler):
         """Micro-batches of an epoch on this rank (each slot's last partial batch dropped)."""
         return self.num_samples // self.batch_size * self.accumulate
 
-    def _slot(self, slot: int) -> list[int]:
-        self.rank = slot
-        try:
-            return list(super().__iter__())
-        finally:
-            self.rank = self.slots[0]
-
     def __iter__(self):
         done = 0
         if self.trained_steps is not None:
             self.epoch, done = resume_position(self.trained_steps(), self.batches_per_epoch(), self.accumulate)
-        slots, b = [self._slot(v) for v in self.slots], self.batch_size
-        batches = [slot[s * b:(s + 1) * b] for s in range(self.num_samples // b) for slot in slots]
-        indices = [i for batch in batches[done:] for i in batch]
+        indices = dealt_in_steps(len(self.dataset), seed=self.seed, epoch=self.epoch, world=self.world,
+                                 rank=self.process_rank, accumulate=self.accumulate, batch_size=self.batch_size)
         seeds = visit_seeds(self.seed, self.epoch, len(self.dataset))
-        return ((i, int(seeds[i])) for i in indices)
+        return ((i, int(seeds[i])) for i in indices[done * self.batch_size:])

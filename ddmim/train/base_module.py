@@ -42,8 +42,8 @@ class TrainingModule(NonFiniteGuard, pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A run resumed with another global batch would be another run, and on other data too: both refused.
-        On another process count the folder format deals the same steps (its order follows the global batch);
-        FFCV and DALI deal each process its own part, so there the count is kept."""
+        On another process count the folder and FFCV formats deal the same steps (their order follows the global
+        batch); DALI deals each process its own shards, so there the count is kept."""
         saved = checkpoint.get(PROCESSES_KEY)
         if saved is not None and self._trainer is not None:
             saved_acc, world, acc = checkpoint.get(ACCUMULATE_KEY, 1), self.trainer.world_size, \
@@ -54,10 +54,10 @@ class TrainingModule(NonFiniteGuard, pl.LightningModule):
                                 "give the run's train.global_batch (its per-device batch x processes x "
                                 "micro-batches) to resume it on this process count")
             data_format = (self._data() or {}).get("format")
-            if saved != world and data_format != "folder":
+            if saved != world and data_format not in ("folder", "ffcv"):
                 raise UserError(f"--resume auto: this run was trained on {saved} process(es) (devices x nodes) and "
                                 f"is resumed on {world}; {data_format} data is dealt to each process on its own, so "
-                                f"resume it on {saved} (folder data resumes on any process count)")
+                                f"resume it on {saved} (folder and FFCV data resume on any process count)")
             if saved_acc != acc:
                 rescale_epoch_progress(checkpoint, saved_acc, acc)
         before, now = checkpoint.get(DATA_KEY), self._data() if self._trainer is not None else None
