@@ -22,6 +22,7 @@ from ddmim.train.callbacks import ThroughputReport
 from ddmim.train.compile import compile_line, compile_report
 from ddmim.train.launch import Launch, resolve_launch
 from ddmim.train.pretrain_module import DDMIMModule
+from ddmim.train.trainer import quiet_third_party_noise
 
 WARMUP = 5
 
@@ -67,6 +68,7 @@ def run_benchmark(cfg: Config, data_root: Path, steps: int, launch: Launch | Non
                   data_format: str = "auto", results: Path | None = None) -> dict:
     """`results`: the folder for the JSON (default: the user's cache, ~/.cache/ddmim/benchmarks)."""
     launch = resolve_launch(launch or Launch())
+    quiet_third_party_noise()
     total = steps + WARMUP
     datamodule = make_datamodule(data_root, cfg, data_format, channels_last=launch.channels_last)
     with tempfile.TemporaryDirectory() as tmp:
