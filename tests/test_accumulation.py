@@ -138,3 +138,13 @@ def test_folder_and_ffcv_runs_resume_on_another_process_count_at_the_same_global
         _resumed("folder", (2, 1), (1, 1))
     with pytest.raises(UserError, match=r"trained on 2 process\(es\).*dali data is dealt to each process"):
         _resumed("dali", (2, 1), (1, 2))
+
+
+def test_an_unreachable_global_batch_is_one_line_and_leaves_no_run_folder(sample_root, tmp_path, capsys):
+    from ddmim.cli import main
+
+    code = main(["train", "--data", str(sample_root), "--preset", "tiny", "--set", "train.global_batch=100",
+                 "--workers", "0", "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "train.global_batch=100 is not reachable on 1 process" in err[0], err
+    assert not (tmp_path / "run").exists()

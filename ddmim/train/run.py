@@ -55,11 +55,12 @@ def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], d
 def _fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict], run_dir: Path,
          ckpt: Path | None) -> dict:
     pl.seed_everything(plan.cfg.train.seed, workers=True, verbose=False)
-    module = plan.make_module()
-    run = build_trainer(run_dir, plan.cfg, plan.launch, monitor=plan.monitor, resume=plan.resume,
-                        extra_callbacks=plan.callbacks)
-    start = time.perf_counter()
+    run = None
     try:
+        module = plan.make_module()
+        run = build_trainer(run_dir, plan.cfg, plan.launch, monitor=plan.monitor, resume=plan.resume,
+                            extra_callbacks=plan.callbacks)
+        start = time.perf_counter()
         if ckpt is not None:
             print(f"resuming from {ckpt}")
         elif plan.validate_first:
@@ -67,7 +68,7 @@ def _fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict
         run.trainer.fit(module, datamodule=plan.datamodule, ckpt_path=ckpt)
     except BaseException as exc:
         _refuse_gone_folder(run_dir, exc)
-        if not plan.resume and run.trainer.global_step == 0 and not is_launched_worker():
+        if not plan.resume and (run is None or run.trainer.global_step == 0) and not is_launched_worker():
             remove_failed_start(run_dir)
         raise
     try:
