@@ -1,10 +1,18 @@
 """The one exception type for mistakes a user can make, and how any error is told in one line (the CLI prints a
 UserError so and exits 2)."""
 import errno
+import sys
 
 
 class UserError(Exception):
     pass
+
+
+def say(line: str) -> None:
+    """Writes one line to stderr in one write: the ranks of a data-parallel run share the stream, and print's
+    separate write of the newline let another rank's line begin in the middle of this one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def one_line(exc: BaseException) -> str:

@@ -140,3 +140,21 @@ def test_lightning_tips_and_its_pytree_deprecation_are_silenced_and_nothing_else
 
     assert not logger.filter(record("💡 Tip: For seamless cloud logging, try installing [litlogger](...)"))
     assert logger.filter(record("GPU available: False, used: False"))
+
+
+def test_a_stop_line_is_written_in_one_piece(monkeypatch):
+    """The ranks of a data-parallel run share stderr: with print's separate write of the newline (and
+    PYTHONUNBUFFERED), a rank's 'ddmim: skipping ...' line began in the middle of another rank's error line."""
+    import sys
+
+    from ddmim.cli_failures import said
+    from ddmim.data.bad_samples import SkippedSamples
+    from ddmim.errors import UserError
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", type("Stream", (), {"write": lambda self, s: writes.append(s),
+                                                           "flush": lambda self: None})())
+    assert said(UserError("64 files in a row cannot be decoded")) == 2
+    SkippedSamples(4).record(2, "a.jpg", "its JPEG data does not decode")
+    assert writes == ["ddmim: error: 64 files in a row cannot be decoded\n",
+                      "ddmim: skipping a sample that cannot be decoded: a.jpg (its JPEG data does not decode)\n"]

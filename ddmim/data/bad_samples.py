@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
-import sys
 from typing import Callable
 
 import torch
+
+from ddmim.errors import say
 
 
 class SkippedSamples:
@@ -28,7 +29,7 @@ class SkippedSamples:
 
     def record(self, index: int, where: str, reason: str) -> None:
         if self._mark(index):
-            print(f"ddmim: skipping a sample that cannot be decoded: {where} ({reason})", file=sys.stderr, flush=True)
+            say(f"ddmim: skipping a sample that cannot be decoded: {where} ({reason})")
 
     def _mark(self, index: int) -> bool:
         if self._failed[index]:

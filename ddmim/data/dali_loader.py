@@ -17,7 +17,6 @@ the epoch.
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -38,7 +37,7 @@ from ddmim.data.dali_repair import (
 from ddmim.data.layout import read_class_count
 from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.rank_exchange import RankExchange
-from ddmim.errors import UserError
+from ddmim.errors import UserError, say
 
 
 class DaliLoader:
@@ -119,8 +118,8 @@ class DaliLoader:
         rank, world = self.ranks.rank, self.ranks.world
         ranks = state.get("ranks") or []
         if len(ranks) != world or ranks[rank] is None:
-            print(f"ddmim: warning: the checkpoint holds no DALI reader state for rank {rank} of {world} at step "
-                  f"{step}; the DALI data order starts over", file=sys.stderr, flush=True)
+            say(f"ddmim: warning: the checkpoint holds no DALI reader state for rank {rank} of {world} at step "
+                f"{step}; the DALI data order starts over")
             return
         mine = ranks[rank]
         unsettled = {entry[1]: entry for r in ranks if r for entry in r.get("unsettled", [])}
