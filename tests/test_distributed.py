@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import ENV, REPO, Growth, kill_when, newest_step, run, settings, train_steps
+from helpers import ENV, REPO, Growth, ddmim_cmd, kill_when, newest_step, run, settings, train_steps
 from torch.nn.parallel import DistributedDataParallel
 
 from ddmim.cli import main
@@ -281,10 +281,9 @@ SIGNAL_STEPS = 12
 
 
 def _signal_run_cmd(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ddmim", "train", "--data", str(data), "--preset", "tiny", "--devices", "2",
-            "--strategy", "ddp", "--accelerator", "cpu", "--max-steps", str(SIGNAL_STEPS), "--workers", "0",
-            "--out", str(out), "--no-progress",
-            *settings(train__batch_size=32, train__ckpt_every_steps=1, train__log_every=1), *extra]
+    return ddmim_cmd("train", data, out, "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
+                     "--max-steps", str(SIGNAL_STEPS), "--workers", "0",
+                     *settings(train__batch_size=32, train__ckpt_every_steps=1, train__log_every=1), *extra)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ of each JPEG (`.crc`, 'KEY CRC32' per line), and `conversion.json`, how the shar
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from ddmim.errors import UserError
+from ddmim.errors import UserError, say
 
 INDEX = ".idx"
 CHECKSUMS = ".crc"
@@ -77,5 +76,5 @@ def check_shuffled(folder: Path) -> None:
     manifest = folder / MANIFEST
     shuffled = manifest.is_file() and json.loads(manifest.read_text()).get("shuffled")
     if not shuffled:
-        print(f"ddmim: warning: {folder} was written in class order (by an older data_prep/to_dali.py); each "
-              "batch will hold few classes. Convert it again.", file=sys.stderr)
+        say(f"ddmim: warning: {folder} was written in class order (by an older data_prep/to_dali.py); each "
+            "batch will hold few classes. Convert it again.")

@@ -7,7 +7,6 @@ Training batches come from a `ResumableSampler`: a run resumed mid-epoch reads o
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +21,7 @@ from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.pixels import load_rgb
 from ddmim.data.resumable import ResumableSampler, seeded_visit
 from ddmim.data.transforms import train_transform, val_transform
-from ddmim.errors import UserError
+from ddmim.errors import UserError, say
 
 MAX_ATTEMPTS = 64  # consecutive undecodable files one item may step over before the data is declared broken
 
@@ -65,8 +64,8 @@ def list_splits(root: Path, layout: str, val_fraction: float,
     """`layout.source_splits`, with a notice of the entries it did not read."""
     classes, train, val = source_splits(root, layout, val_fraction, labels)
     if train.ignored:
-        print(f"ddmim: {root}: {len(train.ignored)} entries not read, e.g. {train.ignored[0][0]} "
-              f"({train.ignored[0][1]})", file=sys.stderr)
+        say(f"ddmim: {root}: {len(train.ignored)} entries not read, e.g. {train.ignored[0][0]} "
+            f"({train.ignored[0][1]})")
     return classes, train, val
 
 

@@ -3,9 +3,8 @@ loaders whose workers are threads."""
 from __future__ import annotations
 
 import os
-import sys
 
-from ddmim.errors import UserError
+from ddmim.errors import UserError, say
 
 
 def check_workers(workers: int) -> None:
@@ -25,6 +24,6 @@ def loader_threads(workers: int) -> int:
     cores = os.cpu_count() or 1
     if workers > cores and workers not in _capped:
         _capped.add(workers)
-        print(f"ddmim: data.num_workers {workers} is more than this machine's {cores} cores; FFCV and DALI run "
-              f"{cores} threads", file=sys.stderr)
+        say(f"ddmim: data.num_workers {workers} is more than this machine's {cores} cores; FFCV and DALI run "
+            f"{cores} threads")
     return max(1, min(workers, cores))

@@ -10,13 +10,12 @@ compile "on" | "fallback: <reason>" | "off", with the graphs and graph breaks th
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Callable
 
 import torch
 from torch._dynamo.exc import InvalidBackend, TorchDynamoException
 
-from ddmim.errors import UserError
+from ddmim.errors import UserError, say
 
 
 def _causes(exc: BaseException):
@@ -78,8 +77,7 @@ class CompiledForward:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         self.status = f"fallback: {type(exc).__name__}: {first}"
         self._compiled = None
-        print(f"torch.compile failed ({self.status[len('fallback: '):]}); continuing without compilation",
-              file=sys.stderr)
+        say(f"torch.compile failed ({self.status[len('fallback: '):]}); continuing without compilation")
 
     def trial(self, loss_of: Callable[[Callable], torch.Tensor], ddp=None) -> None:
         """Compiles forward and backward now: `loss_of(forward)` must return a scalar loss of one batch shaped

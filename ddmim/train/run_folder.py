@@ -8,14 +8,13 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
 
 from ddmim.atomic import TMP_MARK, owner_tag, write_text
 from ddmim.config_engine import build_dataclass
-from ddmim.errors import UserError
+from ddmim.errors import UserError, say
 from ddmim.train.checkpoint_files import resume_checkpoint
 from ddmim.train.launch import is_launched_worker
 
@@ -53,8 +52,8 @@ class FolderLock:
             raise UserError(f"run folder {folder} is in use by another ddmim run ({holder}); let it end or stop "
                             f"it, then run this again") from None
         except OSError as exc:
-            print(f"ddmim: cannot lock {folder / LOCK_NAME} ({exc.strerror}): nothing keeps a second run out of "
-                  f"this folder", file=sys.stderr)
+            say(f"ddmim: cannot lock {folder / LOCK_NAME} ({exc.strerror}): nothing keeps a second run out of "
+                f"this folder")
             self.release()
             return
         _HELD.add(self.fd)
