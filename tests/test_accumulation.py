@@ -4,6 +4,7 @@ import signal
 from types import SimpleNamespace
 
 import pytest
+import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DistributedSampler
 
@@ -112,6 +113,24 @@ def test_a_stop_signal_mid_step_is_acted_on_at_the_steps_last_micro_batch(accumu
         assert preemption.STOPPED == {"signal": signal.SIGTERM, "step": step, "checkpoint": str(tmp_path / name)}
     finally:
         preemption.STOPPED.clear()
+
+
+def test_a_signal_landing_during_the_ranks_agreement_waits_for_the_next_step(monkeypatch, tmp_path):
+    """Rank 0's part of the all-reduce was sent without a stop, and the signal's handler ran before the call
+    returned: every rank decides on the reduced flags, so this rank goes on with the others, and all stop at the
+    next step's end."""
+    callback = preemption.Preemption(tmp_path)
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    sent = []
+
+    def all_reduce(flag, op):  # the other rank was not signalled either
+        sent.append(int(flag.item()))
+        callback._asked(signal.SIGTERM, None)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    assert not callback._agreed(trainer) and sent == [0]
+    assert callback._agreed(trainer) and sent == [0, signal.SIGTERM]
+    assert callback.signal == signal.SIGTERM
 
 
 def _resumed(format_: str, saved: tuple[int, int], now: tuple[int, int]) -> dict:

@@ -454,6 +454,28 @@ def test_a_scheduler_stop_saves_the_step_and_never_exits_0(stop, sample_root, tm
     assert final["global_step"] == PLANNED  # the weights the final validation measured
 
 
+@pytest.mark.slow
+def test_a_stop_before_the_first_step_is_acted_on_at_its_end(sample_root, tmp_path):
+    """SIGUSR1 (SLURM's warning) while the run validates its untrained model, before training: it ended the process
+    at once (the signal's default), with no checkpoint and no line; now the first step ends, is saved, and the run
+    exits 128 + the signal."""
+    out = tmp_path / "run"
+    cmd = [*_train_cmd(sample_root, out), "--max-steps", "3"]  # the later value wins
+    metrics = out / "logs" / "metrics.csv"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not metrics.exists():  # the step-0 validation row
+        time.sleep(0.02)
+    assert not train_steps(out)  # not yet training
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGUSR1, (proc.returncode, err[-2000:])
+    step = int(err.strip().splitlines()[-1].split("after step ")[1].split(":")[0])
+    assert 1 <= step < 3 and not (out / "summary.json").exists()
+    saved = torch.load(out / "checkpoints" / f"step{step:08d}.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == step
+
+
 def test_a_copied_run_folder_resumes_into_its_own_last_checkpoint(sample_root, tmp_path):
     """Lightning's restored state names the original folder's last.ckpt: it wrote last-v1.ckpt in the copy and
     left last.ckpt stale there, and the original's files must stay untouched."""

@@ -8,16 +8,19 @@ Lightning's SLURM handler is switched off (`slurm_environment`): it wrote `hpc_c
 handler, mid-step, beside ddmim's checkpoints, which resume never chose but Lightning's next `validate` loaded in
 place of the trained weights, so the final validation and the best checkpoint were wrong.
 
-Lightning's own SIGTERM handler is replaced while training runs: in one process it only acted at the epoch's end
-(exiting with code 0 and no checkpoint), and under data parallelism it issued a broadcast from inside the signal
-handler, at whatever point each rank was (a forwarded signal reaches the ranks at different moments), so a rank's
-broadcast met another rank's gradient all-reduce or checkpoint gather, and the run hung. Here a signal only sets a
-flag; at each optimiser step's end the ranks agree on it (one all-reduce of one number, a step's end being where
-every rank is together) and all write the checkpoint and stop at that same step. Under gradient accumulation a
-signal that comes mid-step is thus acted on at the step's last micro-batch; a second signal changes nothing.
+Lightning's own SIGTERM handler is never installed: in one process it only acted at the epoch's end (exiting with
+code 0 and no checkpoint), and under data parallelism it issued a broadcast from inside the signal handler, at
+whatever point each rank was (a forwarded signal reaches the ranks at different moments), so a rank's broadcast met
+another rank's gradient all-reduce or checkpoint gather, and the run hung. Here a signal only sets a flag, from the
+run's start (before its model is built, its data screened and its first validation) to its end; at each optimiser
+step's end the ranks agree on it (one all-reduce of one number, a step's end being where every rank is together)
+and all write the checkpoint and stop at that same step. A signal that comes before training is thus acted on at
+the first step's end (before, SIGUSR1 in that time ended the process at once, unrequeued), and under gradient
+accumulation one that comes mid-step at the step's last micro-batch; a second signal changes nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,34 +61,44 @@ class Preemption(pl.Callback):
     def __init__(self, folder: Path):
         self.folder, self.signal, self.previous = Path(folder), None, {}
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    @contextlib.contextmanager
+    def listening(self):
+        """SIGTERM and SIGUSR1 set the stop flag while inside, in place of what they did before (a SIGUSR1 handler
+        the user installed stays)."""
         STOPPED.clear()
         self.signal = None
         for signum in self.SIGNALS:
             if signum == signal.SIGUSR1 and signal.getsignal(signum) not in (signal.SIG_DFL, None):
-                continue  # a SIGUSR1 handler the user installed stays
+                continue
             self.previous[signum] = signal.signal(signum, self._asked)
+        try:
+            yield self
+        finally:
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
+            self.previous = {}
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Lightning installs its SIGTERM handler at each fit's and validate's start, after this hook: it never does
+        # (private: `_signal_connector`, checked against pytorch-lightning 2.6.6)
+        trainer._signal_connector.register_signal_handlers = lambda: None
 
     def _asked(self, signum: int, frame) -> None:
         if self.signal is None:
             self.signal = signum
 
     def _agreed(self, trainer) -> bool:
-        """Whether any rank was asked to stop (then `signal` is one rank's signal)."""
+        """Whether any rank was asked to stop (then `signal` is one rank's signal), from the reduced flags alone: a
+        signal that lands while the all-reduce runs sets this rank's flag after its part was sent, and deciding on
+        that flag as well stopped this rank alone (the others went on, and lost it: "Connection closed by peer")."""
         if trainer.world_size == 1:
             return self.signal is not None
         flag = torch.tensor([self.signal or 0], device=trainer.strategy.root_device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.signal = self.signal or int(flag.item()) or None
-        return self.signal is not None
+        agreed = int(flag.item())
+        if agreed and self.signal is None:
+            self.signal = agreed
+        return agreed != 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if optimizer_stepped(trainer) and self._agreed(trainer):
@@ -93,7 +106,6 @@ class Preemption(pl.Callback):
             raise SIGTERMException()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._restore()
         if isinstance(exception, KeyboardInterrupt):  # Lightning then exits with code 1: the CLI says 130
             STOPPED.update(interrupted=True, step=trainer.global_step)
 

@@ -17,6 +17,7 @@ from ddmim.train.accumulation import global_batch
 from ddmim.train.compile import compile_report
 from ddmim.train.curves import write_curves
 from ddmim.train.launch import Launch, is_launched_worker
+from ddmim.train.preemption import Preemption
 from ddmim.train.run_folder import open_run_folder, remove_failed_start
 from ddmim.train.trainer import Run, build_trainer
 
@@ -55,17 +56,18 @@ def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], d
 def _fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict], run_dir: Path,
          ckpt: Path | None) -> dict:
     pl.seed_everything(plan.cfg.train.seed, workers=True, verbose=False)
-    run = None
+    run, preemption = None, Preemption(run_dir / "checkpoints")
     try:
-        module = plan.make_module()
-        run = build_trainer(run_dir, plan.cfg, plan.launch, monitor=plan.monitor, resume=plan.resume,
-                            extra_callbacks=plan.callbacks)
-        start = time.perf_counter()
-        if ckpt is not None:
-            print(f"resuming from {ckpt}")
-        elif plan.validate_first:
-            run.trainer.validate(module, datamodule=plan.datamodule, verbose=False)
-        run.trainer.fit(module, datamodule=plan.datamodule, ckpt_path=ckpt)
+        with preemption.listening():
+            module = plan.make_module()
+            run = build_trainer(run_dir, plan.cfg, plan.launch, monitor=plan.monitor, resume=plan.resume,
+                                extra_callbacks=plan.callbacks, preemption=preemption)
+            start = time.perf_counter()
+            if ckpt is not None:
+                print(f"resuming from {ckpt}")
+            elif plan.validate_first:
+                run.trainer.validate(module, datamodule=plan.datamodule, verbose=False)
+            run.trainer.fit(module, datamodule=plan.datamodule, ckpt_path=ckpt)
     except BaseException as exc:
         _refuse_gone_folder(run_dir, exc)
         if not plan.resume and (run is None or run.trainer.global_step == 0) and not is_launched_worker():

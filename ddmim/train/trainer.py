@@ -61,10 +61,12 @@ def strategy(launch: Launch, bucket_mb: float = 25.0):
 
 
 def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tuple[str, str] = ("val/loss", "min"),
-                  resume: bool = False, extra_callbacks: tuple[pl.Callback, ...] = ()) -> Run:
+                  resume: bool = False, extra_callbacks: tuple[pl.Callback, ...] = (),
+                  preemption: Preemption | None = None) -> Run:
     """`cfg` needs `.train` (epochs, val_every, log_every, ckpt_every_steps, keep_checkpoints, report_every) and
     `.data.max_bad_samples`; `monitor` picks the best checkpoint, kept beside the `keep_checkpoints` most recent
-    ones; `resume` continues the run folder's logs instead of starting them."""
+    ones; `resume` continues the run folder's logs instead of starting them; `preemption`: the run's, listening
+    since before the trainer existed."""
     quiet_third_party_noise()
     t = cfg.train
     throughput = ThroughputReport(report_every=t.report_every)
@@ -102,7 +104,7 @@ def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tup
         inference_mode=False,
         callbacks=[StepRows(t.log_every), throughput, BadSampleGuard(cfg.data.max_bad_samples, t.log_every), history,
                    recent, best, LearningRateMonitor(logging_interval="epoch"), NoteOnStop(),
-                   FinalStepCheckpoint(folder, t.ckpt_every_steps), Preemption(folder), *extra_callbacks],
+                   FinalStepCheckpoint(folder, t.ckpt_every_steps), preemption or Preemption(folder), *extra_callbacks],
         plugins=[AtomicCheckpointIO(keep=t.keep_checkpoints), *slurm_environment()],
         logger=loggers,
         enable_progress_bar=launch.progress_bar,
