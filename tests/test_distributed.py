@@ -1,5 +1,6 @@
 """Data-parallel training on 2 CPU processes (gloo): identical weights, and the same loss as one process."""
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -131,9 +132,9 @@ def test_one_process_accumulating_two_batches_trains_as_two_processes(sample_roo
     """One global batch of 64 as 2 processes x 32 and as 1 process x 2 micro-batches of 32: the same images and
     masks per step, so the same weights up to the order of float32 sums (SimMIM: no negatives gathered across
     the ranks, which micro-batches do not share; no drop path, whose draws follow the process). Measured: 1.7e-6
-    at most."""
+    at most. The logged loss of a step is its global batch's: the mean of its micro-batches', of its ranks'."""
     common = ("--set", "model.drop_path_rate=0", "--set", "train.batch_size=32", "--set", "train.global_batch=64",
-              "--set", "ema.every=2", "--set", "train.ckpt_every_steps=2")
+              "--set", "ema.every=2", "--set", "train.ckpt_every_steps=2", "--set", "train.log_every=1")
     two = _two_cpu_processes("train", sample_root, tmp_path / "two", steps=4, preset="tiny_simmim", extra=common)
     assert main(["train", "--data", str(sample_root), "--preset", "tiny_simmim", "--max-steps", "4", "--epochs", "1",
                  "--workers", "0", "--out", str(tmp_path / "one"), "--no-progress", *common]) == 0
@@ -151,6 +152,11 @@ def test_one_process_accumulating_two_batches_trains_as_two_processes(sample_roo
     moved = max((a["state_dict"][k] - final("one", "step00000002.ckpt")["state_dict"][k]).abs().max().item()
                 for k in a["state_dict"])
     assert difference < 1e-4 < moved / 10, (difference, moved)  # a control: two steps move the weights far more
+    losses = [{row["step"]: float(row["train/loss"]) for row in csv.DictReader(open(tmp_path / run / "logs" /
+                                                                                   "metrics.csv")) if row["train/loss"]}
+              for run in ("one", "two")]
+    assert len(losses[0]) == 4 and losses[0].keys() == losses[1].keys()
+    assert all(abs(losses[0][step] - losses[1][step]) < 1e-4 for step in losses[0]), losses
 
 
 def test_cli_fine_tunes_on_two_cpu_processes_with_one_summary(sample_root, tmp_path):

@@ -24,6 +24,16 @@ class TrainingModule(NonFiniteGuard, pl.LightningModule):
         self.max_bad_steps, self.check_every = max_bad_steps, check_every
         self.step_metrics: dict[str, torch.Tensor] = {}
 
+    def record_step_row(self, metrics: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Makes `metrics` of this micro-batch part of the step's row: the mean over the step's micro-batches so
+        far, so that a step's loss is its global batch's, not its last micro-batch's (device tensors: no wait)."""
+        seen = batch_idx % self.trainer.accumulate_grad_batches  # an epoch's first batch starts a step
+        if seen == 0:
+            self.step_metrics = dict(metrics)
+            return
+        for name, value in metrics.items():
+            self.step_metrics[name] = self.step_metrics[name] + (value - self.step_metrics[name]) / (seen + 1)
+
     def flops_per_image(self, batch: int = 2) -> float | None:
         """FLOPs of one training image, forward and backward; None: not counted."""
         return None

@@ -40,7 +40,8 @@ def write_row(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
 
 
 class StepRows(pl.Callback):
-    """Writes the module's `step_metrics` (set by its training_step) every `every` steps (Lightning's rule)."""
+    """Writes the module's `step_metrics` (set by its training_step) every `every` steps (Lightning's rule): under
+    data parallelism their mean over the ranks (one all-reduce on a logged step), the global batch's."""
 
     def __init__(self, every: int):
         self.every = max(1, every)
@@ -54,7 +55,12 @@ class StepRows(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = pl_module.step_metrics  # a TrainingModule
         if metrics and optimizer_stepped(trainer) and (logged_step(trainer) + 1) % self.every == 0:
-            write_row(trainer, {name: float(value) for name, value in metrics.items()})
+            names = sorted(metrics)
+            values = torch.stack([metrics[name].float() for name in names])
+            if trainer.world_size > 1:
+                torch.distributed.all_reduce(values)
+                values /= trainer.world_size
+            write_row(trainer, dict(zip(names, values.tolist())))
 
 
 class ThroughputReport(pl.Callback):

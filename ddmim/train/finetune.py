@@ -100,7 +100,7 @@ class FinetuneModule(TrainingModule):
             loss = F.cross_entropy(self(images), labels, label_smoothing=self.cfg.augment.label_smoothing)
         if (self.global_step + 1) % self.check_every == 0:  # Lightning reads a logged value on the host
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels), logger=False)
-        self.step_metrics = {"train/loss": loss.detach()}  # written by the StepRows callback
+        self.record_step_row({"train/loss": loss.detach()}, batch_idx)  # written by the StepRows callback
         return loss
 
     def on_validation_epoch_start(self) -> None:

@@ -98,9 +98,12 @@ class DDMIMModule(TrainingModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def _log_losses(self, prefix: str, losses: dict[str, torch.Tensor], batch_size: int, on_step: bool) -> None:
-        if on_step:  # the loggers get these rows from the StepRows callback; Lightning shows the progress bar
-            self.step_metrics = {f"{prefix}/{name}": value.detach() for name, value in losses.items()}
+    def _log_losses(self, prefix: str, losses: dict[str, torch.Tensor], batch_size: int,
+                    batch_idx: int | None) -> None:
+        """`batch_idx`: a training batch's (the loggers get its rows from the StepRows callback, Lightning shows
+        the progress bar); None: validation's."""
+        if batch_idx is not None:
+            self.record_step_row({f"{prefix}/{name}": value.detach() for name, value in losses.items()}, batch_idx)
             if (self.global_step + 1) % self.check_every == 0:  # Lightning reads a logged value on the host
                 self.log(f"{prefix}/loss", losses["loss"].detach(), batch_size=batch_size, prog_bar=True,
                          logger=False)
@@ -120,7 +123,7 @@ class DDMIMModule(TrainingModule):
                                             index=index)
         forward = self.compiled or self.model
         losses = forward(images, base, masks, gather=self._gather)
-        self._log_losses("train", losses, images.shape[0], on_step=True)
+        self._log_losses("train", losses, images.shape[0], batch_idx)
         return losses["loss"]
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
@@ -148,7 +151,7 @@ class DDMIMModule(TrainingModule):
         seed = self.cfg.train.seed + VAL_STREAM
         base, masks = self.model.draw_masks(images.shape[0], device=images.device, seed=seed, index=index)
         losses = self.model(images, base, masks, gather=self._gather)
-        self._log_losses("val", losses, images.shape[0], on_step=False)
+        self._log_losses("val", losses, images.shape[0], None)
 
     def configure_optimizers(self):
         o = self.cfg.optim
