@@ -75,9 +75,13 @@ def test_benchmark_mode_reports_each_part(sample_root, tmp_path, monkeypatch, ca
         assert saved[key] > 0, key
     assert 0 <= saved["loader_stall_share"] < 1 and saved["machine"]["cpu_count"] >= 1
     assert not list(tmp_path.glob("runs")), "a benchmark writes no run folder"
+    capsys.readouterr()
+    batch = saved["batch"]  # one step of a global batch of two: its micro-batches accumulated
     assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--benchmark", "1", "--workers", "0",
-                 "--no-progress"]) == 0
-    assert list((tmp_path / "cache" / "ddmim" / "benchmarks").glob("train-benchmark-*.json"))
+                 "--no-progress", "--set", f"train.global_batch={2 * batch}"]) == 0
+    assert f"batch {batch} x 2 micro-batches a step" in capsys.readouterr().out
+    cached = json.loads(next((tmp_path / "cache" / "ddmim" / "benchmarks").glob("train-benchmark-*.json")).read_text())
+    assert cached["accumulate"] == 2 and cached["end_to_end_images_per_s"] > 0
 
 
 def test_throughput_reports_give_images_memory_and_flops(sample_root, tmp_path, capsys):
