@@ -32,24 +32,34 @@ def test_a_global_batch_no_device_count_reaches_is_one_clear_refusal():
         accumulation(64, 16, 3, 2)
 
 
-def _steps(world: int, accumulate: int, trained: int = 0, epoch: int = 0) -> list[list[int]]:
+def _steps(world: int, accumulate: int, trained: int = 0, epoch: int = 0, batch: int = BATCH) -> list[list[int]]:
     """The images of each optimiser step of an epoch, over every rank and micro-batch, in slot order."""
     per_rank = []
     for rank in range(world):
-        sampler = ResumableSampler(range(SIZE), num_replicas=world, rank=rank, seed=3, batch_size=BATCH,
+        sampler = ResumableSampler(range(SIZE), num_replicas=world, rank=rank, seed=3, batch_size=batch,
                                    accumulate=accumulate, trained_steps=lambda: trained + epoch * 6)
         indices = [i for i, _ in sampler]
-        per_rank.append([indices[k:k + BATCH * accumulate] for k in range(0, len(indices), BATCH * accumulate)])
+        per_rank.append([indices[k:k + batch * accumulate] for k in range(0, len(indices), batch * accumulate)])
     return [sum((rank[s] for rank in per_rank), []) for s in range(len(per_rank[0]))]
 
 
 def test_a_step_trains_the_same_images_on_any_devices_times_accumulation():
     reference = _steps(4, 1)
-    assert len(reference) == 6  # 203 images in 4 slots of 50 (+1 padded): 6 batches of 8 each
+    assert len(reference) == 6  # 203 images in steps of 4 x 8: 6 steps, the last 11 images left out
     for world, accumulate in ((1, 4), (2, 2)):
         assert _steps(world, accumulate) == reference, (world, accumulate)
     assert _steps(1, 2) != _steps(1, 4)[:len(_steps(1, 2))]  # a control: another global batch deals otherwise
     assert _steps(1, 4, epoch=1) != reference  # and each epoch is shuffled anew
+
+
+def test_a_step_trains_the_same_images_whatever_the_per_device_batch():
+    reference = [sorted(step) for step in _steps(4, 1)]  # 4 x 8: 6 steps of 32 of the 203 images, 11 left out
+    # 32 slots of 1: DistributedSampler's padding of 203 to 224 made a 7th step, of 11 images trained twice
+    for world, accumulate, batch in ((1, 1, 32), (2, 1, 16), (1, 2, 16), (2, 4, 4), (32, 1, 1)):
+        assert [sorted(step) for step in _steps(world, accumulate, batch=batch)] == reference, (world, batch)
+    for trained in (1, 4):  # a resume with another per-device batch goes on with the steps not yet trained
+        assert sum(_steps(1, 1, trained, batch=32), []) == sum(_steps(1, 1, batch=32)[trained:], [])
+        assert sorted(sum(_steps(2, 1, trained, batch=16), [])) == sorted(sum(reference[trained:], []))
 
 
 def test_without_accumulation_the_order_is_distributed_samplers_so_earlier_runs_resume_as_they_were():
@@ -133,30 +143,35 @@ def test_a_signal_landing_during_the_ranks_agreement_waits_for_the_next_step(mon
     assert callback.signal == signal.SIGTERM
 
 
-def _resumed(format_: str, saved: tuple[int, int], now: tuple[int, int]) -> dict:
-    """A checkpoint of step 3 written on saved = (processes, micro-batches), loaded on now = (...)."""
-    from ddmim.train.base_module import ACCUMULATE_KEY, PROCESSES_KEY, TrainingModule
+def _resumed(format_: str, saved: tuple[int, int, int], now: tuple[int, int, int]) -> dict:
+    """A checkpoint of step 3 written on saved = (per-device batch, processes, micro-batches), loaded on now."""
+    from ddmim.train.base_module import ACCUMULATE_KEY, BATCH_KEY, PROCESSES_KEY, TrainingModule
 
-    counts = {"ready": 3 * saved[1], "started": 3 * saved[1], "processed": 3 * saved[1], "completed": 3 * saved[1] - 1}
+    counts = {"ready": 3 * saved[2], "started": 3 * saved[2], "processed": 3 * saved[2], "completed": 3 * saved[2] - 1}
     progress = {"current": dict(counts), "total": dict(counts)}
-    checkpoint = {PROCESSES_KEY: saved[0], ACCUMULATE_KEY: saved[1],
+    checkpoint = {BATCH_KEY: saved[0], PROCESSES_KEY: saved[1], ACCUMULATE_KEY: saved[2],
                   "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}
     module = TrainingModule(max_bad_steps=1, check_every=1)
-    module._trainer = SimpleNamespace(world_size=now[0], accumulate_grad_batches=now[1],
-                                      datamodule=SimpleNamespace(data_format=format_, train_size=100))
+    data = SimpleNamespace(data_format=format_, train_size=100, spec=SimpleNamespace(batch_size=now[0]),
+                           order_follows_global_batch=format_ != "dali")
+    module._trainer = SimpleNamespace(world_size=now[1], accumulate_grad_batches=now[2], datamodule=data)
     module.on_load_checkpoint(checkpoint)
     return checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
 
 
-def test_folder_and_ffcv_runs_resume_on_another_process_count_at_the_same_global_batch():
-    assert _resumed("folder", (2, 1), (1, 2)) == {"ready": 6, "started": 6, "processed": 6, "completed": 5}
-    assert _resumed("folder", (1, 4), (2, 2)) == {"ready": 6, "started": 6, "processed": 6, "completed": 5}
-    assert _resumed("ffcv", (2, 1), (1, 2)) == {"ready": 6, "started": 6, "processed": 6, "completed": 5}
-    assert _resumed("dali", (2, 2), (2, 2))["ready"] == 6  # nothing to recount
-    with pytest.raises(UserError, match=r"global batch is 2 process\(es\) x 1 .* 1 x 1"):
-        _resumed("folder", (2, 1), (1, 1))
+def test_folder_and_ffcv_runs_resume_split_otherwise_at_the_same_global_batch():
+    assert _resumed("folder", (32, 2, 1), (32, 1, 2)) == {"ready": 6, "started": 6, "processed": 6, "completed": 5}
+    assert _resumed("folder", (16, 1, 4), (16, 2, 2)) == {"ready": 6, "started": 6, "processed": 6, "completed": 5}
+    assert _resumed("ffcv", (32, 2, 1), (32, 1, 2)) == {"ready": 6, "started": 6, "processed": 6, "completed": 5}
+    assert _resumed("folder", (16, 1, 4), (64, 1, 1)) == {"ready": 3, "started": 3, "processed": 3, "completed": 2}
+    assert _resumed("ffcv", (32, 2, 1), (64, 1, 1))["ready"] == 3  # another per-device batch: nothing to recount
+    assert _resumed("dali", (32, 2, 2), (32, 2, 2))["ready"] == 6
+    with pytest.raises(UserError, match=r"global batch is 32 x 2 process\(es\) x 1 .* = 64 .* 32 x 1 process"):
+        _resumed("folder", (32, 2, 1), (32, 1, 1))
     with pytest.raises(UserError, match=r"trained on 2 process\(es\).*dali data is dealt to each process"):
-        _resumed("dali", (2, 1), (1, 2))
+        _resumed("dali", (32, 2, 1), (32, 1, 2))
+    with pytest.raises(UserError, match=r"in batches of 32 .* in batches of 16.*train.batch_size=32"):
+        _resumed("dali", (32, 2, 1), (16, 2, 2))
 
 
 def test_an_unreachable_global_batch_is_one_line_and_leaves_no_run_folder(sample_root, tmp_path, capsys):

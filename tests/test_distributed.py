@@ -101,14 +101,22 @@ def _two_cpu_processes(command: str, data, out, steps: int, preset: str = "tiny"
 
 
 def test_cli_launches_two_cpu_processes(sample_root, tmp_path, capsys):
-    summary = _two_cpu_processes("train", sample_root, tmp_path / "run", steps=4)
+    # a step checkpoint at step 4: the end-of-epoch one that --max-steps makes holds the epoch as done
+    summary = _two_cpu_processes("train", sample_root, tmp_path / "run", steps=4,
+                                 extra=("--set", "train.ckpt_every_steps=2"))
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert summary["val_loss_last"] < summary["val_loss_first"]
     # resumed on one process with the same per-device batch, its global batch would halve: refused in one line
     code = main(["train", "--data", str(sample_root), "--preset", "tiny", "--max-steps", "8", "--epochs", "1",
                  "--workers", "0", "--out", str(tmp_path / "run"), "--no-progress", "--resume", "auto"])
     err = capsys.readouterr().err
-    assert code == 2 and "global batch is 2 process(es) x 1 micro-batch(es)" in err and "1 x 1" in err, err
+    assert code == 2 and "x 2 process(es) x 1 micro-batch(es)" in err and "x 1 process(es) x 1" in err, err
+    # on one process with twice the per-device batch (the same global batch) it goes on
+    assert main(["train", "--data", str(sample_root), "--preset", "tiny", "--max-steps", "8", "--epochs", "1",
+                 "--workers", "0", "--out", str(tmp_path / "run"), "--no-progress", "--resume", "auto",
+                 "--set", "train.batch_size=128"]) == 0
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (resumed["steps"], resumed["world_size"], resumed["global_batch"], resumed["accumulate"]) == (8, 1, 128, 1)
 
 
 def test_dali_validation_under_ddp_with_parts_of_unequal_size(digits_dali, tmp_path):
@@ -221,7 +229,31 @@ def test_two_nodes_under_torchrun_share_one_run_folder(sample_root, tmp_path):
     assert not set(first) & set(second) and set(first) | set(second) <= set(range(images))
 
 
-def test_a_run_killed_on_two_processes_goes_on_on_one_and_back_on_two(sample_root, tmp_path):
+# the FFCV loader's epoch order on each rank (a resumed epoch's from the step it resumed at), as RECORDING_LAUNCH's
+RECORDING_FFCV_LAUNCH = """
+import json, os, sys
+from ffcv.loader import Loader
+from ddmim.cli import main
+
+plain = Loader.next_traversal_order
+
+def recorded(self):
+    order = plain(self)
+    dealt = getattr(self.traversal_order, "order", self.traversal_order)  # inside a resumed epoch's order
+    if hasattr(dealt, "dealing"):  # a training loader
+        rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+        name = f"{os.environ.get('SEGMENT', '')}rank{rank}-epoch{self.next_epoch}.json"
+        with open(os.path.join(os.environ["RECORD_DIR"], name), "w") as f:
+            json.dump({"accumulate": dealt.dealing["accumulate"], "indices": [int(i) for i in order]}, f)
+    return order
+
+Loader.next_traversal_order = recorded
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("fmt", ["folder", "ffcv"])
+def test_a_run_killed_on_two_processes_goes_on_on_one_and_back_on_two(fmt, sample_root, request, tmp_path):
     """A requeued job that gets another process count: a 2-process run killed mid-epoch goes on as 1 process x 2
     micro-batches, is killed again and ends on 2 processes. Every image the epoch trains is trained exactly once
     across the kills, in the steps of the run never stopped, and the weights end as that run's up to the order
@@ -229,10 +261,11 @@ def test_a_run_killed_on_two_processes_goes_on_on_one_and_back_on_two(sample_roo
     steps, batch, record = 14, 32, tmp_path / "record"
     record.mkdir()
     launch = tmp_path / "launch.py"
-    launch.write_text(RECORDING_LAUNCH)
+    launch.write_text(RECORDING_LAUNCH if fmt == "folder" else RECORDING_FFCV_LAUNCH)
+    data = sample_root if fmt == "folder" else request.getfixturevalue("digits_ffcv")
 
     def cmd(out: Path, devices: int, *extra: str) -> list[str]:
-        return [sys.executable, str(launch), "train", "--data", str(sample_root), "--preset", "tiny_simmim",
+        return [sys.executable, str(launch), "train", "--data", str(data), "--preset", "tiny_simmim",
                 "--devices", str(devices), "--strategy", "ddp" if devices > 1 else "auto", "--accelerator", "cpu",
                 "--max-steps", str(steps), "--workers", "0", "--out", str(out), "--no-progress",
                 *settings(model__drop_path_rate=0, train__batch_size=batch, train__global_batch=2 * batch,

@@ -77,7 +77,9 @@ def test_a_resumed_loader_goes_on_at_the_batch_after_the_step(converted):
 
 def test_a_step_reads_the_same_samples_on_one_process_accumulating_as_on_two(converted):
     """FFCV deals the epoch as the folder loader does (`DealtOrder`): the images of each optimiser step are the
-    same on 1 process x 2 micro-batches as on 2 processes x 1, so a run resumes on either at one global batch."""
+    same on 1 process x 2 micro-batches of 4 as on 2 processes x 1 and on 1 process x 1 batch of 8 (FFCV's own
+    permutation, which one process without accumulation used, was another order), so a run resumes on any of them
+    at one global batch."""
     from unittest import mock
 
     cfg = make_config("tiny", ["train.batch_size=4"])
@@ -92,8 +94,11 @@ def test_a_step_reads_the_same_samples_on_one_process_accumulating_as_on_two(con
             two = make_loader(path, LoaderSpec.of(cfg), train=True, device=CPU, world=2, rank=rank)
         assert len(two) == len(one) // 2
         orders.append(two.loader.traversal_order.sample_order(0).tolist())
-    assert len(read) == len(set(read)) == 2 * len(orders[0]) and len(one) % 2 == 0
+    wide = make_loader(path, LoaderSpec.of(make_config("tiny", ["train.batch_size=8"])), train=True, device=CPU)
+    wide_read = [i for x, _ in wide for i in decode_index(x, cfg.data.mean, cfg.data.std)]
+    assert len(read) == len(set(read)) == 2 * len(orders[0]) == len(wide_read) and len(one) % 2 == 0
     per_step = 2 * 4
     for step in range(len(one) // 2):
         both = orders[0][step * 4:(step + 1) * 4] + orders[1][step * 4:(step + 1) * 4]
         assert sorted(read[step * per_step:(step + 1) * per_step]) == sorted(both), step
+        assert sorted(wide_read[step * per_step:(step + 1) * per_step]) == sorted(both), step

@@ -15,17 +15,23 @@ class TrainingData(Protocol):
     skipped: dict[str, SkippedSamples]  # per split: the samples that failed to decode, replaced in their batches
     data_format: str  # folder | ffcv | dali
     train_size: int  # training samples listed (those that later fail to decode included)
+    # True: a step's images depend on the global batch alone, not on how processes, accumulation and the
+    # per-device batch split it, so a run resumes on another split
+    order_follows_global_batch: bool
 
     def train_dataloader(self): ...
 
     def val_dataloader(self): ...
 
 
-def check_one_batch_per_rank(where, images: int, batch_size: int, world: int = 1) -> None:
-    """Each of `world` ranks trains on its part of the `images` of `where` and drops its last, short batch: a
-    part smaller than a batch would train on nothing (and a sampler would divide by its zero batches)."""
-    if images // world >= batch_size:
+def check_one_batch_per_rank(where, images: int, batch_size: int, world: int = 1, accumulate: int = 1) -> None:
+    """Each of `world` ranks trains on its part of the `images` of `where` and drops its last, short batch (the
+    folder and FFCV loaders drop the last step short of the global batch): a part smaller than that would train on
+    nothing (and a sampler would divide by its zero batches)."""
+    if images // world >= batch_size * accumulate:
         return
     ranks = f", {images // world} per rank over {world} ranks" if world > 1 else ""
-    raise UserError(f"{where} holds {images} training images{ranks}: fewer than one batch of {batch_size}; set "
-                    f"--batch-size to at most {images // world}" + (" or train on fewer devices" if world > 1 else ""))
+    step = f" x {accumulate} accumulated micro-batches" if accumulate > 1 else ""
+    raise UserError(f"{where} holds {images} training images{ranks}: fewer than one batch of {batch_size}{step}; "
+                    f"set --batch-size to at most {images // world // accumulate}"
+                    + (" or train on fewer devices" if world > 1 else ""))

@@ -248,6 +248,7 @@ def open_loader(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, chann
 class DALIDataModule(pl.LightningDataModule):
     applies_randaugment = False
     data_format = "dali"
+    order_follows_global_batch = False  # each rank reads its own shards, in batches of its own
 
     def __init__(self, root: Path, spec: LoaderSpec, channels_last: bool = False):
         super().__init__()

@@ -109,16 +109,15 @@ class ResumedOrder:
 
 
 class DealtOrder:
-    """FFCV's training order when processes x accumulate > 1: the folder loader's (`dealt_in_steps`) over the
-    readable samples, so a step trains the same images on any process count at one global batch, and a run resumes
-    on another count. Without accumulation it is FFCV's own distributed order; one process without accumulation
-    keeps FFCV's permutation."""
+    """FFCV's random training order: the folder loader's (`dealt_in_steps`) over the readable samples, so a step
+    trains the same images at one global batch however it is split (processes, accumulation, per-device batch),
+    and a run resumes on another split."""
 
     def __init__(self, indices: np.ndarray, **dealing):
         self.indices, self.dealing = indices, dealing
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        return self.indices[np.array(dealt_in_steps(len(self.indices), epoch=epoch, **self.dealing), dtype=np.int64)]
+        return self.indices[dealt_in_steps(len(self.indices), epoch=epoch, **self.dealing)]
 
 
 def resume_loader(loader, global_step: int, accumulate: int = 1) -> None:
@@ -155,7 +154,7 @@ def make_loader(path: Path, spec: LoaderSpec, *, train: bool, device: torch.devi
                     drop_last=train if drop_last is None else drop_last, distributed=distributed,
                     indices=indices, seed=spec.seed,
                     pipelines={"image": image_pipeline(decoder, spec, device), "label": label_pipeline(device)})
-    if train and traversal == OrderOption.RANDOM and world * accumulate > 1:
+    if train and traversal == OrderOption.RANDOM:
         loader.traversal_order = DealtOrder(indices, seed=spec.seed, world=world, rank=rank, accumulate=accumulate,
                                             batch_size=loader.batch_size)
         loader.first_traversal_order = loader.next_traversal_order()  # the loader's length is read from it
@@ -178,6 +177,10 @@ class FFCVDataModule(pl.LightningDataModule):
         self.num_classes = read_class_count(self.root)
         check_one_batch_per_rank(self.root / "train.beton", self.train_size, spec.batch_size)
 
+    @property
+    def order_follows_global_batch(self) -> bool:
+        return self.spec.data.ffcv_order == "random"  # `DealtOrder`; quasi_random is FFCV's own
+
     def _loader(self, split: str, train: bool):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
@@ -192,7 +195,7 @@ class FFCVDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         if self.trainer is not None:
             check_one_batch_per_rank(self.root / "train.beton", self.train_size, self.spec.batch_size,
-                                     self.trainer.world_size)
+                                     self.trainer.world_size, self.trainer.accumulate_grad_batches)
         return self._loader("train", train=True)
 
     def val_dataloader(self):

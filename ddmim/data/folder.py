@@ -89,6 +89,7 @@ def open_split(root: Path, split: str, transform, layout: str = "auto", val_frac
 class FolderDataModule(pl.LightningDataModule):
     applies_randaugment = True  # in the PIL pipeline, per image
     data_format = "folder"
+    order_follows_global_batch = True  # `dealt_in_steps`
 
     def __init__(self, root: Path, spec: LoaderSpec, randaugment: str = "", labels: bool = False):
         """`labels`: refuse an unlabeled source."""
@@ -113,7 +114,8 @@ class FolderDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return train_loader(self.train_set, self.spec)
-        check_one_batch_per_rank(self.root, len(self.train_set), self.spec.batch_size, trainer.world_size)
+        check_one_batch_per_rank(self.root, len(self.train_set), self.spec.batch_size, trainer.world_size,
+                                 trainer.accumulate_grad_batches)
         return train_loader(self.train_set, self.spec, rank=trainer.global_rank, world=trainer.world_size,
                             accumulate=trainer.accumulate_grad_batches, trained_steps=lambda: trainer.global_step)
 

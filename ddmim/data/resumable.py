@@ -29,19 +29,23 @@ def resume_position(trained_steps: int, batches: int, accumulate: int = 1) -> tu
 
 
 def dealt_in_steps(size: int, *, seed: int, epoch: int, world: int, rank: int, accumulate: int,
-                   batch_size: int) -> list[int]:
-    """The samples (of 0..size-1) that process `rank` of `world` trains in `epoch`, micro-batch by micro-batch: the
-    epoch's shuffle (DistributedSampler's, seeded by seed + epoch) is dealt to world x accumulate slots, and each
-    optimiser step takes the next whole batch of each of the process's slots in turn. A step's images are thus the
-    same on 1 process accumulating 2 micro-batches as on 2 processes accumulating none: the run is defined by its
-    global batch. Without accumulation this is DistributedSampler's order, cut to whole batches."""
-    slots = []
-    for slot in range(rank * accumulate, (rank + 1) * accumulate):
-        sampler = DistributedSampler(range(size), num_replicas=world * accumulate, rank=slot, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-        slots.append(list(sampler))
-    b = batch_size
-    return [i for s in range(len(slots[0]) // b) for slot in slots for i in slot[s * b:(s + 1) * b]]
+                   batch_size: int) -> np.ndarray:
+    """The samples (of 0..size-1) that process `rank` of `world` trains in `epoch`, micro-batch by micro-batch.
+    The epoch's shuffle (DistributedSampler's, seeded by seed + epoch) is cut into steps of the global batch
+    G = batch_size x world x accumulate (the last partial step dropped); step k trains shuffle[kG:(k+1)G], dealt to
+    the world x accumulate slots as DistributedSampler deals (slot s gets positions s, s + slots, ...), and a
+    process trains its slots' micro-batches in turn. A step's images thus depend on the global batch alone: the
+    same on 1 process accumulating 2 micro-batches of 32, on 2 processes of 32 and on 1 process of 64, so a run
+    resumes on another process count or per-device batch. Without accumulation this is DistributedSampler's
+    order, cut to whole steps."""
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    shuffle = torch.randperm(size, generator=generator).numpy()
+    slots = world * accumulate
+    steps = size // (slots * batch_size)
+    grid = shuffle[:steps * slots * batch_size].reshape(steps, batch_size, slots)  # [step, image, slot]
+    mine = grid[:, :, rank * accumulate:(rank + 1) * accumulate]
+    return np.ascontiguousarray(mine.transpose(0, 2, 1)).reshape(-1)  # [step, micro-batch, image]
 
 
 def visit_seeds(seed: int, epoch: int, size: int) -> np.ndarray:
@@ -87,9 +91,8 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int, batch_size: int, accumulate: int = 1,
                  trained_steps: Callable[[], int] | None = None):
-        # one slot's share of the epoch: DistributedSampler's `num_samples`
-        super().__init__(dataset, num_replicas=num_replicas * accumulate, rank=rank * accumulate, shuffle=True,
-                         seed=seed)
+        # a DistributedSampler (Lightning then leaves it in place) for its epoch and seed; the dealing is ours
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.world, self.process_rank = num_replicas, rank
         self.batch_size, self.accumulate = batch_size, accumulate
         self.trained_steps = trained_steps
@@ -98,8 +101,8 @@ class ResumableSampler(DistributedSampler):
         return self.batches_per_epoch() * self.batch_size
 
     def batches_per_epoch(self) -> int:
-        """Micro-batches of an epoch on this rank (each slot's last partial batch dropped)."""
-        return self.num_samples // self.batch_size * self.accumulate
+        """Micro-batches of an epoch on this rank (the last partial step dropped)."""
+        return len(self.dataset) // (self.batch_size * self.world * self.accumulate) * self.accumulate
 
     def __iter__(self):
         done = 0
@@ -108,4 +111,4 @@ class ResumableSampler(DistributedSampler):
         indices = dealt_in_steps(len(self.dataset), seed=self.seed, epoch=self.epoch, world=self.world,
                                  rank=self.process_rank, accumulate=self.accumulate, batch_size=self.batch_size)
         seeds = visit_seeds(self.seed, self.epoch, len(self.dataset))
-        return ((i, int(seeds[i])) for i in indices[done * self.batch_size:])
+        return ((int(i), int(seeds[i])) for i in indices[done * self.batch_size:])

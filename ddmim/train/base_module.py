@@ -1,6 +1,7 @@
 """What ddmim's callbacks read of a training LightningModule, declared once for pretraining and fine-tuning."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -12,6 +13,7 @@ from ddmim.train.nonfinite import NonFiniteGuard
 
 PROCESSES_KEY = "ddmim_processes"
 ACCUMULATE_KEY = "ddmim_accumulate"
+BATCH_KEY = "ddmim_batch_size"
 DATA_KEY = "ddmim_data"
 
 
@@ -45,34 +47,50 @@ class TrainingModule(NonFiniteGuard, pl.LightningModule):
             return None
         return {"format": data.data_format, "train_size": data.train_size}
 
+    def _split(self) -> tuple[int | None, int, int]:
+        """(per-device batch, processes, micro-batches a step): how this run splits its global batch."""
+        spec = getattr(getattr(self.trainer, "datamodule", None), "spec", None)
+        return getattr(spec, "batch_size", None), self.trainer.world_size, self.trainer.accumulate_grad_batches
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[PROCESSES_KEY] = self.trainer.world_size
-        checkpoint[ACCUMULATE_KEY] = self.trainer.accumulate_grad_batches
+        checkpoint[BATCH_KEY], checkpoint[PROCESSES_KEY], checkpoint[ACCUMULATE_KEY] = self._split()
         checkpoint[DATA_KEY] = self._data()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A run resumed with another global batch would be another run, and on other data too: both refused.
-        On another process count the folder and FFCV formats deal the same steps (their order follows the global
-        batch); DALI deals each process its own shards, so there the count is kept."""
-        saved = checkpoint.get(PROCESSES_KEY)
-        if saved is not None and self._trainer is not None:
-            saved_acc, world, acc = checkpoint.get(ACCUMULATE_KEY, 1), self.trainer.world_size, \
-                self.trainer.accumulate_grad_batches
-            if saved * saved_acc != world * acc:
-                raise UserError(f"--resume auto: this run's global batch is {saved} process(es) x {saved_acc} "
-                                f"micro-batch(es) of its batch size and this resume would make it {world} x {acc}; "
-                                "give the run's train.global_batch (its per-device batch x processes x "
-                                "micro-batches) to resume it on this process count")
-            data_format = (self._data() or {}).get("format")
-            if saved != world and data_format not in ("folder", "ffcv"):
-                raise UserError(f"--resume auto: this run was trained on {saved} process(es) (devices x nodes) and "
-                                f"is resumed on {world}; {data_format} data is dealt to each process on its own, so "
-                                f"resume it on {saved} (folder and FFCV data resume on any process count)")
-            if saved_acc != acc:
-                rescale_epoch_progress(checkpoint, saved_acc, acc)
+        Split otherwise (processes, accumulation, per-device batch), the folder and FFCV formats deal the same
+        steps (their order follows the global batch); DALI deals each process its own shards in batches of its
+        own, so there the processes and the per-device batch are kept."""
+        if checkpoint.get(PROCESSES_KEY) is not None and self._trainer is not None:
+            now = self._split()
+            saved = (checkpoint.get(BATCH_KEY) or _config_batch(checkpoint) or now[0], checkpoint[PROCESSES_KEY],
+                     checkpoint.get(ACCUMULATE_KEY, 1))
+            if now[0] is not None and math.prod(saved) != math.prod(now):
+                raise UserError(f"--resume auto: this run's global batch is {_spelt(saved)} and this resume would "
+                                f"make it {_spelt(now)}; give the run's train.global_batch={math.prod(saved)} to "
+                                "resume it split otherwise")
+            data = getattr(self.trainer, "datamodule", None)
+            if saved[:2] != now[:2] and not getattr(data, "order_follows_global_batch", True):
+                raise UserError(f"--resume auto: this run was trained on {saved[1]} process(es) (devices x nodes) "
+                                f"in batches of {saved[0]} and is resumed on {now[1]} in batches of {now[0]}; "
+                                f"{data.data_format} data is dealt to each process on its own, so resume it on "
+                                f"{saved[1]} with train.batch_size={saved[0]} (folder and FFCV data in random "
+                                "order resume on any split of the global batch)")
+            if saved[2] != now[2]:
+                rescale_epoch_progress(checkpoint, saved[2], now[2])
         before, now = checkpoint.get(DATA_KEY), self._data() if self._trainer is not None else None
         if before and now and before != now:
             raise UserError(f"--resume auto: this run trained on {before['train_size']} images in {before['format']} "
                             f"format and --data gives {now['train_size']} in {now['format']} format; a resumed run "
                             "keeps its data (its order and epochs follow it): give the run's --data, or start a new "
                             "run with another --out")
+
+
+def _config_batch(checkpoint: dict[str, Any]) -> int | None:
+    """The per-device batch in the run config a checkpoint of an earlier ddmim keeps in its hyper-parameters."""
+    config = (checkpoint.get("hyper_parameters") or {}).get("config") or {}
+    return (config.get("train") or {}).get("batch_size")
+
+
+def _spelt(split: tuple[int, int, int]) -> str:
+    return f"{split[0]} x {split[1]} process(es) x {split[2]} micro-batch(es) = {math.prod(split)}"

@@ -97,14 +97,14 @@ def remove_failed_start(out: Path) -> None:
 
 # What a resumed run may set differently from the run it continues: how it is run, watched and checkpointed.
 # Every other value defines what the run computes, and a checkpoint cannot honour a change to it (the restored
-# optimiser and schedule keep the old learning rate, a new batch size or seed deals another data order), so it
-# is refused. A key a later ddmim adds is refused too until it is listed here. The global batch may be spelt
-# otherwise on another process count: the checkpoint's own record of it is checked (`TrainingModule`).
+# optimiser and schedule keep the old learning rate, a new seed deals another data order), so it is refused. A
+# key a later ddmim adds is refused too until it is listed here. The global batch may be spelt otherwise (another
+# process count or per-device batch): the checkpoint's own record of it is checked (`TrainingModule`).
 MAY_CHANGE_ON_RESUME = frozenset({
     "name", "train.epochs", "train.val_every", "train.log_every", "train.ckpt_every_steps", "train.keep_checkpoints",
     "train.max_bad_steps", "train.report_every", "train.compile", "train.compile_backend", "train.ddp_bucket_mb",
-    "train.kernels", "train.global_batch", "train.accumulate", "data.num_workers", "data.ffcv_os_cache",
-    "data.max_bad_samples", "eval.every_epochs",
+    "train.kernels", "train.batch_size", "train.global_batch", "train.accumulate", "data.num_workers",
+    "data.ffcv_os_cache", "data.max_bad_samples", "eval.every_epochs",
 })
 
 
