@@ -40,14 +40,15 @@ def finish(cmd: list[str], timeout: float = 900) -> str:
 
 
 def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], poll_s: float = 0.02,
-              deadline_s: float = 300) -> bool:
-    """SIGKILLs `proc` as soon as `condition()` holds, asked every `poll_s` (keep the condition cheap: it competes
-    with the process it watches); False if the process ended first or the deadline passed."""
+              deadline_s: float = 300, stop: int = signal.SIGKILL) -> bool:
+    """Sends `proc` the signal `stop` as soon as `condition()` holds, asked every `poll_s` (keep the condition
+    cheap: it competes with the process it watches), and waits for it to end; False if the process ended first
+    or the deadline passed."""
     deadline = time.monotonic() + deadline_s
     while proc.poll() is None and time.monotonic() < deadline:
         if condition():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            proc.send_signal(stop)
+            proc.wait(timeout=600)
             return True
         time.sleep(poll_s)
     proc.kill()

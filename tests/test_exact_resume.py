@@ -1,6 +1,6 @@
-"""A run SIGKILLed mid-epoch and resumed ends bit-identical to the run that was never stopped (CPU, fp32, loader
-workers), for the folder, FFCV and DALI formats: same data order, augmentations, masks, EMA schedule and random
-streams."""
+"""A run SIGKILLed mid-epoch, or stopped by a scheduler's signal, and resumed ends bit-identical to the run that was
+never stopped (CPU, fp32, loader workers), for the folder, FFCV and DALI formats: same data order, augmentations,
+masks, EMA schedule and random streams."""
 import contextlib
 import os
 import signal
@@ -60,10 +60,13 @@ def test_a_run_killed_at_three_steps_ends_as_the_run_never_stopped(fmt, sample_r
     data = sample_root if fmt == "folder" else request.getfixturevalue(f"digits_{fmt}")
     out = tmp_path / "killed"
     resumed_at = []
-    for attempt, step in enumerate((5, 17, 26)):  # each killed once a checkpoint of that step is complete
+    # each stopped once a checkpoint of that step is complete: killed, or stopped by a scheduler's signal (which
+    # saves the step it ends and exits 128 + the signal)
+    for attempt, (step, stop) in enumerate(((5, signal.SIGKILL), (17, signal.SIGTERM), (26, signal.SIGUSR1))):
         cmd = _cmd(data, out, *(["--resume", "auto"] if attempt else []))
         proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert kill_when(proc, lambda: newest_step(out / "checkpoints") >= step, deadline_s=900), step
+        assert kill_when(proc, lambda: newest_step(out / "checkpoints") >= step, deadline_s=900, stop=stop), step
+        assert proc.returncode == (-stop if stop == signal.SIGKILL else 128 + stop), (step, proc.returncode)
         resumed_at.append(newest_step(out / "checkpoints"))
     assert "resuming from" in finish(_cmd(data, out, "--resume", "auto"))
 
@@ -76,19 +79,22 @@ DDP_STEPS = 16
 @pytest.mark.slow
 def test_a_two_rank_dali_run_killed_twice_ends_as_the_run_never_stopped(digits_dali, tmp_path):
     """2 gloo ranks on DALI shards: each rank's DALI checkpoint is gathered into the step checkpoint, so a
-    resumed rank starts its own part of the epoch where it stopped. The launcher's whole process group is
-    killed, as a scheduler's SIGKILL of the job would."""
+    resumed rank starts its own part of the epoch where it stopped. After the stop by a signal, the launcher's
+    whole process group is killed, as a scheduler's SIGKILL of the job would."""
     def cmd(out: Path, *extra: str) -> list[str]:
         return _cmd(digits_dali, out, "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
                     "--set", "train.batch_size=32", *extra, steps=DDP_STEPS, workers=1)
 
     finish(cmd(tmp_path / "whole"))
     out = tmp_path / "killed"
-    for attempt, step in enumerate((4, 11)):
+    # the first stop a scheduler's SIGTERM to the launching rank (both ranks save the step they agree on), the
+    # second a kill
+    for attempt, (step, stop) in enumerate(((4, signal.SIGTERM), (11, signal.SIGKILL))):
         proc = subprocess.Popen(cmd(out, *(["--resume", "auto"] if attempt else [])), cwd=REPO, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            assert kill_when(proc, lambda: newest_step(out / "checkpoints") >= step, deadline_s=900), step
+            assert kill_when(proc, lambda: newest_step(out / "checkpoints") >= step, deadline_s=900, stop=stop), step
+            assert proc.returncode == (-stop if stop == signal.SIGKILL else 128 + stop), (step, proc.returncode)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # rank 1, which Lightning's launcher started
