@@ -152,26 +152,25 @@ def _resumed(format_: str, saved: tuple[int, int, int], now: tuple[int, int, int
     checkpoint = {BATCH_KEY: saved[0], PROCESSES_KEY: saved[1], ACCUMULATE_KEY: saved[2],
                   "loops": {"fit_loop": {"epoch_loop.batch_progress": progress}}}
     module = TrainingModule(max_bad_steps=1, check_every=1)
-    data = SimpleNamespace(data_format=format_, train_size=100, spec=SimpleNamespace(batch_size=now[0]),
-                           order_follows_global_batch=format_ != "dali")
+    data = SimpleNamespace(data_format=format_.split("-")[0], train_size=100, spec=SimpleNamespace(batch_size=now[0]),
+                           resumes_split_otherwise=format_ != "ffcv-quasi_random")
     module._trainer = SimpleNamespace(world_size=now[1], accumulate_grad_batches=now[2], datamodule=data)
     module.on_load_checkpoint(checkpoint)
     return checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
 
 
-def test_folder_and_ffcv_runs_resume_split_otherwise_at_the_same_global_batch():
+def test_runs_resume_split_otherwise_at_the_same_global_batch():
     assert _resumed("folder", (32, 2, 1), (32, 1, 2)) == {"ready": 6, "started": 6, "processed": 6, "completed": 5}
     assert _resumed("folder", (16, 1, 4), (16, 2, 2)) == {"ready": 6, "started": 6, "processed": 6, "completed": 5}
     assert _resumed("ffcv", (32, 2, 1), (32, 1, 2)) == {"ready": 6, "started": 6, "processed": 6, "completed": 5}
     assert _resumed("folder", (16, 1, 4), (64, 1, 1)) == {"ready": 3, "started": 3, "processed": 3, "completed": 2}
     assert _resumed("ffcv", (32, 2, 1), (64, 1, 1))["ready"] == 3  # another per-device batch: nothing to recount
-    assert _resumed("dali", (32, 2, 2), (32, 2, 2))["ready"] == 6
+    assert _resumed("dali", (32, 2, 1), (32, 1, 2))["ready"] == 6  # the rest of the epoch dealt anew
+    assert _resumed("dali", (32, 2, 1), (16, 2, 2))["ready"] == 6
     with pytest.raises(UserError, match=r"global batch is 32 x 2 process\(es\) x 1 .* = 64 .* 32 x 1 process"):
         _resumed("folder", (32, 2, 1), (32, 1, 1))
-    with pytest.raises(UserError, match=r"trained on 2 process\(es\).*dali data is dealt to each process"):
-        _resumed("dali", (32, 2, 1), (32, 1, 2))
-    with pytest.raises(UserError, match=r"in batches of 32 .* in batches of 16.*train.batch_size=32"):
-        _resumed("dali", (32, 2, 1), (16, 2, 2))
+    with pytest.raises(UserError, match=r"in batches of 32 .* in batches of 16.*quasi_random.*train.batch_size=32"):
+        _resumed("ffcv-quasi_random", (32, 1, 1), (16, 1, 2))
 
 
 def test_an_unreachable_global_batch_is_one_line_and_leaves_no_run_folder(sample_root, tmp_path, capsys):

@@ -2,6 +2,7 @@
 never stopped (CPU, fp32, loader workers), for the folder, FFCV and DALI formats: same data order, augmentations,
 masks, EMA schedule and random streams."""
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV, REPO, finish, kill_when, newest_step
+from helpers import ENV, REPO, finish, kill_when, newest_step, run
 
 STEPS = 30  # an epoch of the digits is 22 batches at batch 64: the kills fall in both epochs
 
@@ -141,3 +142,80 @@ def test_a_run_accumulating_micro_batches_killed_and_resumed_ends_as_the_run_nev
     assert "resuming from" in finish(cmd(out, "--resume", "auto"))
 
     _assert_identical(*(_final_state(run, ACC_STEPS) for run in (tmp_path / "whole", out)))
+
+
+# records each DALI training step's samples (ordinals of the split), per segment and rank
+RECORDING_DALI_LAUNCH = """
+import json, os, sys
+from ddmim.data import dali_epoch, dali_loader
+from ddmim.cli import main
+
+pending = []
+plain_add, plain_remember = dali_epoch.EpochLog.add, dali_loader.DaliLoader._remember
+
+def add(self, ordinals):
+    pending.extend(ordinals.tolist())
+    plain_add(self, ordinals)
+
+def remember(self, epoch_done):
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    with open(os.path.join(os.environ["RECORD_DIR"], f"{os.environ['SEGMENT']}rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps({"step": self.consumed, "samples": pending}) + "\\n")
+    pending.clear()
+    plain_remember(self, epoch_done)
+
+dali_epoch.EpochLog.add, dali_loader.DaliLoader._remember = add, remember
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_a_dali_run_resumed_on_another_process_count_trains_the_rest_of_its_epoch(before, after, digits_dali,
+                                                                                  tmp_path):
+    """A requeued DALI job that gets another GPU count: DALI had dealt each rank its own shards, so the resumed
+    run trains the samples no rank had trained in that epoch, each once, dealt anew over its ranks at the same
+    global batch (2 x 32 as 1 process x 2 micro-batches or 2 processes x 1), and the epoch ends within its length
+    on the new count (1442 images in batches of 32: what is short of a batch per rank is left out, as by a run
+    never stopped)."""
+    batch, record, out = 32, tmp_path / "record", tmp_path / "run"
+    record.mkdir()
+    launch = tmp_path / "launch.py"
+    launch.write_text(RECORDING_DALI_LAUNCH)
+
+    def cmd(devices: int, steps: int, *extra: str) -> list[str]:
+        return [sys.executable, str(launch), *_cmd(digits_dali, out, "--devices", str(devices), "--accelerator", "cpu",
+                                                   "--strategy", "ddp" if devices > 1 else "auto",
+                                                   "--set", f"train.batch_size={batch}",
+                                                   "--set", f"train.global_batch={2 * batch}", *extra,
+                                                   steps=steps, workers=1)[3:]]
+
+    env = {**ENV, "RECORD_DIR": str(record)}
+    proc = subprocess.Popen(cmd(before, 30), cwd=REPO, env={**env, "SEGMENT": "a-"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert kill_when(proc, lambda: newest_step(out / "checkpoints") >= 5, deadline_s=900)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # rank 1, which Lightning's launcher started
+    killed_at = newest_step(out / "checkpoints")
+    rest = (1442 - killed_at * 2 * batch) // batch // after * after  # micro-batches of 32 left, whole per rank
+    end = killed_at + -(-rest // 2)  # one process: the epoch's last step is one micro-batch when `rest` is odd
+    done = run(cmd(after, end + 1, "--resume", "auto"), env={**env, "SEGMENT": "b-"})  # and a step of the next epoch
+    assert done.returncode == 0 and "resuming from" in done.stdout, done.stderr[-2000:]
+
+    def recorded(name: str) -> list[tuple[int, list[int]]]:
+        return [(row["step"], row["samples"]) for row in map(json.loads, (record / name).read_text().splitlines())]
+
+    trained = [i for r in range(before) for step, samples in recorded(f"a-rank{r}.jsonl") if step <= killed_at
+               for i in samples]
+    resumed = [recorded(f"b-rank{r}.jsonl") for r in range(after)]
+    assert all([step for step, _ in steps] == list(range(killed_at + 1, end + 2)) for steps in resumed)
+    across = trained + [i for steps in resumed for step, samples in steps if step <= end for i in samples]
+    assert len(trained) == killed_at * 2 * batch and len(across) == (2 * killed_at + rest) * batch
+    assert len(set(across)) == len(across) and set(across) <= set(range(1442))  # each sample once
+    assert 1442 - len(across) < 2 * batch  # the epoch's tail short of a step, left out
+    following = [i for steps in resumed for i in steps[-1][1]]  # the next epoch: all samples again
+    assert len(following) == 2 * batch and set(following) & set(across)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["world_size"], summary["global_batch"]) == (end + 1, after, 2 * batch)

@@ -60,7 +60,7 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
         return FFCVDataModule(root, spec)
     if fmt == "dali":
         require("dali")
-        from ddmim.data.dali_loader import DALIDataModule
+        from ddmim.data.dali_module import DALIDataModule
 
         return DALIDataModule(root, spec, channels_last=channels_last)
     raise UserError(f"unknown data format '{fmt}'; available: {', '.join(FORMATS)}")

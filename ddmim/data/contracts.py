@@ -15,9 +15,9 @@ class TrainingData(Protocol):
     skipped: dict[str, SkippedSamples]  # per split: the samples that failed to decode, replaced in their batches
     data_format: str  # folder | ffcv | dali
     train_size: int  # training samples listed (those that later fail to decode included)
-    # True: a step's images depend on the global batch alone, not on how processes, accumulation and the
-    # per-device batch split it, so a run resumes on another split
-    order_follows_global_batch: bool
+    # True: a run resumes on another split of its global batch (processes, accumulation, per-device batch),
+    # going on with the samples its epoch has not trained
+    resumes_split_otherwise: bool
 
     def train_dataloader(self): ...
 

@@ -19,13 +19,11 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 
 from ddmim.data.bad_samples import SkippedSamples
-from ddmim.data.contracts import check_one_batch_per_rank
-from ddmim.data.dali_format import Shards, check_shuffled, list_shards, sample_count
+from ddmim.data.dali_epoch import EpochLog, SampleOrdinals, union_of
+from ddmim.data.dali_format import Shards, list_shards, sample_count
 from ddmim.data.dali_pipeline import READER, build_pipeline
 from ddmim.data.dali_repair import (
     damaged_samples,
@@ -34,7 +32,6 @@ from ddmim.data.dali_repair import (
     undecodable_samples,
     usable_cores,
 )
-from ddmim.data.layout import read_class_count
 from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.rank_exchange import RankExchange
 from ddmim.errors import UserError, say
@@ -55,9 +52,11 @@ class DaliLoader:
     that same step, keeping the epoch's batch count, so no rank waits for another."""
 
     def __init__(self, make_pipe, *, train: bool, channels_last: bool, folder: Path, skipped: SkippedSamples,
-                 group=None, accumulate: int = 1):
+                 group=None, accumulate: int = 1, batch: int = 0):
         self.make_pipe, self.train, self.channels_last = make_pipe, train, channels_last
-        self.accumulate = accumulate  # training batches per optimiser step
+        self.accumulate, self.batch = accumulate, batch  # training batches per optimiser step; images per batch
+        self.samples = SampleOrdinals(list_shards(folder)) if train else None
+        self.log = EpochLog(self.samples.size) if train else None  # what this epoch trained, on this rank
         self.folder, self.skipped, self.ranks = folder, skipped, RankExchange(group)
         self.left_out: set[str] = set()  # 'SHARD.tar:KEY' of every sample left out so far
         self.shards = self._screened()
@@ -67,6 +66,9 @@ class DaliLoader:
         self.states: dict[int, dict] = {}  # consumed -> the state after that step's last batch, for the last few
         self.sent = None  # (whether any rank's last batch failed, in flight; what this rank found)
         self.repaired = False  # a pipeline rebuilt in this epoch: the next epoch starts a pass of its own
+        self.epoch_steps = 0  # optimiser steps of the current epoch
+        self.resume_trained = None  # the samples the epoch resumed in had trained (a bitmap), for the log
+        self.resplit = None  # the epoch a run split otherwise resumed in: see `_resume_resplit`
 
     def _screened(self) -> Shards | None:
         """The split's shards without the samples whose JPEG header is malformed or whose bytes fail their
@@ -95,7 +97,8 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        return DALIGenericIterator([self.make_pipe(self.shards, checkpoint)], ["images", "labels"],
+        outputs = ["images", "labels", "where"] if self.train else ["images", "labels"]
+        return DALIGenericIterator([self.make_pipe(self.shards, checkpoint)], outputs,
                                    reader_name=READER, last_batch_policy=policy, auto_reset=True,
                                    prepare_first_batch=False)
 
@@ -103,6 +106,8 @@ class DaliLoader:
         """Keeps the state after the batch just yielded, a step's last: Lightning asks for it at the step that
         trained that batch, when it may already have fetched the next one."""
         self.states[self.consumed] = {"dali": self.iterator.checkpoints()[0], "epoch_done": epoch_done,
+                                      "epoch_steps": self.epoch_steps, "batch": self.batch,
+                                      "trained": self.log.mark(), "resplit": self.resplit is not None,
                                       "left_out": sorted(self.left_out), "repaired": self.repaired,
                                       "unsettled": self.sent[1] if self.sent else []}
         self.states.pop(self.consumed - 4, None)
@@ -111,17 +116,26 @@ class DaliLoader:
         """What a resume after `step` optimiser steps needs to go on exactly: DALI's own checkpoint of the pipeline
         (reader position, every random stream), how far into its epoch, and the samples left out; one entry per
         rank (a collective under data-parallel training: every rank saves the checkpoint, rank 0 writes it)."""
-        return {"ranks": self.ranks.gather(self.states.get(step))}
+        state = self.states.get(step)
+        if state is not None:
+            state = {**state, "trained": self.log.packed(state["trained"])}
+        return {"ranks": self.ranks.gather(state)}
 
     def restore(self, state: dict, step: int) -> None:
         """Goes on from `state_at(step)` of the run resumed from."""
         rank, world = self.ranks.rank, self.ranks.world
         ranks = state.get("ranks") or []
-        if len(ranks) != world or ranks[rank] is None:
+        resplit = len(ranks) != world or any(r and (r.get("batch", self.batch) != self.batch or r.get("resplit"))
+                                             for r in ranks)
+        if resplit and ranks and all(r and "trained" in r for r in ranks):
+            return self._resume_resplit(ranks, step)
+        if resplit or ranks[rank] is None:  # a checkpoint of an earlier ddmim, which kept no trained samples
             say(f"ddmim: warning: the checkpoint holds no DALI reader state for rank {rank} of {world} at step "
                 f"{step}; the DALI data order starts over")
             return
         mine = ranks[rank]
+        if "trained" in mine:
+            self.resume_trained = union_of([mine["trained"]], self.samples.size)
         unsettled = {entry[1]: entry for r in ranks if r for entry in r.get("unsettled", [])}
         if unsettled:  # a rank's batch had failed and the ranks had not yet agreed: agree now, as the run would have
             self.skipped.mark(ordinal for ordinal, _, _ in unsettled.values())
@@ -132,9 +146,30 @@ class DaliLoader:
                 self.shards = self._leave_out(set(mine["left_out"]))
             self.iterator, self.repaired = self._iterator(mine["dali"]), mine.get("repaired", False)
         self.consumed, self.resume_done = step, mine["epoch_done"]
+        self.epoch_steps = mine.get("epoch_steps", 0)
+
+    def _resume_resplit(self, ranks: list[dict], step: int) -> None:
+        """Goes on from a checkpoint of this run split otherwise (another process count or per-device batch, or
+        inside an epoch that was): the rest of the epoch is the samples no rank had trained, dealt anew over this
+        run's ranks, each once; Lightning's count of the epoch's batches (the steps done x this run's
+        micro-batches) and its length on this split are kept, and the next epoch reads the whole split."""
+        self.left_out |= {where for r in ranks for where in r["left_out"]}
+        self.left_out |= {entry[1] for r in ranks for entry in r.get("unsettled", [])}
+        trained = union_of([r["trained"] for r in ranks], self.samples.size)
+        self.shards = self._leave_out(set()) if self.left_out else None
+        self.iterator = self._iterator()
+        length, offset = len(self.iterator), max(r["epoch_steps"] for r in ranks) * self.accumulate
+        self.consumed, self.epoch_steps = step, offset // self.accumulate
+        rest = filtered_shards(*list_shards(self.folder), self.left_out, trained)
+        if offset >= length or sample_count(rest[1]) // self.ranks.world < self.batch:
+            self.epoch_steps = 0  # the epoch had ended: the next starts as any
+            return
+        self.resplit = {"length": length, "offset": offset}
+        self.shards, self.resume_trained = rest, trained
+        self.iterator = self._iterator()
 
     def __len__(self) -> int:
-        return len(self.iterator)
+        return self.resplit["length"] if self.resplit else len(self.iterator)
 
     def _find_bad(self, error: RuntimeError) -> list[tuple[int, str, str]]:
         own = list_shards(self.folder)
@@ -148,6 +183,8 @@ class DaliLoader:
 
     def _repair(self, bad: list[tuple[int, str, str]]) -> None:
         self.shards = self._leave_out({where for _, where, _ in bad})
+        if self.resplit:  # still without what the epoch trained
+            self.shards = filtered_shards(*self.shards, set(), self.resume_trained)
         self.iterator, self.repaired = self._iterator(), True
 
     def _union(self, bad: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
@@ -191,13 +228,19 @@ class DaliLoader:
     def epoch_batches(self) -> int:
         """Batches of this epoch: the fewest of any rank (one exchange an epoch), so that every rank steps
         as often; DALI gives ranks whose parts differ by a sample different counts."""
-        return self.ranks.min(len(self.iterator))
+        mine = len(self.iterator)
+        if self.resplit:  # the rest of an epoch resumed split otherwise, within the epoch's length
+            mine = min(mine, self.resplit["length"] - self.resplit["offset"])
+        return self.ranks.min(mine)
 
     def __iter__(self):
         stream = iter(self.iterator)
         total = self.epoch_batches()
         done = self.resume_done if self.resume_done < total else 0  # a checkpoint at an epoch's end: a new one
-        self.resume_done = 0
+        if self.log is not None:
+            self.log.start(self.resume_trained if done or self.resplit else None)
+            self.epoch_steps = self.epoch_steps if done or self.resplit else 0
+        self.resume_done, self.resume_trained = 0, None
         for _ in range(total - done):
             agreed = self._agreed_failures()
             if agreed:
@@ -214,6 +257,8 @@ class DaliLoader:
                                     f"do not decode: {str(error).strip().splitlines()[-1]}") from None
             if self.ranks.shared:
                 self.sent = (self.ranks.any_later(bool(bad)), bad)
+            if self.log is not None:
+                self.log.add(self.samples.of(out[0]["where"]))
             images, labels = out[0]["images"], out[0]["labels"].reshape(-1).long()
             if self.channels_last:  # HWC batches viewed as NCHW tensors in channels-last memory
                 images = images.permute(0, 3, 1, 2)
@@ -222,8 +267,12 @@ class DaliLoader:
             done += 1
             if self.train and (done % self.accumulate == 0 or done == total):  # a step's last batch
                 self.consumed += 1
+                self.epoch_steps += 1
                 self._remember(done)
             yield images, labels
+        if self.resplit:  # the next epoch reads the whole split
+            self.shards, self.resplit = (self._leave_out(set()) if self.left_out else None), None
+            self.repaired = True
         if self.repaired:  # the rebuilt pipeline's pass began mid-epoch: the next epoch starts a pass of its own
             self.iterator, self.repaired = self._iterator(), False
             if self.train:
@@ -242,58 +291,4 @@ def open_loader(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, chann
                               enable_checkpointing=train, checkpoint=checkpoint, **pipeline_options)
 
     return DaliLoader(make_pipe, train=train, channels_last=channels_last, folder=folder, skipped=skipped,
-                      group=group, accumulate=accumulate)
-
-
-class DALIDataModule(pl.LightningDataModule):
-    applies_randaugment = False
-    data_format = "dali"
-    order_follows_global_batch = False  # each rank reads its own shards, in batches of its own
-
-    def __init__(self, root: Path, spec: LoaderSpec, channels_last: bool = False):
-        super().__init__()
-        self.root, self.spec, self.channels_last = Path(root), spec, channels_last
-        sizes = {split: sample_count(list_shards(self.root / split)[1]) for split in ("train", "val")}
-        self.skipped = {split: SkippedSamples(size) for split, size in sizes.items()}
-        self.train_size = sizes["train"]
-        check_shuffled(self.root / "train")
-        check_one_batch_per_rank(self.root / "train", self.train_size, spec.batch_size)
-        self.num_classes = read_class_count(self.root)
-        self.group = None
-        self.train_loader: DaliLoader | None = None
-        self.to_restore: dict | None = None  # the training loader's state in the checkpoint resumed from
-
-    def setup(self, stage: str) -> None:
-        if self.group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self.group = dist.new_group(backend="gloo")  # every rank calls setup: the group is made collectively
-
-
-    def _loader(self, split: str, train: bool) -> DaliLoader:
-        trainer = self.trainer
-        gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return open_loader(self.root / split, self.spec, train=train, gpu=gpu, channels_last=self.channels_last,
-                           skipped=self.skipped[split], shard_id=rank, num_shards=world, group=self.group,
-                           accumulate=trainer.accumulate_grad_batches if trainer is not None else 1)
-
-    def train_dataloader(self) -> DaliLoader:
-        if self.trainer is not None:
-            check_one_batch_per_rank(self.root / "train", self.train_size, self.spec.batch_size,
-                                     self.trainer.world_size)
-        self.train_loader = self._loader("train", train=True)
-        if self.to_restore is not None and self.trainer is not None:
-            self.train_loader.restore(self.to_restore, self.trainer.global_step)
-            self.to_restore = None
-        return self.train_loader
-
-    def state_dict(self) -> dict:
-        """Saved in every checkpoint by Lightning; the loader's state at the step being saved."""
-        if self.train_loader is None or self.trainer is None:
-            return {}
-        return {"train": self.train_loader.state_at(self.trainer.global_step)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.to_restore = state.get("train")
-
-    def val_dataloader(self) -> DaliLoader:
-        return self._loader("val", train=False)
+                      group=group, accumulate=accumulate, batch=pipeline_options.get("batch_size") or spec.batch_size)

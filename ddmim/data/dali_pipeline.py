@@ -1,6 +1,7 @@
 """The DALI pipeline of one split: the webdataset reader, then on CUDA decoding on the GPU (`mixed`) and on the
 CPU DALI's CPU decoder. Training decodes only the random crop window (`fn.decoders.image_random_crop`), then
-resizes, flips and normalises in one `fn.crop_mirror_normalize`."""
+resizes, flips and normalises in one `fn.crop_mirror_normalize`; its batches also name their samples (a third
+output, `source_info`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,6 +61,8 @@ def define_pipeline(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, d
             mirror = fn.random.coin_flip(probability=spec.data.hflip) if spec.data.hflip > 0 else 0
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=mean,
                                               std=std, mirror=mirror)
+            # which samples the batch holds, by shard and offset ('SHARD.tar:OFFSET:KEY.jpg'): see dali_epoch
+            where = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
         else:
             images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=round(size / spec.data.val_crop_ratio), interp_type=interp)
@@ -67,7 +70,7 @@ def define_pipeline(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, d
                                               mean=mean, std=std)
         if gpu:
             labels = labels.gpu()
-        return images, labels
+        return (images, labels, where) if train else (images, labels)
 
     return pipeline(batch_size=batch_size, num_threads=threads or loader_threads(spec.data.num_workers),
                     device_id=device_id, seed=spec.seed + shard_id, prefetch_queue_depth=2, **pipeline_kw)

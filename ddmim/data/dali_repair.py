@@ -24,6 +24,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ddmim.atomic import write_text
@@ -152,15 +153,19 @@ def _remove_folders() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def filtered_shards(tars: list[str], indexes: list[str], leave_out: set[str]) -> tuple[list[str], list[str]]:
-    """(tars, copies of their indexes) without the samples named 'SHARD.tar:KEY' in `leave_out`; a shard
-    left with no sample is dropped."""
+def filtered_shards(tars: list[str], indexes: list[str], leave_out: set[str],
+                    trained: np.ndarray | None = None) -> tuple[list[str], list[str]]:
+    """(tars, copies of their indexes) without the samples named 'SHARD.tar:KEY' in `leave_out`, nor those whose
+    ordinal (over the split's own `tars`) is set in `trained`; a shard left with no sample is dropped."""
     folder = tempfile.mkdtemp(prefix="ddmim-dali-index-")
     _FOLDERS.append(folder)
-    kept_tars, kept_indexes = [], []
+    kept_tars, kept_indexes, count = [], [], 0
     for n, (tar, index) in enumerate(zip(tars, indexes)):
         lines = Path(index).read_text().splitlines()
-        kept = [line for line in lines[1:] if f"{tar}:{line.split()[3].rsplit('.', 1)[0]}" not in leave_out]
+        done = trained[count:count + len(lines) - 1] if trained is not None else np.zeros(len(lines) - 1, bool)
+        count += len(lines) - 1
+        kept = [line for line, was in zip(lines[1:], done)
+                if not was and f"{tar}:{line.split()[3].rsplit('.', 1)[0]}" not in leave_out]
         if not kept:
             continue
         path = Path(folder) / f"{n:06d}-{Path(index).name}"

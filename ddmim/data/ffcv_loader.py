@@ -178,8 +178,8 @@ class FFCVDataModule(pl.LightningDataModule):
         check_one_batch_per_rank(self.root / "train.beton", self.train_size, spec.batch_size)
 
     @property
-    def order_follows_global_batch(self) -> bool:
-        return self.spec.data.ffcv_order == "random"  # `DealtOrder`; quasi_random is FFCV's own
+    def resumes_split_otherwise(self) -> bool:
+        return self.spec.data.ffcv_order == "random"  # `DealtOrder`; quasi_random is FFCV's own order
 
     def _loader(self, split: str, train: bool):
         trainer = self.trainer

@@ -89,7 +89,7 @@ def open_split(root: Path, split: str, transform, layout: str = "auto", val_frac
 class FolderDataModule(pl.LightningDataModule):
     applies_randaugment = True  # in the PIL pipeline, per image
     data_format = "folder"
-    order_follows_global_batch = True  # `dealt_in_steps`
+    resumes_split_otherwise = True  # `dealt_in_steps`: a step's images depend on the global batch alone
 
     def __init__(self, root: Path, spec: LoaderSpec, randaugment: str = "", labels: bool = False):
         """`labels`: refuse an unlabeled source."""

@@ -59,8 +59,8 @@ class TrainingModule(NonFiniteGuard, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A run resumed with another global batch would be another run, and on other data too: both refused.
         Split otherwise (processes, accumulation, per-device batch), the folder and FFCV formats deal the same
-        steps (their order follows the global batch); DALI deals each process its own shards in batches of its
-        own, so there the processes and the per-device batch are kept."""
+        steps (their order follows the global batch) and DALI deals the rest of the epoch anew; FFCV's
+        quasi_random order, FFCV's own, keeps its split."""
         if checkpoint.get(PROCESSES_KEY) is not None and self._trainer is not None:
             now = self._split()
             saved = (checkpoint.get(BATCH_KEY) or _config_batch(checkpoint) or now[0], checkpoint[PROCESSES_KEY],
@@ -70,12 +70,12 @@ class TrainingModule(NonFiniteGuard, pl.LightningModule):
                                 f"make it {_spelt(now)}; give the run's train.global_batch={math.prod(saved)} to "
                                 "resume it split otherwise")
             data = getattr(self.trainer, "datamodule", None)
-            if saved[:2] != now[:2] and not getattr(data, "order_follows_global_batch", True):
+            if saved[:2] != now[:2] and not getattr(data, "resumes_split_otherwise", True):
                 raise UserError(f"--resume auto: this run was trained on {saved[1]} process(es) (devices x nodes) "
                                 f"in batches of {saved[0]} and is resumed on {now[1]} in batches of {now[0]}; "
-                                f"{data.data_format} data is dealt to each process on its own, so resume it on "
-                                f"{saved[1]} with train.batch_size={saved[0]} (folder and FFCV data in random "
-                                "order resume on any split of the global batch)")
+                                "FFCV's quasi_random order is FFCV's own and follows the split, so resume it on "
+                                f"{saved[1]} with train.batch_size={saved[0]} (data.ffcv_order random resumes on "
+                                "any split of the global batch)")
             if saved[2] != now[2]:
                 rescale_epoch_progress(checkpoint, saved[2], now[2])
         before, now = checkpoint.get(DATA_KEY), self._data() if self._trainer is not None else None
