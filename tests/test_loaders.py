@@ -2,13 +2,16 @@
 from collections import Counter
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import COLOURED_CLASSES, decode_index
 from ddmim.config import make_config
 from ddmim.data import detect_format, make_datamodule
+from ddmim.data.dali_format import list_shards
 from ddmim.data.dali_loader import open_loader
+from ddmim.data.dali_repair import filtered_shards
 from ddmim.data.ffcv_loader import make_loader
 from ddmim.data.folder import open_split
 from ddmim.data.loader_spec import LoaderSpec
@@ -81,6 +84,30 @@ def test_dali_shards_split_disjointly_across_ranks(converted, cfg):
     halves = [{i for i, _ in traced(dali_batches(converted, cfg, shard_id=r, num_shards=2), cfg)} for r in (0, 1)]
     assert not halves[0] & halves[1]
     assert halves[0] | halves[1] == set(range(N_TRAIN))
+
+
+def test_dali_training_batches_name_the_samples_they_hold(converted, cfg):
+    """Each training batch's source_info gives the samples' ordinals in the split (what a resume on another
+    process count leaves out): one ordinal per source image, the same wherever its crops fall in the epoch."""
+    loader = open_loader(converted["dali"] / "train", LoaderSpec.of(cfg), train=True, gpu=False)
+    pairs = set()
+    for _ in range(2):  # two epochs, in two shuffled orders
+        batches = [(x.clone(), y.clone()) for x, y in loader]
+        ordinals = [int(o) for batch in loader.log.batches for o in batch]
+        sources = [i for i, _ in traced(batches, cfg)]
+        assert len(ordinals) == len(sources) == len(set(ordinals)) > N_TRAIN // 2
+        assert set(ordinals) <= set(range(N_TRAIN))
+        pairs |= set(zip(ordinals, sources))
+    assert len({o for o, _ in pairs}) == len({i for _, i in pairs}) == len(pairs)  # each name one image
+    # the samples a resume leaves out by these names are the images they named
+    named = dict(pairs)
+    left_out = np.zeros(loader.samples.size, dtype=bool)
+    left_out[ordinals[:2 * cfg.train.batch_size]] = True
+    loader.shards = filtered_shards(*list_shards(converted["dali"] / "train"), set(), left_out)
+    loader.iterator = loader._iterator()
+    rest = {i for i, _ in traced([(x.clone(), y.clone()) for x, y in loader], cfg)}
+    gone = {named[o] for o in ordinals[:2 * cfg.train.batch_size]}
+    assert rest and not rest & gone and len(rest | gone) > N_TRAIN - cfg.train.batch_size
 
 
 def test_ffcv_distributed_ranks_split_disjointly(converted, cfg):

@@ -183,8 +183,9 @@ class DaliLoader:
 
     def _repair(self, bad: list[tuple[int, str, str]]) -> None:
         self.shards = self._leave_out({where for _, where, _ in bad})
-        if self.resplit:  # still without what the epoch trained
-            self.shards = filtered_shards(*self.shards, set(), self.resume_trained)
+        if self.resplit:  # the rest of an epoch resumed split otherwise: still without what the epoch trained
+            trained = union_of([self.log.packed(self.log.mark())], self.samples.size)
+            self.shards = filtered_shards(*list_shards(self.folder), self.left_out, trained)
         self.iterator, self.repaired = self._iterator(), True
 
     def _union(self, bad: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
