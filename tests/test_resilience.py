@@ -142,13 +142,18 @@ def test_resume_refuses_what_changes_the_run_and_takes_what_only_runs_it(sample_
     train = ["train", "--data", str(sample_root), "--preset", "tiny", "--out", str(out), "--no-progress"]
     assert main([*train, "--max-steps", "1", "--epochs", "1", "--workers", "0"]) == 0
     saved = (out / "config.yaml").read_bytes()
-    for changes in (["model.embed_dim=64"], ["optim.lr=0.01", "train.batch_size=32"], ["train.seed=1"],
+    for changes in (["model.embed_dim=64"], ["optim.lr=0.01", "ema.every=3"], ["train.seed=1"],
                     ["data.hflip=0.5"], ["loss.tau=0.1"]):
         code = main([*train, "--resume", "auto", *(f"--set={change}" for change in changes)])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1, err
         assert all(change.split("=")[0] in err for change in changes) and "other values" in err, err
         assert (out / "config.yaml").read_bytes() == saved
+    # another per-device batch may split the same global batch, not make another one
+    code = main([*train, "--resume", "auto", "--set=train.batch_size=32"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "global batch is 64 x 1 process(es) x 1 micro-batch(es) = 64" in err, err
+    assert (out / "config.yaml").read_bytes() == saved
     fewer = tmp_path / "fewer"
     shutil.copytree(sample_root, fewer)
     for image in sorted((fewer / "train").rglob("*.png"))[:100]:

@@ -45,16 +45,19 @@ def throughput_fields(run: Run) -> dict:
 
 
 def run_fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict]) -> dict:
+    config = Path(plan.out) / "config.yaml"
+    # the run's values, put back if this resume is refused once its checkpoint is read (another global batch)
+    before = config.read_text() if plan.resume and config.is_file() and not is_launched_worker() else None
     run_dir, ckpt, lock = open_run_folder(Path(plan.out), plan.cfg, plan.resume)
     try:
-        return _fit(plan, summary_fields, run_dir, ckpt)
+        return _fit(plan, summary_fields, run_dir, ckpt, before)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict], run_dir: Path,
-         ckpt: Path | None) -> dict:
+         ckpt: Path | None, config_before: str | None) -> dict:
     pl.seed_everything(plan.cfg.train.seed, workers=True, verbose=False)
     run, preemption = None, Preemption(run_dir / "checkpoints")
     try:
@@ -70,8 +73,11 @@ def _fit(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], dict
             run.trainer.fit(module, datamodule=plan.datamodule, ckpt_path=ckpt)
     except BaseException as exc:
         _refuse_gone_folder(run_dir, exc)
-        if not plan.resume and (run is None or run.trainer.global_step == 0) and not is_launched_worker():
-            remove_failed_start(run_dir)
+        if (run is None or run.trainer.global_step == 0) and not is_launched_worker():
+            if not plan.resume:
+                remove_failed_start(run_dir)
+            elif config_before is not None and (run_dir / "config.yaml").is_file():
+                write_text(run_dir / "config.yaml", config_before)
         raise
     try:
         return _finish(plan, summary_fields, run, module, run_dir, ckpt, start)
