@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV, REPO, finish, kill_when, newest_step, run
+from helpers import ENV, REPO, finish, kill_when, newest_step, run, train_steps
 
 STEPS = 30  # an epoch of the digits is 22 batches at batch 64: the kills fall in both epochs
 
@@ -187,8 +187,8 @@ def test_a_dali_run_resumed_on_another_process_count_trains_the_rest_of_its_epoc
         return [sys.executable, str(launch), *_cmd(digits_dali, out, "--devices", str(devices), "--accelerator", "cpu",
                                                    "--strategy", "ddp" if devices > 1 else "auto",
                                                    "--set", f"train.batch_size={batch}",
-                                                   "--set", f"train.global_batch={2 * batch}", *extra,
-                                                   steps=steps, workers=1)[3:]]
+                                                   "--set", f"train.global_batch={2 * batch}",
+                                                   "--set", "train.log_every=1", *extra, steps=steps, workers=1)[3:]]
 
     env = {**ENV, "RECORD_DIR": str(record)}
     proc = subprocess.Popen(cmd(before, 30), cwd=REPO, env={**env, "SEGMENT": "a-"}, stdout=subprocess.DEVNULL,
@@ -219,3 +219,4 @@ def test_a_dali_run_resumed_on_another_process_count_trains_the_rest_of_its_epoc
     assert len(following) == 2 * batch and set(following) & set(across)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["world_size"], summary["global_batch"]) == (end + 1, after, 2 * batch)
+    assert train_steps(out) == list(range(end + 1))  # each step's row once
