@@ -1,3 +1,4 @@
+import gc
 import multiprocessing.popen_forkserver
 import multiprocessing.popen_spawn_posix
 import os
@@ -77,6 +78,17 @@ def _fast_tests_start_no_interpreter(request):
         yield
     if watch.seen:
         pytest.fail(watch.seen[0], pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_dali_pipeline_outlives_its_test():
+    """A DALI pipeline left in a reference cycle was freed later by the garbage collector, and if a test forked
+    first (a converter's worker pool, a loader's workers), in the child, whose DALI threads do not exist: the
+    child hung in the pipeline's destructor, and the suite with it (seen in a fresh-clone CI). Collected here,
+    in the process whose threads they are."""
+    yield
+    if "nvidia.dali" in sys.modules:
+        gc.collect()
 
 
 def pytest_collection_modifyitems(items):
