@@ -85,6 +85,17 @@ def write_text(final: Path, text: str) -> None:
         f.write(text)
 
 
+def point_at(link: Path, target: Path) -> None:
+    """Makes `link` a symlink to `target` (relative: the folder can be moved or copied whole) in one rename, so
+    that `link` is never missing; where the filesystem has no symlinks, a copy of `target`."""
+    link = Path(link)
+    with atomic_path(link) as tmp:
+        try:
+            os.symlink(os.path.relpath(target, link.parent), tmp)
+        except OSError:
+            shutil.copyfile(target, tmp)
+
+
 @contextmanager
 def staged_folder(final: Path):
     """Yields an empty temporary folder that replaces `final` (see `publish`) when the block ends, and is

@@ -487,14 +487,37 @@ def test_a_copied_run_folder_resumes_into_its_own_last_checkpoint(sample_root, t
     train = ["train", "--data", str(sample_root), "--preset", "tiny", "--workers", "0", "--no-progress",
              "--set", "train.ckpt_every_steps=2"]
     assert main([*train, "--out", str(tmp_path / "a"), "--max-steps", "2"]) == 0
+    assert os.readlink(tmp_path / "a" / "checkpoints" / "last.ckpt") == "step00000002.ckpt"  # relative: moves along
     original = {p.name: p.read_bytes() for p in (tmp_path / "a" / "checkpoints").iterdir()}
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.copytree(tmp_path / "a", tmp_path / "b", symlinks=True)  # as `cp -a` copies
     assert main([*train, "--out", str(tmp_path / "b"), "--max-steps", "4", "--resume", "auto"]) == 0
     names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert not [n for n in names if n.startswith("last-v")], names
     last = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 4
     assert {p.name: p.read_bytes() for p in (tmp_path / "a" / "checkpoints").iterdir()} == original
+
+
+def test_last_ckpt_is_replaced_in_one_rename_and_copied_where_there_are_no_symlinks(tmp_path, monkeypatch):
+    from ddmim.atomic import point_at
+
+    first, second, last = tmp_path / "step1.ckpt", tmp_path / "step2.ckpt", tmp_path / "last.ckpt"
+    first.write_bytes(b"one")
+    second.write_bytes(b"two")
+    last.write_bytes(b"a copy an earlier ddmim wrote")
+    replaced = []
+    monkeypatch.setattr(os, "replace", lambda a, b: replaced.append(os.readlink(a)) or os.rename(a, b))
+    point_at(last, first)
+    assert os.readlink(last) == "step1.ckpt" and last.read_bytes() == b"one" and replaced == ["step1.ckpt"]
+
+    def no_symlinks(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.undo()  # os.replace as it is
+    monkeypatch.setattr(os, "symlink", no_symlinks)
+    point_at(last, second)
+    assert not last.is_symlink() and last.read_bytes() == b"two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step1.ckpt", "step2.ckpt"]  # no temporary
 
 
 def test_resume_takes_the_latest_step_whatever_the_file_times(sample_root, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from ddmim.errors import UserError, one_line
 from ddmim.machine import peak_flops, peak_memory_gib
 from ddmim.train.accumulation import optimizer_stepped
-from ddmim.train.checkpoint_files import STEP_PREFIX
+from ddmim.train.checkpoint_files import save_step_checkpoint
 from ddmim.train.launch import is_launched_worker
 from ddmim.train.rank_notes import leave_note
 
@@ -181,7 +181,7 @@ class NoteOnStop(pl.Callback):
 
 class FinalStepCheckpoint(pl.Callback):
     """With checkpoints every N steps, saves the run's last step when they miss it (--max-steps 25 with one
-    every 10), as a step checkpoint and as last.ckpt, which the summary names. Saved where the periodic ones
+    every 10), as a step checkpoint that last.ckpt, which the summary names, points at. Saved where the periodic ones
     are, at the end of the training batch, so a resume from it is as exact. (With one per epoch, Lightning
     saves at --max-steps itself: the epoch ends there.)"""
 
@@ -195,5 +195,4 @@ class FinalStepCheckpoint(pl.Callback):
         last_of_run = step == trainer.max_steps or (batch_idx + 1 == trainer.num_training_batches
                                                     and trainer.current_epoch + 1 == trainer.max_epochs)
         if self.every_steps and last_of_run and step % self.every_steps != 0:
-            trainer.save_checkpoint(self.folder / f"{STEP_PREFIX}{step:08d}.ckpt")
-            trainer.save_checkpoint(self.folder / "last.ckpt")
+            save_step_checkpoint(trainer, self.folder)

@@ -7,6 +7,7 @@ and is renamed over it, which is atomic on POSIX filesystems.
 """
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 
-from ddmim.atomic import TMP_MARK, atomic_write
+from ddmim.atomic import TMP_MARK, atomic_write, point_at
 from ddmim.checkpoints import (
     DIGEST_KEY,
     FORMAT,
@@ -28,6 +30,7 @@ from ddmim.checkpoints import (
 from ddmim.errors import UserError, is_full_disk
 
 STEP_PREFIX = "step"  # recent checkpoints are named step<8 digits>.ckpt
+LAST = "last.ckpt"  # a symlink to the newest step checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -53,6 +56,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if self.keep > 0:
             for old in sorted(path.parent.glob(f"{STEP_PREFIX}*.ckpt"))[:-self.keep]:
                 old.unlink(missing_ok=True)
+
+
+class StepCheckpoints(ModelCheckpoint):
+    """Lightning's periodic checkpoints with `save_last="link"`: last.ckpt is a symlink to the step checkpoint
+    just written, not a second copy (a Swin-T run's checkpoint is about 0.5 GB, written at every save), replaced
+    in one rename, where Lightning deletes the old link before making the new one (private method, checked
+    against pytorch-lightning 2.6.6)."""
+
+    @staticmethod
+    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        link, target = Path(linkpath), Path(filepath)
+        if trainer.is_global_zero and target.resolve() != link.resolve() and not _links_later(link, target):
+            point_at(link, target)
+        trainer.strategy.barrier()
+
+
+def _links_later(link: Path, target: Path) -> bool:
+    """Whether `link` already names a later step checkpoint than `target`: Lightning links last.ckpt again at each
+    validation's end, to its own newest file, which a stop's or the run's last step's checkpoint may follow."""
+    if not (link.is_symlink() and link.exists() and target.name.startswith(STEP_PREFIX)):
+        return False
+    current = os.readlink(link)
+    return current.startswith(STEP_PREFIX) and current > target.name  # step<8 digits>: the names sort as steps
+
+
+def save_step_checkpoint(trainer, folder: Path) -> Path:
+    """Writes this step's checkpoint outside the periodic ones (a stop, a run's last step) and points last.ckpt
+    at it."""
+    path = Path(folder) / f"{STEP_PREFIX}{trainer.global_step:08d}.ckpt"
+    trainer.save_checkpoint(path)  # every rank takes part; rank 0 writes
+    if trainer.is_global_zero:
+        point_at(path.parent / LAST, path)
+    return path
 
 
 def write_failure(exc: BaseException, folder: Path) -> str:

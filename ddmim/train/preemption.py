@@ -32,7 +32,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ddmim.train.accumulation import optimizer_stepped
-from ddmim.train.checkpoint_files import STEP_PREFIX
+from ddmim.train.checkpoint_files import save_step_checkpoint
 
 STOPPED: dict = {}  # the last stop by a signal: the signal, step, checkpoint, or an interrupt (read by the CLI)
 
@@ -110,10 +110,7 @@ class Preemption(pl.Callback):
             STOPPED.update(interrupted=True, step=trainer.global_step)
 
     def _save(self, trainer) -> None:
-        step = trainer.global_step
-        path = self.folder / f"{STEP_PREFIX}{step:08d}.ckpt"
-        trainer.save_checkpoint(path)
-        trainer.save_checkpoint(self.folder / "last.ckpt")
-        STOPPED.update(signal=self.signal, step=step, checkpoint=str(path))
+        path = save_step_checkpoint(trainer, self.folder)
+        STOPPED.update(signal=self.signal, step=trainer.global_step, checkpoint=str(path))
         if STOPPED["signal"] == signal.SIGUSR1 and SLURMEnvironment.detect() and trainer.is_global_zero:
             STOPPED["requeue"] = requeue_slurm_job()

@@ -13,7 +13,7 @@ from ddmim.config import RunConfig
 from ddmim.train.accumulation import accumulation
 from ddmim.train.bad_sample_guard import BadSampleGuard
 from ddmim.train.callbacks import FinalStepCheckpoint, NoteOnStop, StepRows, ThroughputReport, ValLossHistory
-from ddmim.train.checkpoint_files import STEP_PREFIX, AtomicCheckpointIO
+from ddmim.train.checkpoint_files import STEP_PREFIX, AtomicCheckpointIO, StepCheckpoints
 from ddmim.train.history import HistoryCSVLogger, HistoryTensorBoardLogger
 from ddmim.train.launch import Launch
 from ddmim.train.preemption import Preemption, slurm_environment
@@ -75,8 +75,8 @@ def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tup
     every = {"every_n_train_steps": t.ckpt_every_steps} if t.ckpt_every_steps else {"every_n_epochs": 1}
     # no version counter: a last.ckpt that Lightning's restored state does not name as its own (a stop's, a copied
     # run folder's) is replaced, not left stale beside a new last-v1.ckpt
-    recent = ModelCheckpoint(dirpath=folder, filename=STEP_PREFIX + "{step:08d}", auto_insert_metric_name=False,
-                             save_top_k=-1, save_last=True, enable_version_counter=False,
+    recent = StepCheckpoints(dirpath=folder, filename=STEP_PREFIX + "{step:08d}", auto_insert_metric_name=False,
+                             save_top_k=-1, save_last="link", enable_version_counter=False,
                              **every)  # pruned by AtomicCheckpointIO
     best = ModelCheckpoint(dirpath=folder, filename=f"best-epoch{{epoch:03d}}-{monitor[0].replace('/', '_')}"
                            f"{{{monitor[0]}:.4f}}", auto_insert_metric_name=False, monitor=monitor[0],
