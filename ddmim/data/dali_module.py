@@ -37,7 +37,6 @@ class DALIDataModule(pl.LightningDataModule):
         if self.group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self.group = dist.new_group(backend="gloo")  # every rank calls setup: the group is made collectively
 
-
     def _loader(self, split: str, train: bool) -> DaliLoader:
         trainer = self.trainer
         gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
