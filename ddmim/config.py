@@ -67,10 +67,19 @@ class ModelConfig:
 
 @dataclass
 class DDMIMConfig:
-    """model.method ddmim (DDMIM, and SimMIM by its loss weights): the projection head and the mask token."""
+    """model.method ddmim (DDMIM, and SimMIM by its loss weights): the projection head, the mask token and the
+    loss's terms and weights (the fields of `DDMIMLoss`, by name); checked by the method (ddmim/models/factory.py)
+    when it is the run's."""
     proj_hidden: int = 512
     proj_out: int = 512
     mask_token: bool = False  # a learned token replaces masked tokens entering stage 0 (SimMIM) instead of zeros
+    perceptual_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 0.1])  # one per stage
+    contrastive_weight: float = 1.0
+    tau: float = 0.05
+    recon_normalize: Literal["all", "masked"] = "all"  # all (seed) | masked (SimMIM)
+    recon_beta: float = 1.0
+    perceptual_beta: float = 1.0
+    infonce_extra_logit: bool = True
 
 
 @dataclass
@@ -88,22 +97,6 @@ class MaskConfig:
     ratios: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5, 0.0])
     exact_count: bool = False  # mask exactly round(ratio * units) per image (SimMIM) instead of independently
     patch: int = 1  # masking unit, in tokens per side (SimMIM: 8 = 32 x 32 pixels at patch size 4)
-
-
-@dataclass
-class LossConfig:
-    """model.method ddmim's loss terms and weights: the fields of `DDMIMLoss`, by name."""
-    perceptual_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 0.1])
-    contrastive_weight: float = 1.0
-    tau: float = 0.05
-    recon_normalize: Literal["all", "masked"] = "all"  # all (seed) | masked (SimMIM)
-    recon_beta: float = 1.0
-    perceptual_beta: float = 1.0
-    infonce_extra_logit: bool = True
-
-    def check(self) -> None:
-        if self.tau <= 0:
-            raise UserError(f"loss.tau must be positive, got {self.tau}")
 
 
 @dataclass
@@ -250,7 +243,6 @@ class Config:
     ddmim: DDMIMConfig = field(default_factory=DDMIMConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -282,6 +274,8 @@ MOVED_KEYS: dict[tuple[str, str], tuple[str, str] | None] = {
     ("model", "mask_token"): ("ddmim", "mask_token"), ("model", "decoder_dim"): ("mae", "decoder_dim"),
     ("model", "decoder_depth"): ("mae", "decoder_depth"), ("model", "decoder_heads"): ("mae", "decoder_heads"),
     ("loss", "norm_pix"): ("mae", "norm_pix"),
+    **{("loss", key): ("ddmim", key) for key in ("perceptual_weights", "contrastive_weight", "tau", "recon_normalize",
+                                                 "recon_beta", "perceptual_beta", "infonce_extra_logit")},
 }
 
 

@@ -22,6 +22,8 @@ def moved_keys(values: dict[str, Any], moves: dict[tuple[str, str], tuple[str, s
     for (section, key), target in moves.items():
         if isinstance(out.get(section), dict) and key in out[section]:
             value = out[section].pop(key)
+            if not out[section]:  # a section all of whose keys moved (loss: now ddmim's) is gone
+                del out[section]
             if target is not None:
                 new = out.setdefault(target[0], {})
                 if isinstance(new, dict):

@@ -11,13 +11,13 @@ def test_presets_load_and_seed_values():
     assert cfg.model.depths == [2, 2, 6, 2] and cfg.model.num_heads == [3, 6, 12, 24]
     assert (cfg.train.batch_size, cfg.train.epochs) == (52, 50)
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.step_size, cfg.optim.gamma) == (5e-3, 1e-4, 20, 0.1)
-    assert cfg.mask.ratios == [0.5, 0.5, 0.5, 0.0] and cfg.loss.perceptual_weights == [1.0, 1.0, 1.0, 0.1]
-    assert (cfg.loss.tau, cfg.loss.contrastive_weight, cfg.ema.decay, cfg.ema.every) == (0.05, 1.0, 0.999, 32)
+    assert cfg.mask.ratios == [0.5, 0.5, 0.5, 0.0] and cfg.ddmim.perceptual_weights == [1.0, 1.0, 1.0, 0.1]
+    assert (cfg.ddmim.tau, cfg.ddmim.contrastive_weight, cfg.ema.decay, cfg.ema.every) == (0.05, 1.0, 0.999, 32)
 
 
 def test_overrides_are_typed_and_round_trip():
-    cfg = make_config("tiny", ["optim.lr=1e-4", "model.depths=[1,1,1,1]", "loss.recon_normalize=masked"])
-    assert cfg.optim.lr == 1e-4 and cfg.model.depths == [1, 1, 1, 1] and cfg.loss.recon_normalize == "masked"
+    cfg = make_config("tiny", ["optim.lr=1e-4", "model.depths=[1,1,1,1]", "ddmim.recon_normalize=masked"])
+    assert cfg.optim.lr == 1e-4 and cfg.model.depths == [1, 1, 1, 1] and cfg.ddmim.recon_normalize == "masked"
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
@@ -26,7 +26,7 @@ def test_overrides_are_typed_and_round_trip():
     (["model.colour=3"], "unknown option model.colour"),
     (["optim.lr=fast"], "optim.lr must be of type float"),
     (["mask.ratios=[0.5,0.5]"], "mask.ratios"),
-    (["loss.recon_normalize=pixels"], "recon_normalize"),
+    (["ddmim.recon_normalize=pixels"], "recon_normalize"),
     (["nonsense"], "section.key=value"),
     (["model.num_heads=[5,2,4,8]"], "num_heads"),
 ])
@@ -81,7 +81,7 @@ def test_a_config_of_an_earlier_version_is_read_in_the_new_places(preset):
     new = make_config(preset)
     old = new.to_dict()
     for (section, key), (to_section, to_key) in MOVED_KEYS.items():  # back to the layout checkpoints once saved
-        old[section][key] = old[to_section].pop(to_key)
+        old.setdefault(section, {})[key] = old[to_section].pop(to_key)
     del old["ddmim"], old["mae"]
     assert config_from_dict(old) == new
 
@@ -89,6 +89,8 @@ def test_a_config_of_an_earlier_version_is_read_in_the_new_places(preset):
 def test_an_old_style_override_wins_over_the_preset():
     assert make_config("tiny_mae", ["model.decoder_dim=32", "model.decoder_heads=4"]).mae.decoder_dim == 32
     assert make_config("tiny", ["model.proj_out=16"]).ddmim.proj_out == 16
+    simmim = make_config("tiny_simmim", ["loss.recon_normalize=all", "loss.tau=0.1"])  # DDMIM's loss keys of before
+    assert (simmim.ddmim.recon_normalize, simmim.ddmim.tau) == ("all", 0.1)
 
 
 def test_a_fine_tuning_config_of_an_earlier_version_drops_the_pretraining_keys():
@@ -102,7 +104,7 @@ def test_a_fine_tuning_config_of_an_earlier_version_drops_the_pretraining_keys()
 
 
 @pytest.mark.parametrize("key, allowed", [
-    ("loss.recon_normalize", "all, masked"), ("ema.count", "epoch_batches, optimizer_steps"),
+    ("ddmim.recon_normalize", "all, masked"), ("ema.count", "epoch_batches, optimizer_steps"),
     ("optim.schedule", "step, cosine"), ("data.ffcv_order", "random, quasi_random"),
     ("train.kernels", "auto, triton, torch"), ("model.perceptual_tap", "after_next_merge, stage_output"),
 ])

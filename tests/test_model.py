@@ -96,12 +96,12 @@ def test_the_device_flagged_ema_update_follows_the_formula_without_a_sync(tiny_c
 
 
 def test_loss_combines_terms_with_stagefactor_and_alpha(tiny_cfg):
-    tiny_cfg.loss.contrastive_weight = 0.5
-    tiny_cfg.loss.perceptual_weights = [1.0, 0.5, 0.25, 0.1]
+    tiny_cfg.ddmim.contrastive_weight = 0.5
+    tiny_cfg.ddmim.perceptual_weights = [1.0, 0.5, 0.25, 0.1]
     model = pretraining_model(tiny_cfg)
     out = model(_batch(tiny_cfg), model.draw_masks(4)[0])
     expected = out["recon"] + 0.5 * out["contrastive"] + sum(
-        f * out[f"perceptual_{i}"] for i, f in enumerate(tiny_cfg.loss.perceptual_weights))
+        f * out[f"perceptual_{i}"] for i, f in enumerate(tiny_cfg.ddmim.perceptual_weights))
     torch.testing.assert_close(out["loss"], expected)
 
 

@@ -143,7 +143,7 @@ def test_resume_refuses_what_changes_the_run_and_takes_what_only_runs_it(sample_
     assert main([*train, "--max-steps", "1", "--epochs", "1", "--workers", "0"]) == 0
     saved = (out / "config.yaml").read_bytes()
     for changes in (["model.embed_dim=64"], ["optim.lr=0.01", "ema.every=3"], ["train.seed=1"],
-                    ["data.hflip=0.5"], ["loss.tau=0.1"]):
+                    ["data.hflip=0.5"], ["ddmim.tau=0.1"]):
         code = main([*train, "--resume", "auto", *(f"--set={change}" for change in changes)])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1, err

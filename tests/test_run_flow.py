@@ -54,7 +54,7 @@ def test_a_new_backbone_is_one_registry_entry(sample_root, tmp_path, monkeypatch
 
     monkeypatch.setitem(factory.BACKBONES, "toy", ToyEncoder)
     cfg = make_config("tiny", ["model.backbone=toy", "model.depths=[1,1]", "model.num_heads=[1,2]",
-                               "mask.ratios=[0.5,0.0]", "loss.perceptual_weights=[1.0,0.1]",
+                               "mask.ratios=[0.5,0.0]", "ddmim.perceptual_weights=[1.0,0.1]",
                                "data.num_workers=0", "train.epochs=1"])
     summary = pretrain(cfg, sample_root, tmp_path / "run", QUIET_STEPS(2))
     assert summary["steps"] == 2 and summary["val_loss_last"] is not None

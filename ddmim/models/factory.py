@@ -15,6 +15,7 @@ from typing import Callable
 from torch import nn
 
 from ddmim.config import Config, ModelConfig
+from ddmim.config_engine import at_least
 from ddmim.errors import UserError
 from ddmim.models.classifier import add_bn_mlp_head
 from ddmim.models.ddmim import DDMIM, DDMIMLoss
@@ -46,8 +47,8 @@ def _build_ddmim(cfg: Config, encoder: nn.Module, kernels: KernelOps | None) -> 
 
 
 def ddmim_loss(cfg: Config) -> DDMIMLoss:
-    """The loss section's fields, by name."""
-    values = dataclasses.asdict(cfg.loss)
+    """The loss's fields, by name, from the ddmim section."""
+    values = {f.name: getattr(cfg.ddmim, f.name) for f in dataclasses.fields(DDMIMLoss)}
     return DDMIMLoss(**{**values, "perceptual_weights": tuple(values["perceptual_weights"])})
 
 
@@ -56,12 +57,13 @@ def _check_ddmim(cfg: Config) -> None:
         raise UserError(f"model.method ddmim masks stages, which the {cfg.model.backbone} backbone does not have")
     if cfg.model.head_dim < 1:
         raise UserError("model.head_dim must be at least 1: DDMIM's projection head reads the pooled head")
-    n, w = len(cfg.model.depths), cfg.loss
-    if len(w.perceptual_weights) != n:
-        raise UserError(f"loss.perceptual_weights needs {n} values (one per stage), got {w.perceptual_weights}")
+    n, weights = len(cfg.model.depths), cfg.ddmim.perceptual_weights
+    if len(weights) != n:
+        raise UserError(f"ddmim.perceptual_weights needs {n} values (one per stage), got {weights}")
     for name in ("proj_hidden", "proj_out"):
-        if getattr(cfg.ddmim, name) < 1:
-            raise UserError(f"ddmim.{name} must be at least 1, got {getattr(cfg.ddmim, name)}")
+        at_least(f"ddmim.{name}", getattr(cfg.ddmim, name), 1)
+    if cfg.ddmim.tau <= 0:
+        raise UserError(f"ddmim.tau must be positive, got {cfg.ddmim.tau}")
     if ddmim_loss(cfg).uses_teacher and cfg.train.batch_size < 2:
         raise UserError("train.batch_size must be at least 2 (the contrastive loss needs negatives)")
 
