@@ -21,7 +21,7 @@ fi
 rm -rf "$dest.tmp"
 mkdir -p "$dest.tmp/wheels" "$dest.tmp/lib"
 # ffcv and assertpy exist on PyPI as source only; the others as pure-Python wheels. The machine already has
-# numba, numpy, opencv-python-headless, psutil and tqdm (the device tool's KINDS.md).
+# numba, numpy, opencv-python-headless, psutil and tqdm.
 "$py" -m pip wheel --quiet --disable-pip-version-check --no-deps ffcv==1.0.2 assertpy==1.1 -w "$dest.tmp/wheels"
 "$py" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux2014_x86_64 -d "$dest.tmp/wheels" \
