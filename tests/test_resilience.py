@@ -496,6 +496,22 @@ def test_a_copied_run_folder_resumes_into_its_own_last_checkpoint(sample_root, t
     last = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 4
     assert {p.name: p.read_bytes() for p in (tmp_path / "a" / "checkpoints").iterdir()} == original
+    # a copy of a finished run, resumed with nothing left to train: its summary names its own checkpoints
+    shutil.copytree(tmp_path / "b", tmp_path / "c", symlinks=True)
+    assert main([*train, "--out", str(tmp_path / "c"), "--max-steps", "4", "--resume", "auto"]) == 0
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["checkpoint_last"] == str(tmp_path / "c" / "checkpoints" / "last.ckpt")
+
+
+def test_checkpoints_written_before_the_linked_last_ckpt_restore_the_periodic_checkpoints_state():
+    """Lightning keys a callback's state by its class name: the subclass keeps ModelCheckpoint's key, so a
+    checkpoint of before restores the periodic checkpoints' bookkeeping (Lightning warned and dropped it)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ddmim.train.checkpoint_files import StepCheckpoints
+
+    settings = {"dirpath": "x", "every_n_train_steps": 5, "save_last": "link"}
+    assert StepCheckpoints(**settings).state_key == ModelCheckpoint(**settings).state_key
 
 
 def test_last_ckpt_is_replaced_in_one_rename_and_copied_where_there_are_no_symlinks(tmp_path, monkeypatch):

@@ -64,6 +64,12 @@ class StepCheckpoints(ModelCheckpoint):
     in one rename, where Lightning deletes the old link before making the new one (private method, checked
     against pytorch-lightning 2.6.6)."""
 
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's key (Lightning's includes the class name): the state that checkpoints written before
+        this class existed keep for it is restored into it, and the reverse."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
         link, target = Path(linkpath), Path(filepath)

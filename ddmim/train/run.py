@@ -120,13 +120,21 @@ def _finish(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], d
         "run_dir": str(run_dir),
         "logs": str(run.log_dir / "metrics.csv"),
         "tensorboard": str(run_dir / "tensorboard"),
-        "checkpoint_best": run.best.best_model_path,
-        "checkpoint_last": run.checkpoint.last_model_path,
+        "checkpoint_best": _in_folder(run.best.best_model_path, run_dir / "checkpoints"),
+        "checkpoint_last": _in_folder(run.checkpoint.last_model_path, run_dir / "checkpoints", "last.ckpt"),
     }
     if run.trainer.is_global_zero:
         summary["curves"] = _curves(run.log_dir / "metrics.csv", run_dir / "curves.png")
         write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _in_folder(path: str, folder: Path, otherwise: str = "") -> str:
+    """The file of this run's checkpoint folder that `path` (or, for none, `otherwise`) names: Lightning restores
+    the best path as the checkpoint recorded it (in a copied or moved run folder, the original's), and none for
+    the last in such a folder when the resumed run saved nothing (its steps were all done)."""
+    name = Path(path or otherwise).name
+    return str(folder / name) if name and (folder / name).is_file() else path
 
 
 def _curves(metrics: Path, out: Path) -> str | None:
