@@ -536,6 +536,14 @@ def test_last_ckpt_is_replaced_in_one_rename_and_copied_where_there_are_no_symli
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step1.ckpt", "step2.ckpt"]  # no temporary
 
 
+def test_a_last_ckpt_linking_a_pruned_checkpoint_is_passed_over(pretrain_ckpt, tmp_path):
+    """Pruning removes the oldest step checkpoint before last.ckpt moves on to the new one: a kill in between
+    leaves last.ckpt linking nothing."""
+    shutil.copy(pretrain_ckpt, tmp_path / "step00000002.ckpt")
+    (tmp_path / "last.ckpt").symlink_to("step00000001.ckpt")
+    assert resume_checkpoint(tmp_path, announce=False) == tmp_path / "step00000002.ckpt"
+
+
 def test_resume_takes_the_latest_step_whatever_the_file_times(sample_root, tmp_path):
     """A copy or a `touch` gives an older checkpoint the newest file time: resume goes by the recorded step."""
 

@@ -152,7 +152,9 @@ def _newest_first(path: Path) -> tuple:
 
 
 def _newest_first_checkpoints(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.glob("*.ckpt") if TMP_MARK not in p.name), key=_newest_first)
+    """Without a last.ckpt whose step checkpoint was pruned before the link moved on (a kill between the two):
+    a link to nothing is no checkpoint, and the next save points it again."""
+    return sorted((p for p in folder.glob("*.ckpt") if TMP_MARK not in p.name and p.exists()), key=_newest_first)
 
 
 def resume_checkpoint(folder: Path, *, announce: bool = True, kind: str | None = None) -> Path | None:
