@@ -80,7 +80,10 @@ def build_trainer(run_dir: Path, cfg: RunConfig, launch: Launch, *, monitor: tup
                              **every)  # pruned by AtomicCheckpointIO
     best = ModelCheckpoint(dirpath=folder, filename=f"best-epoch{{epoch:03d}}-{monitor[0].replace('/', '_')}"
                            f"{{{monitor[0]}:.4f}}", auto_insert_metric_name=False, monitor=monitor[0],
-                           mode=monitor[1], save_top_k=1)
+                           mode=monitor[1], save_top_k=1,
+                           # where the monitored value exists: a run stopped mid-epoch (--max-steps, a signal)
+                           # ends its epoch unvalidated, and a save there warned of a missing val/loss
+                           save_on_train_epoch_end=False)
     loggers = [
         HistoryCSVLogger(save_dir=run_dir, name="logs", version="", resume=resume),
         HistoryTensorBoardLogger(save_dir=run_dir, name="tensorboard", version="", default_hp_metric=False,
