@@ -181,8 +181,8 @@ class NoteOnStop(pl.Callback):
 
 class FinalStepCheckpoint(pl.Callback):
     """With checkpoints every N steps, saves the run's last step when they miss it (--max-steps 25 with one
-    every 10), as a step checkpoint that last.ckpt, which the summary names, points at. Saved where the periodic ones
-    are, at the end of the training batch, so a resume from it is as exact. (With one per epoch, Lightning
+    every 10), as a step checkpoint with last.ckpt (which the summary names) linked to it. Saved where the periodic
+    ones are, at the end of the training batch, so a resume from it is as exact. (With one per epoch, Lightning
     saves at --max-steps itself: the epoch ends there.)"""
 
     def __init__(self, folder: Path, every_steps: int):

@@ -60,7 +60,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class StepCheckpoints(ModelCheckpoint):
     """Lightning's periodic checkpoints with `save_last="link"`: last.ckpt is a symlink to the step checkpoint
-    just written, not a second copy (a Swin-T run's checkpoint is about 0.5 GB, written at every save), replaced
+    just written, not a second copy (a Swin-T run's checkpoint is 677 MiB, written at every save), replaced
     in one rename, where Lightning deletes the old link before making the new one (private method, checked
     against pytorch-lightning 2.6.6)."""
 

@@ -14,6 +14,7 @@ from ddmim.atomic import write_text
 from ddmim.config import RunConfig
 from ddmim.errors import UserError, one_line
 from ddmim.train.accumulation import global_batch
+from ddmim.train.checkpoint_files import LAST
 from ddmim.train.compile import compile_report
 from ddmim.train.curves import write_curves
 from ddmim.train.launch import Launch, is_launched_worker
@@ -121,7 +122,7 @@ def _finish(plan: FitPlan, summary_fields: Callable[[Run, pl.LightningModule], d
         "logs": str(run.log_dir / "metrics.csv"),
         "tensorboard": str(run_dir / "tensorboard"),
         "checkpoint_best": _in_folder(run.best.best_model_path, run_dir / "checkpoints"),
-        "checkpoint_last": _in_folder(run.checkpoint.last_model_path, run_dir / "checkpoints", "last.ckpt"),
+        "checkpoint_last": _in_folder(run.checkpoint.last_model_path, run_dir / "checkpoints", LAST),
     }
     if run.trainer.is_global_zero:
         summary["curves"] = _curves(run.log_dir / "metrics.csv", run_dir / "curves.png")
