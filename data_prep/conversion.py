@@ -41,8 +41,8 @@ class SplitResult:
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", type=Path, help="source folder: train/<class>/* and val/<class>/*, or any tree of "
-                        "images without labels")
+    parser.add_argument("src", type=Path, help="source folder: train/<class>/* and val/<class>/*, any tree of "
+                        "images without labels, WebDataset .tar shards, or a file list")
     parser.add_argument("dst", type=Path, help="output folder")
     parser.add_argument("--max-resolution", type=int, default=512,
                         help="longest side of a stored image, in pixels; larger images are downscaled (default 512)")
@@ -54,8 +54,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS,
                         help="splits to convert (default train val); labels always follow the train split's classes")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier finished run")
-    parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="imagefolder (class folders) or unlabeled "
-                        "(any tree of images); default auto: class folders under train/ or not")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="imagefolder (class folders), unlabeled "
+                        "(any tree of images), list (a file of path[,label] lines) or wds (WebDataset .tar shards); "
+                        "default auto, told from what is there")
     parser.add_argument("--val-fraction", type=float, default=0.01, help="where the source has no val/ split, the "
                         "share of images held out for it, by a hash of each path (default 0.01, as training's)")
 

@@ -8,13 +8,13 @@ antialiased bilinear took about twice as long per image), when OpenCV is install
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 from PIL import Image
 
 from ddmim.data import pixels
 from ddmim.data.jpeg_header import bytes_fault
+from ddmim.data.sample_refs import open_sample, read_sample, sample_size
 
 try:
     import cv2
@@ -42,11 +42,12 @@ def _shrink(rgb: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 
 def decode(path: str, max_resolution: int) -> tuple[np.ndarray, bool]:
-    """(RGB uint8 array bounded to max_resolution, whether the file's own bytes are that image as an RGB JPEG)."""
-    if os.path.getsize(path) == 0:
+    """(RGB uint8 array bounded to max_resolution, whether the file's own bytes are that image as an RGB JPEG);
+    `path`: a file, or a member of a tar archive (`tar_source`)."""
+    if sample_size(path) == 0:
         raise BadImage("empty file")
     try:
-        with Image.open(path) as img:
+        with open_sample(path) as f, Image.open(f) as img:
             size = bounded_size(*img.size, max_resolution)
             as_is = img.format == "JPEG" and img.mode == "RGB" and size == img.size
             if not as_is and size != img.size and img.format == "JPEG":
@@ -64,8 +65,7 @@ def jpeg_bytes(path: str, max_resolution: int, quality: int) -> bytes:
     (`jpeg_header`: a header libjpeg reads through but the loader would leave out), else the re-encoded image."""
     pixels, as_is = decode(path, max_resolution)
     if as_is:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_sample(path)
         if bytes_fault(data) is None:
             return data
     buffer = io.BytesIO()

@@ -46,6 +46,7 @@ from data_prep.conversion import (
 from data_prep.images import BadImage, jpeg_bytes
 from ddmim.atomic import atomic_path, owner_alive, owner_tag, publish, write_text
 from ddmim.data.dali_format import CHECKSUMS, INDEX, MANIFEST, shard_name
+from ddmim.data.sample_refs import shown
 from ddmim.errors import UserError
 
 PLAN = "plan.json"
@@ -79,7 +80,7 @@ def write_shard(path: Path, first_key: int, samples, encoded) -> tuple[int, list
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for offset, ((source, label), (data, reason)) in enumerate(zip(samples, encoded)):
                 if data is None:
-                    skipped.append((source, reason))
+                    skipped.append((shown(source), reason))
                     continue
                 key = f"{first_key + offset:09d}"  # the position in the shuffled plan: unique, stable on resume
                 _add(tar, f"{key}.jpg", data)

@@ -38,6 +38,7 @@ from data_prep.conversion import (
 )
 from data_prep.images import BadImage, decode
 from ddmim.atomic import publish, temp_path
+from ddmim.data.sample_refs import shown
 from ddmim.errors import UserError
 
 PLACEHOLDER_LABEL = -1
@@ -71,7 +72,7 @@ class DecodedImages:
             return decode(path, self.max_resolution)[0], label
         except (BadImage, OSError) as exc:
             with open(self.logs / f"skipped-{self._pid}.tsv", "a") as report:
-                report.write(f"{index}\t{path}\t{exc}\n")
+                report.write(f"{index}\t{shown(path)}\t{exc}\n")
             return PLACEHOLDER, PLACEHOLDER_LABEL
 
 

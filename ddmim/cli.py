@@ -38,10 +38,11 @@ def _add_run(p, kind: str) -> None:
     p.add_argument("--lr", type=float, help="shortcut for --set optim.lr=X")
     p.add_argument("--workers", type=int, help="loader worker processes; shortcut for --set data.num_workers=N")
     p.add_argument("--seed", type=int, help="shortcut for --set train.seed=N")
-    p.add_argument("--data-layout", choices=["auto", "imagefolder", "unlabeled", "list"],
+    p.add_argument("--data-layout", choices=["auto", "imagefolder", "unlabeled", "list", "wds"],
                    help="imagefolder (train/<class>/*, val/<class>/* or ImageNet's flat val), unlabeled (any tree "
-                        "of images) or list (a file of path[,label] lines); without val/, data.val_fraction is held "
-                        "out; default auto. Shortcut for --set data.layout=...")
+                        "of images), list (a file of path[,label] lines) or wds (WebDataset .tar shards, any "
+                        "writer's); without val/, data.val_fraction is held out; default auto. Shortcut for --set "
+                        "data.layout=...")
     p.add_argument("--max-steps", type=int, default=-1,
                    help="stop after this many optimiser steps (default: all epochs)")
     p.add_argument("--out", type=Path, help="run folder for config, logs, checkpoints and summary "

@@ -155,7 +155,7 @@ class DataConfig:
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # the crop resize of the folder and DALI loaders
     max_bad_samples: int = 1000  # samples that fail to decode (each skipped and named) before a run stops
     # imagefolder (train/<class>/*) | unlabeled (any tree of images) | list (a file of `path[,label]` lines)
-    layout: Literal["auto", "imagefolder", "unlabeled", "list"] = "auto"
+    layout: Literal["auto", "imagefolder", "unlabeled", "list", "wds"] = "auto"
     val_fraction: float = 0.01  # held out for validation by a hash of the path, where the data has no val split
 
     def check(self) -> None:

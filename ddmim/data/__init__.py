@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ddmim.data.dali_format import INDEX, MANIFEST
 from ddmim.data.layout import require_labels
 from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.workers import check_workers
@@ -20,9 +21,10 @@ def detect_format(root: Path) -> str:
         return "folder"  # a file list
     if (root / "train.beton").exists():
         return "ffcv"
-    if (root / "train").is_dir() and any((root / "train").glob("*.tar")):
+    train = root / "train"
+    if (train / MANIFEST).is_file() or any(t.with_suffix(INDEX).is_file() for t in train.glob("*.tar")):
         return "dali"
-    return "folder"
+    return "folder"  # shards without DALI's indexes are WebDataset shards of another tool, a folder source
 
 
 def require(fmt: str) -> None:

@@ -56,7 +56,8 @@ def list_shards(folder: Path) -> Shards:
     indexes = [t.with_suffix(INDEX) for t in tars]
     for tar, idx in zip(tars, indexes):
         if not idx.is_file():
-            raise UserError(f"shard {tar} has no index {idx.name} (data_prep/to_dali.py writes both)")
+            raise UserError(f"shard {tar} has no index {idx.name} (data_prep/to_dali.py writes both); WebDataset "
+                            "shards of another tool are read with --format folder, or converted by to_dali.py")
         head = index_header(idx)
         if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
             raise UserError(f"{idx} is not a DALI webdataset index (wds2idx format)")

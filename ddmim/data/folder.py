@@ -20,6 +20,7 @@ from ddmim.data.layout import SplitListing, source_splits
 from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.pixels import load_rgb
 from ddmim.data.resumable import ResumableSampler, seeded_visit
+from ddmim.data.sample_refs import shown
 from ddmim.data.transforms import train_transform, val_transform
 from ddmim.errors import UserError, say
 
@@ -53,10 +54,10 @@ class ListedImages(Dataset):
             try:
                 image = self.loader(path)  # opens and converts to RGB: the full decode
             except Exception as exc:  # PIL raises many types for a damaged file; each means: skip it
-                self.skipped.record(i, path, f"{type(exc).__name__}: {exc}")
+                self.skipped.record(i, shown(path), f"{type(exc).__name__}: {exc}")
                 continue
             return self.transform(image), label
-        raise UserError(f"{MAX_ATTEMPTS} files in a row from {self.samples[index][0]} on cannot be decoded")
+        raise UserError(f"{MAX_ATTEMPTS} files in a row from {shown(self.samples[index][0])} on cannot be decoded")
 
 
 def list_splits(root: Path, layout: str, val_fraction: float,

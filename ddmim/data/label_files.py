@@ -1,5 +1,5 @@
-"""Sources described by a file: a list of images (`path` or `path,label` per line), and ImageNet's official
-validation folder (one flat folder of JPEGs) labelled by its ground truth.
+"""Labels as sources write them, and sources described by a file: a list of images (`path` or `path,label` per
+line), and ImageNet's official validation folder (one flat folder of JPEGs) labelled by its ground truth.
 
 A list's relative paths are read against the list's folder; a header line (`path` or `path,label`) is skipped;
 labels are class names, numbered in sorted order, or class indices. ImageNet's flat val takes its labels from
@@ -36,22 +36,33 @@ def read_list(path: Path, unlabeled: int) -> tuple[list[str], list[tuple[str, in
     if not rows or not widths <= {1, 2} or len(widths) > 1:
         raise UserError(f"{path} is no file list: every line must be `path` or every line `path,label` (found "
                         f"{len(rows)} lines of {sorted(widths)} fields)")
-    names = sorted({row[1].strip() for row in rows}) if widths == {2} else []
-    if names and all(name.isdigit() for name in names):
-        classes = [str(i) for i in range(max(int(n) for n in names) + 1)]
-    else:
-        classes = names
+    classes = number_classes({row[1] for row in rows}) if widths == {2} else []
     index = {name: i for i, name in enumerate(classes)}
     files, ignored = [], []
     for row in rows:
         key = row[0].strip()
         where = Path(key) if Path(key).is_absolute() else path.parent / key
-        label = index[str(int(row[1])) if row[1].strip().isdigit() else row[1].strip()] if classes else unlabeled
+        label = index[class_name(row[1])] if classes else unlabeled
         if where.is_file():
             files.append((str(where), label, key))
         else:
             ignored.append((str(where), f"listed in {path.name} but missing: not read"))
     return classes, files, ignored
+
+
+def class_name(text: str) -> str:
+    """A label as written (a class name, or an index with or without leading zeros) -> its class's name."""
+    text = text.strip()
+    return str(int(text)) if text.isdigit() else text
+
+
+def number_classes(labels: set[str]) -> list[str]:
+    """The class order of labels as written: indices keep their numbers (every index up to the largest is a
+    class), names are numbered in sorted order."""
+    names = sorted({class_name(label) for label in labels})
+    if names and all(name.isdigit() for name in names):
+        return [str(i) for i in range(max(int(n) for n in names) + 1)]
+    return names
 
 
 def find_ground_truth(val: Path) -> Path | None:

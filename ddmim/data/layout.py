@@ -1,8 +1,9 @@
 """Which files of a source are images, of which class if any: one rule for every format.
 
-Two layouts. An ImageNet-layout folder (`imagefolder`) has ROOT/<split>/<class>/<file>; an unlabeled one
-(`unlabeled`) is any tree of images, every image a sample without a label (`UNLABELED`). A source without a val
-split (an unlabeled tree, or class folders with train/ alone) holds out a fixed fraction of its images for
+An ImageNet-layout folder (`imagefolder`) has ROOT/<split>/<class>/<file>; an unlabeled one (`unlabeled`) is any
+tree of images, every image a sample without a label (`UNLABELED`); a file list (`list`) and ImageNet's flat val
+are read by `label_files`, WebDataset shards (`wds`) by `tar_source`. A source without a val split (an unlabeled
+tree, class folders with train/ alone, shards without val/) holds out a fixed fraction of its images for
 validation, chosen by a hash of each file's path relative to the source (`held_out`): the same images on every
 machine, every rank and after a resume, and an image added later never moves another across the split.
 
@@ -23,14 +24,24 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddmim.data.label_files import DEVKIT_TRUTH, GROUND_TRUTH, find_ground_truth, read_ground_truth, read_list
+from ddmim.data.label_files import (
+    DEVKIT_TRUTH,
+    GROUND_TRUTH,
+    class_name,
+    find_ground_truth,
+    number_classes,
+    read_ground_truth,
+    read_list,
+)
 from ddmim.data.pixels import EXTENSIONS
+from ddmim.data.tar_source import list_shards, shard_files
 from ddmim.errors import UserError
 
 CLASSES_FILE = "classes.json"
-LAYOUTS = ("auto", "imagefolder", "unlabeled", "list")
+LAYOUTS = ("auto", "imagefolder", "unlabeled", "list", "wds")
 UNLABELED = -2  # the label of every image of an unlabeled source (-1 marked undecodable samples in old .betons)
-LABELED_LAYOUTS = "ImageNet-style class folders (ROOT/train/<class>/<image>), or a converted set of them"
+LABELED_LAYOUTS = ("ImageNet-style class folders (ROOT/train/<class>/<image>), WebDataset shards whose samples "
+                   "all have a cls, or a converted set of them")
 
 
 @dataclass
@@ -209,6 +220,8 @@ def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = F
     `extensions`: the files of class folders that count (None: all, as the converters read them; an image tree
     counts images by their names); `hold_out_labeled` False: class folders without val/ give no val split."""
     root = Path(root)
+    if layout == "wds" or (layout == "auto" and not has_class_folders(root) and shard_files(root)):
+        return wds_splits(root, val_fraction, labels, known, hold_out_labeled)
     if root.is_file() and layout in ("auto", "list"):
         classes, entries, ignored = read_list(root, UNLABELED)
         if labels and not classes:
@@ -235,6 +248,37 @@ def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = F
             val = list_flat_val(root / "val", classes, extensions)
         if hold_out_labeled and not (root / "val").is_dir():
             train, val = split_off_val(train, root / "train", val_fraction)
+    return classes, train, val
+
+
+def wds_splits(root: Path, val_fraction: float, labels: bool, known: list[str] | None,
+               hold_out_labeled: bool) -> tuple[list[str], SplitListing, SplitListing]:
+    """`source_splits` of WebDataset shards (`tar_source`): labelled when every sample has a cls; without val
+    shards a sample is held out by its key, which re-sharding keeps."""
+    shards = shard_files(root)
+    if not shards:
+        raise UserError(f"--data-layout wds: {root} holds no .tar shards (expected {root}/*.tar, "
+                        f"{root}/train/*.tar or a .tar file)")
+    listed = {split: list_shards(tars) for split, tars in shards.items()}
+    texts = {label for samples, _ in listed.values() for _, label, _ in samples}
+    labeled = bool(texts) and None not in texts
+    if labels and not labeled:
+        raise UserError(f"{root}: not every sample of its shards has a label (a cls member): this needs "
+                        f"{LABELED_LAYOUTS}")
+    classes = (known or number_classes({label for _, label, _ in listed["train"][0]})) if labeled else []
+    index = {name: i for i, name in enumerate(classes)}
+    splits = {}
+    for split in ("train", "val"):
+        samples, ignored = listed.get(split, ([], []))
+        unknown = sorted({class_name(t) for _, t, _ in samples} - set(index)) if labeled else []
+        if unknown:
+            raise UserError(f"{root}: {split} samples are labelled {', '.join(unknown[:5])}, classes the train "
+                            f"split lacks")
+        splits[split] = SplitListing([(ref, index[class_name(text)] if labeled else UNLABELED)
+                                      for ref, text, _ in samples], ignored)
+    train, val = splits["train"], splits["val"]
+    if "val" not in shards and (hold_out_labeled or not labeled):
+        train, val = split_off_val(train, root, val_fraction, {ref: key for ref, _, key in listed["train"][0]})
     return classes, train, val
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from ddmim.data.sample_refs import open_sample
+
 # torchvision's IMG_EXTENSIONS (spelled out: the converters' worker processes need not import torchvision) and GIF
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -25,7 +27,7 @@ def rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Opens, fully decodes and converts one file (the folder loader's loader)."""
-    with open(path, "rb") as f, Image.open(f) as image:
+    """Opens, fully decodes and converts one file or archive member (the folder loader's loader)."""
+    with open_sample(path) as f, Image.open(f) as image:
         image.load()
         return rgb(image)
