@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+# faulthandler: a process that `run` stops for running too long prints every thread's stack first
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def ddmim_cmd(command: str, data: Path, out: Path, *extra: str, preset: str = "tiny") -> list[str]:
@@ -27,9 +28,24 @@ def settings(**values) -> list[str]:
 
 
 def run(cmd: list[str], timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
-    """Runs `cmd` from the checkout, unbuffered, its output captured as text."""
-    kwargs = {"cwd": REPO, "env": ENV, "capture_output": True, "text": True, **kwargs}
-    return subprocess.run(cmd, timeout=timeout, **kwargs)
+    """Runs `cmd` from the checkout, unbuffered, its output captured as text. Past `timeout` its whole process
+    group (DDP ranks, loader workers) gets SIGABRT, on which faulthandler prints each one's stacks, and the
+    failure shows where they hung."""
+    kwargs = {"cwd": REPO, "env": ENV, "text": True, **kwargs}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGABRT)
+            try:
+                stdout, stderr = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:  # a process that outlives SIGABRT still holds the pipes
+                os.killpg(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
+            raise AssertionError(f"{' '.join(map(str, cmd[:4]))} ... ran past {timeout} s; its stacks:\n"
+                                 f"{stderr[-20000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def finish(cmd: list[str], timeout: float = 900) -> str:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run
 
 from conftest import N_COLOURED_TRAIN, decode_index
 from ddmim.cli import main
@@ -257,7 +258,6 @@ def test_the_checks_before_dali_split_only_the_cores_ranks_share():
 def test_a_bad_sample_under_data_parallel_training_neither_hangs_nor_counts_twice(fmt, coloured_source, converted,
                                                                                   tmp_path):
     import csv
-    import subprocess
     import sys
 
     root = {"folder": lambda: corrupt_folder(coloured_source, tmp_path)[0],
@@ -266,14 +266,13 @@ def test_a_bad_sample_under_data_parallel_training_neither_hangs_nor_counts_twic
     cmd = [sys.executable, "-m", "ddmim", "train", "--data", str(root), "--preset", "tiny", "--batch-size", "4",
            "--workers", "1", "--epochs", "3", "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
            "--no-progress", "--set", "train.log_every=1"]
-    done = subprocess.run([*cmd, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    done = run([*cmd, "--out", str(tmp_path / "run")], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = [float(r["data/skipped_samples"]) for r in csv.DictReader(open(tmp_path / "run" / "logs" /
                                                                             "metrics.csv"))
               if r.get("data/skipped_samples")]
     assert counts and max(counts) == 1.0  # both ranks read the sample over three epochs: one sample, counted once
-    strict = subprocess.run([*cmd, "--out", str(tmp_path / "strict"), "--set", "data.max_bad_samples=0"],
-                            capture_output=True, text=True, timeout=600)
+    strict = run([*cmd, "--out", str(tmp_path / "strict"), "--set", "data.max_bad_samples=0"], timeout=600)
     assert strict.returncode != 0 and "Traceback" not in strict.stderr, strict.stderr[-3000:]
     errors = [line for line in strict.stderr.splitlines() if line.startswith("ddmim: error")]
     assert errors and all("1 samples could not be decoded" in e or "rank" in e for e in errors), errors
