@@ -1,13 +1,15 @@
 """How long listing a source takes, and the memory it holds, at the sizes users bring.
 
-    python benchmarks/bench_listing.py --files 1281167 [--layout imagefolder|unlabeled] [--repeats 3]
+    python benchmarks/bench_listing.py --files 1281167 [--layout imagefolder|unlabeled] [--repeats 3] [--base REV]
 
 Builds (once, under --work) a synthetic tree of empty .JPEG files: ImageNet's shape (1,000 class folders under
 train/, 50 images a class under val/) or an unlabeled one (folders of 1,000 files, two levels deep). Each repeat
 lists it in a fresh process with `ddmim.data.layout.source_splits`, the call every format's reader and both
-converters make, and reports the seconds and the memory the listing holds (the process's resident size after
-the call, less before it). The page cache holds the directories after the first repeat: that is the case of a
-second start on one machine.
+converters make, and reports the seconds, the memory the listing holds (the process's resident size after the
+call, less before it) and its peak (the largest resident size, less the size before). With --base the earlier
+commit's listing (exported with `git archive`) runs too, alternating with this tree's, and the ratios are
+printed. The page cache holds the directories after the first repeat: that is the case of a second start on
+one machine.
 Writes benchmarks/results/listing-<device>.json, or --json.
 """
 from __future__ import annotations
@@ -24,9 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: the checkout's packages first
 
 from benchmarks.common import write_results
+from benchmarks.compare_commits import ROOT, import_root, two_trees
 
 CHILD = r"""
 import json, sys, time
+import ddmim
 from ddmim.data.layout import source_splits
 
 def rss_mib():
@@ -36,8 +40,11 @@ before = rss_mib()
 start = time.perf_counter()
 classes, train, val = source_splits(sys.argv[1], sys.argv[2], 0.01)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "held_mib": rss_mib() - before, "train": len(train.files),
-                  "val": len(val.files), "classes": len(classes)}))
+# VmHWM: this process's own peak (ru_maxrss keeps the peak of the process that forked it, across exec)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+print(json.dumps({"seconds": seconds, "held_mib": rss_mib() - before, "peak_mib": peak - before,
+                  "train": len(train.files), "val": len(val.files), "classes": len(classes),
+                  "ddmim": ddmim.__file__}))
 """
 
 
@@ -71,19 +78,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", choices=["imagefolder", "unlabeled"], default="imagefolder")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ddmim-listing-bench")
+    parser.add_argument("--base", help="an earlier commit whose listing is measured too, alternating with this tree's")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     root = build_tree(args.work / f"{args.layout}-{args.files}", args.files, args.layout)
-    runs = []
-    for _ in range(args.repeats):
-        done = subprocess.run([sys.executable, "-c", CHILD, str(root), args.layout], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=True)
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    row = {"layout": args.layout, "files": args.files, "seconds_median": statistics.median(r["seconds"] for r in runs),
-           "held_mib_median": statistics.median(r["held_mib"] for r in runs), "runs": runs}
-    print(f"{args.layout}, {args.files:,} files: listed in {row['seconds_median']:.1f} s (median of "
-          f"{args.repeats}), {row['held_mib_median']:.0f} MiB held; train {runs[0]['train']:,}, val "
-          f"{runs[0]['val']:,}, {runs[0]['classes']} classes")
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = (two_trees(args.base, Path(tmp)) if args.base else
+                 {"this tree": (ROOT, import_root(ROOT, Path(tmp) / "imports"))})
+        runs = {name: [] for name in trees}
+        for _ in range(args.repeats):
+            for name, (tree, path_root) in trees.items():
+                done = subprocess.run([sys.executable, "-c", CHILD, str(root), args.layout], capture_output=True,
+                                      text=True, cwd=tree, check=True,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(path_root)})
+                runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                if not Path(runs[name][-1]["ddmim"]).resolve().is_relative_to(tree.resolve()):
+                    raise SystemExit(f"the listing of {tree} imported {runs[name][-1]['ddmim']}, from another tree")
+    row = {"layout": args.layout, "files": args.files, "base": args.base}
+    for name, measured in runs.items():
+        row[name] = {key: statistics.median(r[key] for r in measured) for key in ("seconds", "held_mib", "peak_mib")}
+        row[name]["runs"] = measured
+        print(f"{name}: {args.layout}, {args.files:,} files: listed in {row[name]['seconds']:.1f} s (median of "
+              f"{args.repeats}), {row[name]['held_mib']:.0f} MiB held, {row[name]['peak_mib']:.0f} MiB at the peak; "
+              f"train {measured[0]['train']:,}, val {measured[0]['val']:,}, {measured[0]['classes']} classes")
+    if args.base:
+        print("this tree / base: " + ", ".join(f"{key} {row['this tree'][key] / row['base'][key]:.2f}x"
+                                               for key in ("seconds", "held_mib", "peak_mib")))
     path = write_results(f"listing-{args.layout}-{args.files}", row, args.json)
     print(f"wrote {path}")
     return 0

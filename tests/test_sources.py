@@ -143,7 +143,7 @@ def test_a_file_list_with_labels_missing_entries_and_relative_paths(sample_root,
     (tmp_path / "lists" / "train.csv").write_text("\n".join(lines) + "\n")
     classes, train, val = list_splits(tmp_path / "lists" / "train.csv", "auto", 0.1)
     assert classes == [str(i) for i in range(10)]
-    got = train.files + val.files
+    got = [*train.files, *val.files]
     assert len(got) == len(images) + 1 and all(Path(p).parent.name == str(y) for p, y in got)
     assert [(Path(p).name, reason) for p, reason in train.ignored] == [
         ("missing.png", "listed in train.csv but missing: not read")]

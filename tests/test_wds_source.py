@@ -90,7 +90,8 @@ def test_every_sample_of_the_shards_is_listed_once_with_its_label(sources):
     samples, shards, folders = sources
     classes, train, val = list_splits(shards, "auto", 0.01)
     assert classes == [str(c) for c in range(10)]
-    listed = {shown(ref).rsplit(":", 1)[1].rsplit(".", 1)[0]: classes[label] for ref, label in train.files + val.files}
+    listed = {shown(ref).rsplit(":", 1)[1].rsplit(".", 1)[0]: classes[label]
+              for ref, label in [*train.files, *val.files]}
     assert listed == {key: label for _, label, key, _, _ in samples}
     assert len(train.files) == sum(s[0] == "train" for s in samples)
     reasons, tars = [reason for _, reason in train.ignored], len(list((shards / "train").glob("*.tar")))
@@ -135,7 +136,7 @@ def test_unlabeled_shards_hold_out_by_key_through_resharding_and_added_shards(so
 
     assert keys(val) == keys(val2) and keys(train) == keys(train2) and 0 < len(val.files) < len(train.files)
     assert all(held_out(k, 0.1) for k in keys(val)) and not any(held_out(k, 0.1) for k in keys(train))
-    assert {label for _, label in train.files + val.files} == {UNLABELED}
+    assert {label for _, label in [*train.files, *val.files]} == {UNLABELED}
     extra = [("train", "0", f"new{n}", "png", s[4]) for n, s in enumerate(samples) if s[3] == "png"]
     with tarfile.open(tmp_path / "a" / "shard-9999.tar", "w") as tar:
         for _, _, key, ext, data in extra:

@@ -34,6 +34,7 @@ from ddmim.data.label_files import (
     read_list,
 )
 from ddmim.data.pixels import EXTENSIONS
+from ddmim.data.sample_table import SampleTable, TableBuilder, table
 from ddmim.data.tar_source import list_shards, shard_files
 from ddmim.errors import UserError
 
@@ -46,7 +47,7 @@ LABELED_LAYOUTS = ("ImageNet-style class folders (ROOT/train/<class>/<image>), W
 
 @dataclass
 class SplitListing:
-    files: list[tuple[str, int]]  # (path, label), class by class, files sorted by name
+    files: SampleTable = field(default_factory=lambda: table(()))  # (path, label): class by class, sorted by name
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): sub-folders that were not read
 
 
@@ -93,19 +94,20 @@ def list_split(root: Path, split: str, classes: list[str], extensions: tuple[str
     unknown = sorted(set(present) - set(classes))
     if unknown:
         raise UserError(f"{split_dir} has class folders that the train split lacks: {', '.join(unknown[:5])}")
-    listing = SplitListing([])
+    files, ignored = TableBuilder(), []
     for label, name in enumerate(classes):
         folder = split_dir / name
         if not folder.is_dir():
             continue
+        number = files.folder(os.path.join(str(folder), ""))
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if entry.is_dir():
-                listing.ignored.append((entry.path, "sub-folder of a class folder: not read"))
+                ignored.append((entry.path, "sub-folder of a class folder: not read"))
             elif not entry.is_file():
-                listing.ignored.append((entry.path, "not a regular file (a broken link?): not read"))
+                ignored.append((entry.path, "not a regular file (a broken link?): not read"))
             elif extensions is None or entry.name.lower().endswith(extensions):
-                listing.files.append((entry.path, label))
-    return listing
+                files.add_name(number, entry.name, label)
+    return SplitListing(files.build(), ignored)
 
 
 def read_class_count(root: Path) -> int:
@@ -140,53 +142,58 @@ def list_tree(root: Path, extensions: tuple[str, ...]) -> SplitListing:
     """Every image under `root`, at any depth, as an unlabeled sample, in sorted path order. A folder reached a
     second time (a symlink loop, or two links to one folder) is not read again; hidden entries and files that
     are not images (by `extensions`, lower case) are skipped and listed in `ignored`."""
-    listing, seen = SplitListing([]), set()
-    stack = [Path(root)]
-    while stack:
-        folder = stack.pop()
+    files, ignored, seen = TableBuilder(), [], set()
+
+    def entries(folder: str):
+        """(a folder's number, its entries in the order of the paths under them: a folder sorts as its name and
+        a separator)."""
         status = os.stat(folder)
         if (status.st_dev, status.st_ino) in seen:
-            listing.ignored.append((str(folder), "a folder reached a second time (a symlink loop?): not read again"))
-            continue
+            ignored.append((folder, "a folder reached a second time (a symlink loop?): not read again"))
+            return -1, iter(())
         seen.add((status.st_dev, status.st_ino))
-        folders = []
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.name.startswith("."):
-                listing.ignored.append((entry.path, "hidden: not read"))
-            elif entry.is_dir():
-                folders.append(Path(entry.path))
-            elif not entry.is_file():
-                listing.ignored.append((entry.path, "not a regular file (a broken link?): not read"))
-            elif entry.name.lower().endswith(extensions):
-                listing.files.append((entry.path, UNLABELED))
-            else:
-                listing.ignored.append((entry.path, "not an image by its name: not read"))
-        stack.extend(reversed(folders))
-    listing.files.sort()
-    return listing
+        listed = sorted(os.scandir(folder), key=lambda e: e.name + os.sep if e.is_dir() else e.name)
+        return files.folder(os.path.join(folder, "")), iter(listed)
+
+    stack = [entries(str(root))]
+    while stack:
+        folder, listed = stack[-1]
+        entry = next(listed, None)
+        if entry is None:
+            stack.pop()
+        elif entry.name.startswith("."):
+            ignored.append((entry.path, "hidden: not read"))
+        elif entry.is_dir():
+            stack.append(entries(entry.path))
+        elif not entry.is_file():
+            ignored.append((entry.path, "not a regular file (a broken link?): not read"))
+        elif entry.name.lower().endswith(extensions):
+            files.add_name(folder, entry.name, UNLABELED)
+        else:
+            ignored.append((entry.path, "not an image by its name: not read"))
+    return SplitListing(files.build(), ignored)
 
 
-def held_out(relative: str, fraction: float) -> bool:
-    """Whether the file at `relative` (a path relative to the source, '/'-separated) is a validation image."""
-    digest = hashlib.blake2b(relative.encode(), digest_size=8).digest()
+def held_out(relative: str | bytes, fraction: float) -> bool:
+    """Whether the file at `relative` (a path relative to the source, '/'-separated; bytes: its UTF-8, or the
+    file system's bytes of a name that is not UTF-8) is a validation image."""
+    data = relative.encode() if isinstance(relative, str) else relative
+    digest = hashlib.blake2b(data, digest_size=8).digest()
     return int.from_bytes(digest, "big") < fraction * 2**64
 
 
 def split_off_val(listing: SplitListing, root: Path, fraction: float,
-                  keys: dict[str, str] | None = None) -> tuple[SplitListing, SplitListing]:
+                  keys: list[str] | None = None) -> tuple[SplitListing, SplitListing]:
     """(train, val) of a listing without a val split of its own; each file is held out by its path relative to
-    `root`, or by `keys[path]` (a file list's own spelling of it)."""
-    train, val = SplitListing([], listing.ignored), SplitListing([])
-    prefix = os.path.join(str(root), "")
-    for path, label in listing.files:
-        if keys is not None:
-            relative = keys[path]
-        elif path.startswith(prefix):  # the listing's paths start with the root's: a slice, not a Path per file
-            relative = path[len(prefix):].replace(os.sep, "/")
-        else:
-            relative = Path(path).relative_to(root).as_posix()
-        (val if held_out(relative, fraction) else train).files.append((path, label))
-    return train, val
+    `root`, or by its entry of `keys` (a file list's own spelling of it, a shard sample's key)."""
+    files = listing.files
+    if keys is None:
+        prefix = os.path.join(str(root), "")
+        relative = [os.fsencode(folder[len(prefix):].replace(os.sep, "/")) if folder.startswith(prefix) else
+                    os.fsencode(Path(folder).relative_to(root).as_posix() + "/") for folder in files.folders]
+        keys = (relative[folder] + name for folder, name in zip(files.folder_ids.tolist(), files.all_name_bytes()))
+    train, val = files.split(held_out(key, fraction) for key in keys)
+    return SplitListing(train, listing.ignored), SplitListing(val)
 
 
 def list_flat_val(val: Path, classes: list[str], extensions: tuple[str, ...] | None) -> SplitListing:
@@ -196,19 +203,20 @@ def list_flat_val(val: Path, classes: list[str], extensions: tuple[str, ...] | N
         raise UserError(f"{val} is a flat folder of images without class folders; for ImageNet's official val put "
                         f"its ground truth {GROUND_TRUTH} (or the devkit's {DEVKIT_TRUTH} and meta.mat) beside it "
                         "or in a folder above it")
-    truth, index, listing = read_ground_truth(truth_file), {n: i for i, n in enumerate(classes)}, SplitListing([])
+    truth, index = read_ground_truth(truth_file), {n: i for i, n in enumerate(classes)}
+    files, ignored = TableBuilder(), []
     for entry in sorted(os.scandir(val), key=lambda e: e.name):
         if not entry.is_file() or (extensions is not None and not entry.name.lower().endswith(extensions)):
-            listing.ignored.append((entry.path, "not an image file: not read"))
+            ignored.append((entry.path, "not an image file: not read"))
             continue
         wnid = truth.get(entry.name.rsplit(".", 1)[0])
         if wnid is None:
-            listing.ignored.append((entry.path, f"not in {truth_file.name}: not read"))
+            ignored.append((entry.path, f"not in {truth_file.name}: not read"))
         elif wnid not in index:
             raise UserError(f"{truth_file} labels {entry.name} {wnid}, a class the train split lacks")
         else:
-            listing.files.append((entry.path, index[wnid]))
-    return listing
+            files.add(entry.path, index[wnid])
+    return SplitListing(files.build(), ignored)
 
 
 def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = False,
@@ -227,8 +235,8 @@ def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = F
         if labels and not classes:
             raise UserError(f"{root} lists images without labels: this needs {LABELED_LAYOUTS}, or a list of "
                             f"`path,label` lines")
-        listing = SplitListing([(path, label) for path, label, _ in entries], ignored)
-        train, val = split_off_val(listing, root.parent, val_fraction, {path: key for path, _, key in entries})
+        listing = SplitListing(table((path, label) for path, label, _ in entries), ignored)
+        train, val = split_off_val(listing, root.parent, val_fraction, [key for _, _, key in entries])
         return classes, train, val
     if not root.is_dir():
         raise UserError(f"data path {root} does not exist or is neither a folder nor a file list")
@@ -242,7 +250,7 @@ def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = F
         train, val = split_off_val(list_tree(root, EXTENSIONS), root, val_fraction)
     else:
         classes = train_classes(root, known)
-        train, val = (list_split(root, split, classes, extensions) if (root / split).is_dir() else SplitListing([])
+        train, val = (list_split(root, split, classes, extensions) if (root / split).is_dir() else SplitListing()
                       for split in ("train", "val"))
         if (root / "val").is_dir() and not class_folders(root / "val") and any(os.scandir(root / "val")):
             val = list_flat_val(root / "val", classes, extensions)
@@ -274,11 +282,11 @@ def wds_splits(root: Path, val_fraction: float, labels: bool, known: list[str] |
         if unknown:
             raise UserError(f"{root}: {split} samples are labelled {', '.join(unknown[:5])}, classes the train "
                             f"split lacks")
-        splits[split] = SplitListing([(ref, index[class_name(text)] if labeled else UNLABELED)
-                                      for ref, text, _ in samples], ignored)
+        splits[split] = SplitListing(table((ref, index[class_name(text)] if labeled else UNLABELED)
+                                           for ref, text, _ in samples), ignored)
     train, val = splits["train"], splits["val"]
     if "val" not in shards and (hold_out_labeled or not labeled):
-        train, val = split_off_val(train, root, val_fraction, {ref: key for ref, _, key in listed["train"][0]})
+        train, val = split_off_val(train, root, val_fraction, [key for _, _, key in listed["train"][0]])
     return classes, train, val
 
 
