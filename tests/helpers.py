@@ -44,7 +44,7 @@ def run(cmd: list[str], timeout: float = 900, **kwargs) -> subprocess.CompletedP
                 os.killpg(proc.pid, signal.SIGKILL)
                 stdout, stderr = proc.communicate()
             raise AssertionError(f"{' '.join(map(str, cmd[:4]))} ... ran past {timeout} s; its stacks:\n"
-                                 f"{stderr[-20000:]}") from None
+                                 f"{stderr[-200000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 

@@ -253,6 +253,16 @@ def test_the_checks_before_dali_split_only_the_cores_ranks_share():
     assert ranks_sharing_cores(half[0], half) == 2
 
 
+def test_a_data_parallel_ranks_folder_workers_start_from_a_forkserver_not_a_fork_of_the_rank(sample_root):
+    from ddmim.data.folder import FolderDataModule, train_loader
+
+    spec = LoaderSpec.of(make_config("tiny", ["data.num_workers=1"]))
+    data = FolderDataModule(sample_root, spec)
+    assert train_loader(data.train_set, spec, rank=1, world=2).multiprocessing_context.get_start_method() == (
+        "forkserver")
+    assert train_loader(data.train_set, spec).multiprocessing_context is None  # one process: forked, at once
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["folder", "ffcv", "dali"])
 def test_a_bad_sample_under_data_parallel_training_neither_hangs_nor_counts_twice(fmt, coloured_source, converted,

@@ -22,8 +22,11 @@ class SkippedSamples:
     """Which samples of one split failed, shared with loader worker processes (inherited shared memory)."""
 
     def __init__(self, size: int):
-        self._failed = mp.Array(ctypes.c_bool, max(1, size), lock=False)
-        self._count = mp.Value(ctypes.c_int64, 0)
+        # forkserver's objects: inherited by forked workers, and passed to a data-parallel rank's forkserver ones
+        # (a fork-context lock is unlinked at once, so no other process could open it)
+        context = mp.get_context("forkserver")
+        self._failed = context.Array(ctypes.c_bool, max(1, size), lock=False)
+        self._count = context.Value(ctypes.c_int64, 0)
         self._on_device: torch.Tensor | None = None  # failures a loader found on the device, not yet recorded
         self._describe: Callable[[int], tuple[str, str]] | None = None
 

@@ -22,6 +22,7 @@ from ddmim.data.pixels import load_rgb
 from ddmim.data.resumable import ResumableSampler, seeded_visit
 from ddmim.data.sample_refs import shown
 from ddmim.data.transforms import train_transform, val_transform
+from ddmim.data.workers import worker_context
 from ddmim.errors import UserError, say
 
 MAX_ATTEMPTS = 64  # consecutive undecodable files one item may step over before the data is declared broken
@@ -122,8 +123,10 @@ class FolderDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         workers = self.spec.data.num_workers
+        parallel = self.trainer is not None and self.trainer.world_size > 1
         return DataLoader(self.val_set, batch_size=self.spec.batch_size, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                          multiprocessing_context=worker_context() if parallel and workers else None,
                           generator=torch.Generator().manual_seed(self.spec.seed))  # as train_loader's
 
 
@@ -137,4 +140,5 @@ def train_loader(dataset: ListedImages, spec: LoaderSpec, *, rank: int = 0, worl
     workers = spec.data.num_workers
     return DataLoader(dataset, batch_size=spec.batch_size, sampler=sampler, drop_last=True,
                       num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      multiprocessing_context=worker_context() if world > 1 and workers else None,
                       generator=torch.Generator().manual_seed(spec.seed))

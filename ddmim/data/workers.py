@@ -27,3 +27,15 @@ def loader_threads(workers: int) -> int:
         say(f"ddmim: data.num_workers {workers} is more than this machine's {cores} cores; FFCV and DALI run "
             f"{cores} threads")
     return max(1, min(workers, cores))
+
+
+def worker_context():
+    """The start method of the folder loader's workers in a data-parallel process: forkserver. Forked from a
+    rank, whose communication threads may hold a lock at that moment, a worker hung in 1 of 5 two-rank CPU runs
+    (blocked on a futex from its first instruction, with the rank waiting on it for ever). The server is a clean
+    process that imports the loader's modules once, so each worker starts from it in a fraction of a second."""
+    import multiprocessing as mp
+
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["ddmim.data.folder"])
+    return context
