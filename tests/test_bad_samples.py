@@ -254,13 +254,21 @@ def test_the_checks_before_dali_split_only_the_cores_ranks_share():
 
 
 def test_a_data_parallel_ranks_folder_workers_start_from_a_forkserver_not_a_fork_of_the_rank(sample_root):
+    import torch.distributed as dist
+
     from ddmim.data.folder import FolderDataModule, train_loader
 
     spec = LoaderSpec.of(make_config("tiny", ["data.num_workers=1"]))
     data = FolderDataModule(sample_root, spec)
-    assert train_loader(data.train_set, spec, rank=1, world=2).multiprocessing_context.get_start_method() == (
-        "forkserver")
-    assert train_loader(data.train_set, spec).multiprocessing_context is None  # one process: forked, at once
+    # no process group (one process, or ranks simulated in it): no communication threads, so workers are forked
+    assert train_loader(data.train_set, spec, rank=1, world=2).multiprocessing_context is None
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert train_loader(data.train_set, spec, rank=1, world=2).multiprocessing_context.get_start_method() == (
+            "forkserver")
+        assert train_loader(data.train_set, spec).multiprocessing_context is None
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow

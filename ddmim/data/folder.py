@@ -123,10 +123,10 @@ class FolderDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         workers = self.spec.data.num_workers
-        parallel = self.trainer is not None and self.trainer.world_size > 1
+        world = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(self.val_set, batch_size=self.spec.batch_size, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                          multiprocessing_context=worker_context() if parallel and workers else None,
+                          multiprocessing_context=worker_context(world, workers),
                           generator=torch.Generator().manual_seed(self.spec.seed))  # as train_loader's
 
 
@@ -140,5 +140,5 @@ def train_loader(dataset: ListedImages, spec: LoaderSpec, *, rank: int = 0, worl
     workers = spec.data.num_workers
     return DataLoader(dataset, batch_size=spec.batch_size, sampler=sampler, drop_last=True,
                       num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                      multiprocessing_context=worker_context() if world > 1 and workers else None,
+                      multiprocessing_context=worker_context(world, workers),
                       generator=torch.Generator().manual_seed(spec.seed))

@@ -29,13 +29,17 @@ def loader_threads(workers: int) -> int:
     return max(1, min(workers, cores))
 
 
-def worker_context():
-    """The start method of the folder loader's workers in a data-parallel process: forkserver. Forked from a
-    rank, whose communication threads may hold a lock at that moment, a worker hung in 1 of 5 two-rank CPU runs
-    (blocked on a futex from its first instruction, with the rank waiting on it for ever). The server is a clean
-    process that imports the loader's modules once, so each worker starts from it in a fraction of a second."""
+def worker_context(world: int, workers: int):
+    """The start method of the folder loader's workers: forkserver in a rank of a process group, else fork (None).
+    Forked from a rank, whose communication threads may hold a lock at that moment, a worker hung in 1 of 5
+    two-rank CPU runs (blocked on a futex from its first instruction, with the rank waiting on it for ever). The
+    server is a clean process that imports the loader's modules once, so each worker starts from it quickly."""
     import multiprocessing as mp
 
+    import torch.distributed as dist
+
+    if world < 2 or not workers or not (dist.is_available() and dist.is_initialized()):
+        return None
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["ddmim.data.folder"])
     return context
