@@ -70,9 +70,9 @@ class SampleTable(Sequence):
 class TableBuilder:
     """Samples appended one by one, into growing flat arrays."""
 
-    def __init__(self, folders: list[str] | None = None):
-        self.folders = list(folders or [])
-        self._folder_ids = {folder: n for n, folder in enumerate(self.folders)}
+    def __init__(self):
+        self.folders: list[str] = []
+        self._folder_ids: dict[str, int] = {}
         self.ids, self.names, self.ends, self.labels = array("i"), bytearray(), array("q"), array("i")
 
     def folder(self, folder: str) -> int:
