@@ -8,8 +8,8 @@ lists it in a fresh process with `ddmim.data.layout.source_splits`, the call eve
 converters make, and reports the seconds, the memory the listing holds (the process's resident size after the
 call, less before it) and its peak (the largest resident size, less the size before). With --base the earlier
 commit's listing (exported with `git archive`) runs too, alternating with this tree's, and the ratios are
-printed. The page cache holds the directories after the first repeat: that is the case of a second start on
-one machine.
+printed. Each repeat starts with an empty listing cache (`ddmim.data.listing_cache`), then lists again with
+the listing it kept ("second start"). The page cache holds the directories after the first repeat.
 Writes benchmarks/results/listing-<device>.json, or --json.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ print(json.dumps({"seconds": seconds, "held_mib": rss_mib() - before, "peak_mib"
 
 def build_tree(root: Path, files: int, layout: str) -> Path:
     """The tree, made once: a marker file says it is complete."""
-    done = root / f".complete-{files}-{layout}"
+    done = root.parent / f".{root.name}-complete"  # beside the tree: a change inside would unsettle its cache
     if done.exists():
         return root
     per_folder = 1000 if layout == "unlabeled" else -(-files // 1000)  # ImageNet: 1,000 classes
@@ -85,15 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         trees = (two_trees(args.base, Path(tmp)) if args.base else
                  {"this tree": (ROOT, import_root(ROOT, Path(tmp) / "imports"))})
-        runs = {name: [] for name in trees}
-        for _ in range(args.repeats):
+        runs = {name: [] for name in [*trees, "second start"]}
+        for repeat in range(args.repeats):
             for name, (tree, path_root) in trees.items():
-                done = subprocess.run([sys.executable, "-c", CHILD, str(root), args.layout], capture_output=True,
-                                      text=True, cwd=tree, check=True,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(path_root)})
-                runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-                if not Path(runs[name][-1]["ddmim"]).resolve().is_relative_to(tree.resolve()):
-                    raise SystemExit(f"the listing of {tree} imported {runs[name][-1]['ddmim']}, from another tree")
+                cache = Path(tmp) / f"cache-{name}-{repeat}"  # empty: the first start lists the tree
+                starts = [name, "second start"] if name == "this tree" else [name]
+                for start in starts:
+                    done = subprocess.run([sys.executable, "-c", CHILD, str(root), args.layout],
+                                          capture_output=True, text=True, cwd=tree, check=True,
+                                          env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(path_root),
+                                               "XDG_CACHE_HOME": str(cache)})
+                    runs[start].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    if not Path(runs[start][-1]["ddmim"]).resolve().is_relative_to(tree.resolve()):
+                        raise SystemExit(f"the listing of {tree} imported {runs[start][-1]['ddmim']}, from another "
+                                         "tree")
     row = {"layout": args.layout, "files": args.files, "base": args.base}
     for name, measured in runs.items():
         row[name] = {key: statistics.median(r[key] for r in measured) for key in ("seconds", "held_mib", "peak_mib")}

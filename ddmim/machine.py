@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from ddmim.atomic import write_text
+from ddmim.user_cache import user_cache
 
 
 def user_results_folder() -> Path:
     """Where `ddmim` itself writes benchmark results: the user's cache, never the installed package."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "ddmim" / "benchmarks"
+    return user_cache("benchmarks")
 
 
 def machine_info() -> dict:

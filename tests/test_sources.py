@@ -10,7 +10,8 @@ from conftest import QUIET_STEPS
 from ddmim.cli import main
 from ddmim.config import make_config
 from ddmim.data.folder import FolderDataModule, list_splits
-from ddmim.data.layout import UNLABELED, held_out, list_tree
+from ddmim.data.layout import list_tree
+from ddmim.data.listing import UNLABELED, held_out
 from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.pixels import EXTENSIONS
 from ddmim.errors import UserError

@@ -16,7 +16,7 @@ from ddmim.config import make_config
 from ddmim.data import detect_format, eval_batches, make_datamodule
 from ddmim.data.dali_format import list_shards as list_dali_shards
 from ddmim.data.folder import list_splits, open_split
-from ddmim.data.layout import UNLABELED, held_out
+from ddmim.data.listing import UNLABELED, held_out
 from ddmim.data.sample_refs import shown
 from ddmim.data.transforms import val_transform
 from ddmim.errors import UserError

@@ -30,6 +30,7 @@ from PIL import Image
 from ddmim.atomic import write_text
 from ddmim.data.dali_format import CHECKSUMS, Shards, index_entries, read_checksums
 from ddmim.data.jpeg_header import header_fault
+from ddmim.user_cache import user_cache
 
 HEADER_READ = 4096  # bytes read at once at each sample's start: most JPEG headers end within them
 
@@ -73,8 +74,7 @@ def _check_stored(job: tuple[str, str]) -> list[tuple[str, str]]:
 
 
 def _cache_file(tar: str) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddmim" / "dali-scans"
-    return cache / f"{hashlib.sha256(os.path.realpath(tar).encode()).hexdigest()[:32]}.json"
+    return user_cache("dali-scans") / f"{hashlib.sha256(os.path.realpath(tar).encode()).hexdigest()[:32]}.json"
 
 
 def _check_remembered(job: tuple[str, str]) -> list[tuple[str, str]]:

@@ -2,10 +2,9 @@
 
 An ImageNet-layout folder (`imagefolder`) has ROOT/<split>/<class>/<file>; an unlabeled one (`unlabeled`) is any
 tree of images, every image a sample without a label (`UNLABELED`); a file list (`list`) and ImageNet's flat val
-are read by `label_files`, WebDataset shards (`wds`) by `tar_source`. A source without a val split (an unlabeled
-tree, class folders with train/ alone, shards without val/) holds out a fixed fraction of its images for
-validation, chosen by a hash of each file's path relative to the source (`held_out`): the same images on every
-machine, every rank and after a resume, and an image added later never moves another across the split.
+are read by `label_files`, WebDataset shards (`wds`) by `tar_source`. A source without a val split holds out a
+fraction of its images (`listing.split_off_val`). A folder tree's listing is kept between starts
+(`listing_cache`).
 
 In the imagefolder layout a split is ROOT/<split>/<class>/<file>. Only files directly inside a class folder
 belong to that class; a sub-folder of a class folder is not read and is reported, and a folder is never followed
@@ -18,37 +17,20 @@ labels. A class missing from val is fine; a class in val that train lacks is an 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddmim.data.label_files import (
-    DEVKIT_TRUTH,
-    GROUND_TRUTH,
-    class_name,
-    find_ground_truth,
-    number_classes,
-    read_ground_truth,
-    read_list,
-)
+from ddmim.data.label_files import DEVKIT_TRUTH, GROUND_TRUTH, find_ground_truth, read_ground_truth, read_list
+from ddmim.data.listing import LABELED_LAYOUTS, UNLABELED, SplitListing, split_off_val
+from ddmim.data.listing_cache import cached_splits
 from ddmim.data.pixels import EXTENSIONS
-from ddmim.data.sample_table import SampleTable, TableBuilder, table
-from ddmim.data.tar_source import list_shards, shard_files
+from ddmim.data.sample_table import TableBuilder, table
+from ddmim.data.tar_source import shard_files, wds_splits
 from ddmim.errors import UserError
 
 CLASSES_FILE = "classes.json"
 LAYOUTS = ("auto", "imagefolder", "unlabeled", "list", "wds")
-UNLABELED = -2  # the label of every image of an unlabeled source (-1 marked undecodable samples in old .betons)
-LABELED_LAYOUTS = ("ImageNet-style class folders (ROOT/train/<class>/<image>), WebDataset shards whose samples "
-                   "all have a cls, or a converted set of them")
-
-
-@dataclass
-class SplitListing:
-    files: SampleTable = field(default_factory=lambda: table(()))  # (path, label): class by class, sorted by name
-    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): sub-folders that were not read
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -174,28 +156,6 @@ def list_tree(root: Path, extensions: tuple[str, ...]) -> SplitListing:
     return SplitListing(files.build(), ignored)
 
 
-def held_out(relative: str | bytes, fraction: float) -> bool:
-    """Whether the file at `relative` (a path relative to the source, '/'-separated; bytes: its UTF-8, or the
-    file system's bytes of a name that is not UTF-8) is a validation image."""
-    data = relative.encode() if isinstance(relative, str) else relative
-    digest = hashlib.blake2b(data, digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2**64
-
-
-def split_off_val(listing: SplitListing, root: Path, fraction: float,
-                  keys: list[str] | None = None) -> tuple[SplitListing, SplitListing]:
-    """(train, val) of a listing without a val split of its own; each file is held out by its path relative to
-    `root`, or by its entry of `keys` (a file list's own spelling of it, a shard sample's key)."""
-    files = listing.files
-    if keys is None:
-        prefix = os.path.join(str(root), "")
-        relative = [os.fsencode(folder[len(prefix):].replace(os.sep, "/")) if folder.startswith(prefix) else
-                    os.fsencode(Path(folder).relative_to(root).as_posix() + "/") for folder in files.folders]
-        keys = (relative[folder] + name for folder, name in zip(files.folder_ids.tolist(), files.all_name_bytes()))
-    train, val = files.split(held_out(key, fraction) for key in keys)
-    return SplitListing(train, listing.ignored), SplitListing(val)
-
-
 def list_flat_val(val: Path, classes: list[str], extensions: tuple[str, ...] | None) -> SplitListing:
     """ImageNet's official val: one flat folder of images, labelled by its ground-truth file."""
     truth_file = find_ground_truth(val)
@@ -223,12 +183,12 @@ def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = F
                   known: list[str] | None = None,
                   extensions: tuple[str, ...] | None = EXTENSIONS,
                   hold_out_labeled: bool = True) -> tuple[list[str], SplitListing, SplitListing]:
-    """(classes, train listing, val listing) of a folder source; classes is empty for an unlabeled one, which
+    """(classes, train listing, val listing) of a source; classes is empty for an unlabeled one, which
     `labels` refuses (k-NN, linear probe, fine-tuning). `known`: the label order of an earlier conversion;
     `extensions`: the files of class folders that count (None: all, as the converters read them; an image tree
     counts images by their names); `hold_out_labeled` False: class folders without val/ give no val split."""
     root = Path(root)
-    if layout == "wds" or (layout == "auto" and not has_class_folders(root) and shard_files(root)):
+    if layout == "wds" or (layout == "auto" and root.is_file() and shard_files(root)):
         return wds_splits(root, val_fraction, labels, known, hold_out_labeled)
     if root.is_file() and layout in ("auto", "list"):
         classes, entries, ignored = read_list(root, UNLABELED)
@@ -242,52 +202,39 @@ def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = F
         raise UserError(f"data path {root} does not exist or is neither a folder nor a file list")
     if layout == "list":
         raise UserError(f"--data-layout list: {root} is a folder; give the file that lists the images")
+    options = {"layout": layout, "val_fraction": val_fraction, "known": known, "extensions": extensions,
+               "hold_out_labeled": hold_out_labeled}
+    classes, train, val = cached_splits(root, options, lambda: _folder_splits(root, layout, val_fraction, labels,
+                                                                              known, extensions, hold_out_labeled))
+    if labels and not classes:
+        raise _unlabeled(root)
+    return classes, train, val
+
+
+def _unlabeled(root: Path) -> UserError:
+    return UserError(f"{root} has no labels (no class folders): this needs {LABELED_LAYOUTS}")
+
+
+def _folder_splits(root: Path, layout: str, val_fraction: float, labels: bool, known: list[str] | None,
+                   extensions: tuple[str, ...] | None, hold_out_labeled: bool):
+    """`source_splits` of a folder, and whether its listing may be kept (a tree of folders alone: not shards,
+    not a flat val read through a ground-truth file)."""
+    if layout == "auto" and not has_class_folders(root) and shard_files(root):
+        return wds_splits(root, val_fraction, labels, known, hold_out_labeled), False
     layout = resolve_layout(root, layout, known)
     if labels and layout == "unlabeled":
-        raise UserError(f"{root} has no labels (no class folders): this needs {LABELED_LAYOUTS}")
+        raise _unlabeled(root)
     if layout == "unlabeled":
-        classes = []
-        train, val = split_off_val(list_tree(root, EXTENSIONS), root, val_fraction)
-    else:
-        classes = train_classes(root, known)
-        train, val = (list_split(root, split, classes, extensions) if (root / split).is_dir() else SplitListing()
-                      for split in ("train", "val"))
-        if (root / "val").is_dir() and not class_folders(root / "val") and any(os.scandir(root / "val")):
-            val = list_flat_val(root / "val", classes, extensions)
-        if hold_out_labeled and not (root / "val").is_dir():
-            train, val = split_off_val(train, root / "train", val_fraction)
-    return classes, train, val
-
-
-def wds_splits(root: Path, val_fraction: float, labels: bool, known: list[str] | None,
-               hold_out_labeled: bool) -> tuple[list[str], SplitListing, SplitListing]:
-    """`source_splits` of WebDataset shards (`tar_source`): labelled when every sample has a cls; without val
-    shards a sample is held out by its key, which re-sharding keeps."""
-    shards = shard_files(root)
-    if not shards:
-        raise UserError(f"--data-layout wds: {root} holds no .tar shards (expected {root}/*.tar, "
-                        f"{root}/train/*.tar or a .tar file)")
-    listed = {split: list_shards(tars) for split, tars in shards.items()}
-    texts = {label for samples, _ in listed.values() for _, label, _ in samples}
-    labeled = bool(texts) and None not in texts
-    if labels and not labeled:
-        raise UserError(f"{root}: not every sample of its shards has a label (a cls member): this needs "
-                        f"{LABELED_LAYOUTS}")
-    classes = (known or number_classes({label for _, label, _ in listed["train"][0]})) if labeled else []
-    index = {name: i for i, name in enumerate(classes)}
-    splits = {}
-    for split in ("train", "val"):
-        samples, ignored = listed.get(split, ([], []))
-        unknown = sorted({class_name(t) for _, t, _ in samples} - set(index)) if labeled else []
-        if unknown:
-            raise UserError(f"{root}: {split} samples are labelled {', '.join(unknown[:5])}, classes the train "
-                            f"split lacks")
-        splits[split] = SplitListing(table((ref, index[class_name(text)] if labeled else UNLABELED)
-                                           for ref, text, _ in samples), ignored)
-    train, val = splits["train"], splits["val"]
-    if "val" not in shards and (hold_out_labeled or not labeled):
-        train, val = split_off_val(train, root, val_fraction, [key for _, _, key in listed["train"][0]])
-    return classes, train, val
+        return ([], *split_off_val(list_tree(root, EXTENSIONS), root, val_fraction)), True
+    classes = train_classes(root, known)
+    train, val = (list_split(root, split, classes, extensions) if (root / split).is_dir() else SplitListing()
+                  for split in ("train", "val"))
+    flat_val = (root / "val").is_dir() and not class_folders(root / "val") and any(os.scandir(root / "val"))
+    if flat_val:
+        val = list_flat_val(root / "val", classes, extensions)
+    if hold_out_labeled and not (root / "val").is_dir():
+        train, val = split_off_val(train, root / "train", val_fraction)
+    return (classes, train, val), not flat_val
 
 
 def require_labels(root: Path) -> None:

@@ -3,7 +3,6 @@ grey-level images of 10 classes) as 32x32 RGB PNGs in ImageFolder layout, with a
 `ddmim demo` and of `ddmim train` without --data."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -11,14 +10,14 @@ import numpy as np
 from PIL import Image
 
 from ddmim.atomic import staged_folder
+from ddmim.user_cache import user_cache
 
 SIZE = 32
 VAL_EVERY = 5  # every 5th image of each class goes to val/: a 80/20 split stratified by class
 
 
 def default_sample_root() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "ddmim" / "sample-digits"
+    return user_cache("sample-digits")
 
 
 def build_unlabeled_sample(labeled: Path, dst: Path) -> Path:

@@ -40,12 +40,13 @@ class SampleTable(Sequence):
             raise IndexError(i)
         return self.folders[self.folder_ids[i]] + os.fsdecode(self.name_bytes(i)), int(self.labels[i])
 
-    def all_name_bytes(self):
-        """Each sample's name, as a view of its bytes, in order."""
+    def entries(self):
+        """(folder number, a view of the name's bytes) of each sample, in order."""
         names, start = memoryview(self.names), 0
-        for first in range(0, len(self), 2**16):  # ends as ints a block at a time: ten million take 360 MB
-            for end in self.ends[first:first + 2**16].tolist():
-                yield names[start:end]
+        for first in range(0, len(self), 2**16):  # as ints a block at a time: ten million ints take 360 MB
+            block = slice(first, first + 2**16)
+            for folder, end in zip(self.folder_ids[block].tolist(), self.ends[block].tolist()):
+                yield folder, names[start:end]
                 start = end
 
     def split(self, chosen) -> tuple[SampleTable, SampleTable]:

@@ -14,8 +14,11 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
+from ddmim.data.label_files import class_name, number_classes
+from ddmim.data.listing import LABELED_LAYOUTS, UNLABELED, SplitListing, split_off_val
 from ddmim.data.pixels import EXTENSIONS
 from ddmim.data.sample_refs import member
+from ddmim.data.sample_table import table
 from ddmim.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset(e[1:] for e in EXTENSIONS)
@@ -94,3 +97,34 @@ def _add_sample(tar: str, labels: BinaryIO, group: list[tarfile.TarInfo], sample
             raise UserError(f"{tar}: {info.name} is not a label in text (WebDataset's cls); a folder that "
                             "data_prep/to_dali.py wrote is read with --format dali") from None
     samples.append((member(tar, image.offset_data, image.size, image.name), label, key))
+
+
+def wds_splits(root: Path, val_fraction: float, labels: bool, known: list[str] | None,
+               hold_out_labeled: bool) -> tuple[list[str], SplitListing, SplitListing]:
+    """`source_splits` of WebDataset shards (`tar_source`): labelled when every sample has a cls; without val
+    shards a sample is held out by its key, which re-sharding keeps."""
+    shards = shard_files(root)
+    if not shards:
+        raise UserError(f"--data-layout wds: {root} holds no .tar shards (expected {root}/*.tar, "
+                        f"{root}/train/*.tar or a .tar file)")
+    listed = {split: list_shards(tars) for split, tars in shards.items()}
+    texts = {label for samples, _ in listed.values() for _, label, _ in samples}
+    labeled = bool(texts) and None not in texts
+    if labels and not labeled:
+        raise UserError(f"{root}: not every sample of its shards has a label (a cls member): this needs "
+                        f"{LABELED_LAYOUTS}")
+    classes = (known or number_classes({label for _, label, _ in listed["train"][0]})) if labeled else []
+    index = {name: i for i, name in enumerate(classes)}
+    splits = {}
+    for split in ("train", "val"):
+        samples, ignored = listed.get(split, ([], []))
+        unknown = sorted({class_name(t) for _, t, _ in samples} - set(index)) if labeled else []
+        if unknown:
+            raise UserError(f"{root}: {split} samples are labelled {', '.join(unknown[:5])}, classes the train "
+                            f"split lacks")
+        splits[split] = SplitListing(table((ref, index[class_name(text)] if labeled else UNLABELED)
+                                           for ref, text, _ in samples), ignored)
+    train, val = splits["train"], splits["val"]
+    if "val" not in shards and (hold_out_labeled or not labeled):
+        train, val = split_off_val(train, root, val_fraction, [key for _, _, key in listed["train"][0]])
+    return classes, train, val
