@@ -83,7 +83,7 @@ def source_listing(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple
     reason) not read). An unlabeled tree's val split is the images `ddmim.data.layout` holds out (as training
     does); class folders without val/ give none."""
     classes, train, val = source_splits(args.src, args.layout, args.val_fraction, known=read_classes_file(args.dst),
-                                        extensions=None, hold_out_labeled=False)
+                                        extensions=None, hold_out="unlabeled")
     splits = {}
     for split, listing in (("train", train), ("val", val)):
         if split not in args.splits:

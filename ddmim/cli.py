@@ -15,7 +15,8 @@ from ddmim.errors import UserError
 from ddmim.train.launch import ACCELERATORS, PRECISIONS, STRATEGIES, Launch
 
 SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
-             "workers": "data.num_workers", "seed": "train.seed", "data_layout": "data.layout"}
+             "workers": "data.num_workers", "seed": "train.seed", "data_layout": "data.layout",
+             "val_data": "data.val_path"}
 
 
 def _add_data(p, required: bool = False) -> None:
@@ -23,6 +24,9 @@ def _add_data(p, required: bool = False) -> None:
                    help="data set root: train/<class>/* and val/<class>/* or any tree of unlabeled images "
                         "(folder), train.beton and val.beton (ffcv), or train/*.tar and val/*.tar shards (dali)"
                         + ("" if required else "; default: the built-in sample data set"))
+    p.add_argument("--val-data", help="validation images from a source of their own, all of --data then training: "
+                   "a folder of images (class folders, ImageNet's flat val with its ground truth, or any tree), a "
+                   "file list, or for converted data a .beton file or shard folder (or a converted folder's val)")
     p.add_argument("--data-format", "--format", dest="format", default="auto", choices=FORMATS,
                    help="storage format of --data (default auto: told from the files); all apply the same "
                         "augmentation (crop scale/ratio, flip, normalisation, size)")
@@ -206,6 +210,7 @@ def cmd_eval(args) -> int:
         cfg = read_pretraining(args.ckpt, args.overrides)[0]
     else:
         cfg = make_config(args.preset, args.overrides)
+    cfg.data.val_path = args.val_data or ""  # the command's data, never the one the checkpoint validated on
     result = evaluate(args.method, args.data, args.ckpt, cfg, data_format=args.format, k=args.k,
                       temperature=args.temperature, epochs=args.epochs)
     print(f"{args.method} top-1 {result['top1']:.2f}% ({result['backbone']}, {result['train_images']} train / "
@@ -216,7 +221,8 @@ def cmd_eval(args) -> int:
 def cmd_visualize(args) -> int:
     from ddmim.eval.reconstruction import visualize
 
-    result = visualize(args.ckpt, args.data, args.out, num=args.num, data_format=args.format)
+    result = visualize(args.ckpt, args.data, args.out, num=args.num, data_format=args.format,
+                       val_path=args.val_data or "")
     print(f"wrote {result['grid']}: {result['images']} rows of {', '.join(result['panels'])}")
     return 0
 

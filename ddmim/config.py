@@ -157,6 +157,7 @@ class DataConfig:
     # imagefolder (train/<class>/*) | unlabeled (any tree of images) | list (a file of `path[,label]` lines)
     layout: Literal["auto", "imagefolder", "unlabeled", "list", "wds"] = "auto"
     val_fraction: float = 0.01  # held out for validation by a hash of the path, where the data has no val split
+    val_path: str = ""  # --val-data: the validation images, a source of their own; the data's all train then
 
     def check(self) -> None:
         at_least("data.num_workers", self.num_workers, 0)

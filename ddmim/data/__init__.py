@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ddmim.data.converted import split_path
 from ddmim.data.dali_format import INDEX, MANIFEST
 from ddmim.data.layout import require_labels
 from ddmim.data.loader_spec import LoaderSpec
@@ -85,18 +86,20 @@ def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None, la
     if fmt == "ffcv":
         from ddmim.data.ffcv_loader import make_loader
 
-        loader = make_loader(root / f"{split}.beton", spec, train=False, device=device, drop_last=False)
+        loader = make_loader(split_path(root, split, fmt, spec.data.val_path), spec, train=False, device=device,
+                             drop_last=False)
         return ((x.clone(), y.clone()) for x, y in loader)  # FFCV reuses its batch buffers
     if fmt == "dali":
         from ddmim.data.dali_loader import open_loader
 
-        return open_loader(root / split, spec, train=False, gpu=device.type == "cuda")
+        return open_loader(split_path(root, split, fmt, spec.data.val_path), spec, train=False,
+                           gpu=device.type == "cuda")
     from torch.utils.data import DataLoader
 
     from ddmim.data.folder import open_split
     from ddmim.data.transforms import val_transform
 
     dataset = open_split(root, split, val_transform(spec.img_size, spec.data), spec.data.layout,
-                         spec.data.val_fraction, labels=labels)
+                         spec.data.val_fraction, labels=labels, val_path=spec.data.val_path)
     return DataLoader(dataset, batch_size=spec.batch_size, num_workers=spec.data.num_workers,
                       pin_memory=device.type == "cuda")

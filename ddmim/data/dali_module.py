@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from ddmim.data.bad_samples import SkippedSamples
 from ddmim.data.contracts import check_one_batch_per_rank
+from ddmim.data.converted import split_path
 from ddmim.data.dali_format import check_shuffled, list_shards, sample_count
 from ddmim.data.dali_loader import DaliLoader, open_loader
 from ddmim.data.layout import read_class_count
@@ -23,7 +24,8 @@ class DALIDataModule(pl.LightningDataModule):
     def __init__(self, root: Path, spec: LoaderSpec, channels_last: bool = False):
         super().__init__()
         self.root, self.spec, self.channels_last = Path(root), spec, channels_last
-        sizes = {split: sample_count(list_shards(self.root / split)[1]) for split in ("train", "val")}
+        self.paths = {split: split_path(self.root, split, "dali", spec.data.val_path) for split in ("train", "val")}
+        sizes = {split: sample_count(list_shards(path)[1]) for split, path in self.paths.items()}
         self.skipped = {split: SkippedSamples(size) for split, size in sizes.items()}
         self.train_size = sizes["train"]
         check_shuffled(self.root / "train")
@@ -41,7 +43,7 @@ class DALIDataModule(pl.LightningDataModule):
         trainer = self.trainer
         gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return open_loader(self.root / split, self.spec, train=train, gpu=gpu, channels_last=self.channels_last,
+        return open_loader(self.paths[split], self.spec, train=train, gpu=gpu, channels_last=self.channels_last,
                            skipped=self.skipped[split], shard_id=rank, num_shards=world, group=self.group,
                            accumulate=trainer.accumulate_grad_batches if trainer is not None else 1)
 

@@ -19,6 +19,7 @@ import torch
 
 from ddmim.data.bad_samples import SkippedSamples, fill_from_others
 from ddmim.data.contracts import check_one_batch_per_rank
+from ddmim.data.converted import split_path
 from ddmim.data.layout import read_class_count
 from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.resumable import dealt_in_steps, resume_position
@@ -171,7 +172,8 @@ class FFCVDataModule(pl.LightningDataModule):
         super().__init__()
         self.root, self.spec = Path(root), spec
         self._val = None
-        indices = {split: readable_indices(self.root / f"{split}.beton") for split in ("train", "val")}
+        self.paths = {split: split_path(self.root, split, "ffcv", spec.data.val_path) for split in ("train", "val")}
+        indices = {split: readable_indices(path) for split, path in self.paths.items()}
         self.train_size = len(indices["train"])
         self.skipped = {split: SkippedSamples(int(i.max(initial=0)) + 1) for split, i in indices.items()}
         self.num_classes = read_class_count(self.root)
@@ -185,7 +187,7 @@ class FFCVDataModule(pl.LightningDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return make_loader(self.root / f"{split}.beton", self.spec, train=train, device=device, world=world, rank=rank,
+        return make_loader(self.paths[split], self.spec, train=train, device=device, world=world, rank=rank,
                            order=self.spec.data.ffcv_order,
                            os_cache=self.spec.data.ffcv_os_cache, skipped=self.skipped[split],
                            global_step=trainer.global_step if trainer is not None and train else 0,

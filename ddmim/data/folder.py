@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ddmim.data.bad_samples import SkippedSamples
 from ddmim.data.contracts import check_one_batch_per_rank
-from ddmim.data.layout import SplitListing, source_splits
+from ddmim.data.layout import source_splits, val_listing
+from ddmim.data.listing import SplitListing
 from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.pixels import load_rgb
 from ddmim.data.resumable import ResumableSampler, seeded_visit
@@ -61,18 +62,24 @@ class ListedImages(Dataset):
         raise UserError(f"{MAX_ATTEMPTS} files in a row from {shown(self.samples[index][0])} on cannot be decoded")
 
 
-def list_splits(root: Path, layout: str, val_fraction: float,
-                labels: bool = False) -> tuple[list[str], SplitListing, SplitListing]:
-    """`layout.source_splits`, with a notice of the entries it did not read."""
-    classes, train, val = source_splits(root, layout, val_fraction, labels)
-    if train.ignored:
-        say(f"ddmim: {root}: {len(train.ignored)} entries not read, e.g. {train.ignored[0][0]} "
-            f"({train.ignored[0][1]})")
+def list_splits(root: Path, layout: str, val_fraction: float, labels: bool = False,
+                val_path: str = "") -> tuple[list[str], SplitListing, SplitListing]:
+    """`layout.source_splits`, with a notice of the entries it did not read; `val_path` (`--val-data`): the
+    validation images, all of `root`'s images then training ones."""
+    classes, train, val = source_splits(root, layout, val_fraction, labels, hold_out="never" if val_path else "always")
+    if val_path:
+        val = val_listing(Path(val_path), classes)
+    for source, listing in ((root, train), (val_path, val if val_path else SplitListing())):
+        if listing.ignored:
+            say(f"ddmim: {source}: {len(listing.ignored)} entries not read, e.g. {listing.ignored[0][0]} "
+                f"({listing.ignored[0][1]})")
     return classes, train, val
 
 
 def _require_images(root: Path, split: str, classes: list[str], train: SplitListing, val: SplitListing,
-                    val_fraction: float) -> None:
+                    val_fraction: float, val_path: str = "") -> None:
+    if split == "val" and val_path and not val.files:
+        raise UserError(f"no validation images in --val-data {val_path}")
     if not (train if split == "train" else val).files:
         found = f"{len(train.files) + len(val.files)} images" + (f" in {len(classes)} class folders"
                                                                  if classes else " without class folders")
@@ -81,10 +88,10 @@ def _require_images(root: Path, split: str, classes: list[str], train: SplitList
 
 
 def open_split(root: Path, split: str, transform, layout: str = "auto", val_fraction: float = 0.01,
-               labels: bool = False) -> ListedImages:
+               labels: bool = False, val_path: str = "") -> ListedImages:
     """One split of a folder source; `labels`: refuse an unlabeled source (k-NN, linear probe, fine-tuning)."""
-    classes, train, val = list_splits(Path(root), layout, val_fraction, labels)
-    _require_images(Path(root), split, classes, train, val, val_fraction)
+    classes, train, val = list_splits(Path(root), layout, val_fraction, labels, val_path)
+    _require_images(Path(root), split, classes, train, val, val_fraction, val_path)
     return ListedImages((train if split == "train" else val).files, classes, transform)
 
 
@@ -98,9 +105,10 @@ class FolderDataModule(pl.LightningDataModule):
         super().__init__()
         self.root = Path(root)
         self.spec = spec
-        classes, train, val = list_splits(self.root, spec.data.layout, spec.data.val_fraction, labels)
+        data = spec.data
+        classes, train, val = list_splits(self.root, data.layout, data.val_fraction, labels, data.val_path)
         for split in ("train", "val"):
-            _require_images(self.root, split, classes, train, val, spec.data.val_fraction)
+            _require_images(self.root, split, classes, train, val, data.val_fraction, data.val_path)
         size = spec.img_size
         self.train_set = ListedImages(train.files, classes, train_transform(size, spec.data, randaugment))
         self.val_set = ListedImages(val.files, classes, val_transform(size, spec.data))

@@ -182,30 +182,32 @@ def list_flat_val(val: Path, classes: list[str], extensions: tuple[str, ...] | N
 def source_splits(root: Path, layout: str, val_fraction: float, labels: bool = False,
                   known: list[str] | None = None,
                   extensions: tuple[str, ...] | None = EXTENSIONS,
-                  hold_out_labeled: bool = True) -> tuple[list[str], SplitListing, SplitListing]:
+                  hold_out: str = "always") -> tuple[list[str], SplitListing, SplitListing]:
     """(classes, train listing, val listing) of a source; classes is empty for an unlabeled one, which
     `labels` refuses (k-NN, linear probe, fine-tuning). `known`: the label order of an earlier conversion;
     `extensions`: the files of class folders that count (None: all, as the converters read them; an image tree
-    counts images by their names); `hold_out_labeled` False: class folders without val/ give no val split."""
+    counts images by their names); `hold_out`: which sources without a val split hold images out for it
+    (always, unlabeled: not class folders, never: all train, as where the val split is another source)."""
     root = Path(root)
     if layout == "wds" or (layout == "auto" and root.is_file() and shard_files(root)):
-        return wds_splits(root, val_fraction, labels, known, hold_out_labeled)
+        return wds_splits(root, val_fraction, labels, known, hold_out)
     if root.is_file() and layout in ("auto", "list"):
         classes, entries, ignored = read_list(root, UNLABELED)
         if labels and not classes:
             raise UserError(f"{root} lists images without labels: this needs {LABELED_LAYOUTS}, or a list of "
                             f"`path,label` lines")
         listing = SplitListing(table((path, label) for path, label, _ in entries), ignored)
-        train, val = split_off_val(listing, root.parent, val_fraction, [key for _, _, key in entries])
-        return classes, train, val
+        if hold_out == "never":
+            return classes, listing, SplitListing()
+        return classes, *split_off_val(listing, root.parent, val_fraction, [key for _, _, key in entries])
     if not root.is_dir():
         raise UserError(f"data path {root} does not exist or is neither a folder nor a file list")
     if layout == "list":
         raise UserError(f"--data-layout list: {root} is a folder; give the file that lists the images")
     options = {"layout": layout, "val_fraction": val_fraction, "known": known, "extensions": extensions,
-               "hold_out_labeled": hold_out_labeled}
+               "hold_out": hold_out}
     classes, train, val = cached_splits(root, options, lambda: _folder_splits(root, layout, val_fraction, labels,
-                                                                              known, extensions, hold_out_labeled))
+                                                                              known, extensions, hold_out))
     if labels and not classes:
         raise _unlabeled(root)
     return classes, train, val
@@ -216,25 +218,51 @@ def _unlabeled(root: Path) -> UserError:
 
 
 def _folder_splits(root: Path, layout: str, val_fraction: float, labels: bool, known: list[str] | None,
-                   extensions: tuple[str, ...] | None, hold_out_labeled: bool):
+                   extensions: tuple[str, ...] | None, hold_out: str):
     """`source_splits` of a folder, and whether its listing may be kept (a tree of folders alone: not shards,
     not a flat val read through a ground-truth file)."""
     if layout == "auto" and not has_class_folders(root) and shard_files(root):
-        return wds_splits(root, val_fraction, labels, known, hold_out_labeled), False
+        return wds_splits(root, val_fraction, labels, known, hold_out), False
     layout = resolve_layout(root, layout, known)
     if labels and layout == "unlabeled":
         raise _unlabeled(root)
     if layout == "unlabeled":
-        return ([], *split_off_val(list_tree(root, EXTENSIONS), root, val_fraction)), True
+        tree = list_tree(root, EXTENSIONS)
+        return ([], *((tree, SplitListing()) if hold_out == "never" else split_off_val(tree, root, val_fraction))), True
     classes = train_classes(root, known)
     train, val = (list_split(root, split, classes, extensions) if (root / split).is_dir() else SplitListing()
                   for split in ("train", "val"))
     flat_val = (root / "val").is_dir() and not class_folders(root / "val") and any(os.scandir(root / "val"))
     if flat_val:
         val = list_flat_val(root / "val", classes, extensions)
-    if hold_out_labeled and not (root / "val").is_dir():
+    if hold_out == "always" and not (root / "val").is_dir():
         train, val = split_off_val(train, root / "train", val_fraction)
     return (classes, train, val), not flat_val
+
+
+def val_listing(path: Path, classes: list[str], extensions: tuple[str, ...] | None = EXTENSIONS) -> SplitListing:
+    """The images of `data.val_path` (`--val-data`), a validation split of its own. For labelled training data
+    (`classes`): a file list of `path,label` lines, class folders PATH/<class>/<image> or ImageNet's flat val
+    with its ground truth, labelled by the training classes; for unlabeled data, a file list or any tree."""
+    path = Path(path)
+    if path.is_file():
+        named, entries, ignored = read_list(path, UNLABELED)
+        if classes and not named:
+            raise UserError(f"--val-data {path} lists images without labels; labelled training data needs "
+                            "`path,label` lines")
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({named[y] for _, y, _ in entries} - set(index)) if classes else []
+        if unknown:
+            raise UserError(f"--val-data {path} labels images {', '.join(unknown[:5])}, classes the training data "
+                            "lacks")
+        return SplitListing(table((p, index[named[y]] if classes else UNLABELED) for p, y, _ in entries), ignored)
+    if not path.is_dir():
+        raise UserError(f"--val-data {path} does not exist (a folder of images or a file list)")
+    if not classes:
+        return list_tree(path, EXTENSIONS)
+    if class_folders(path):
+        return list_split(path.parent, path.name, classes, extensions)
+    return list_flat_val(path, classes, extensions)
 
 
 def require_labels(root: Path) -> None:

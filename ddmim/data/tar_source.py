@@ -100,7 +100,7 @@ def _add_sample(tar: str, labels: BinaryIO, group: list[tarfile.TarInfo], sample
 
 
 def wds_splits(root: Path, val_fraction: float, labels: bool, known: list[str] | None,
-               hold_out_labeled: bool) -> tuple[list[str], SplitListing, SplitListing]:
+               hold_out: str) -> tuple[list[str], SplitListing, SplitListing]:
     """`source_splits` of WebDataset shards (`tar_source`): labelled when every sample has a cls; without val
     shards a sample is held out by its key, which re-sharding keeps."""
     shards = shard_files(root)
@@ -125,6 +125,6 @@ def wds_splits(root: Path, val_fraction: float, labels: bool, known: list[str] |
         splits[split] = SplitListing(table((ref, index[class_name(text)] if labeled else UNLABELED)
                                            for ref, text, _ in samples), ignored)
     train, val = splits["train"], splits["val"]
-    if "val" not in shards and (hold_out_labeled or not labeled):
+    if "val" not in shards and (hold_out == "always" or (hold_out == "unlabeled" and not labeled)):
         train, val = split_off_val(train, root, val_fraction, [key for _, _, key in listed["train"][0]])
     return classes, train, val

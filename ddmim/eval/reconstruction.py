@@ -84,12 +84,14 @@ def write_grid(model: nn.Module, images: torch.Tensor, out: Path, mean, std, see
     return out
 
 
-def visualize(ckpt: Path, data: Path, out: Path, num: int = 8, data_format: str = "auto") -> dict:
+def visualize(ckpt: Path, data: Path, out: Path, num: int = 8, data_format: str = "auto",
+              val_path: str = "") -> dict:
     if num < 1:
         raise UserError(f"--num must be at least 1, got {num}")
     if Path(out).is_dir():
         raise UserError(f"--out {out} is a folder; give the PNG file to write")
     model, cfg = load_model(ckpt)
+    cfg.data.val_path = val_path  # the command's data, never the one the checkpoint validated on
     batches = eval_batches(data, cfg, "val", data_format)
     every = torch.cat([x for x, _ in batches])
     images = every[torch.linspace(0, len(every) - 1, min(num, len(every))).long()]  # spread over the classes
