@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "labels (no class folders, no val/), and draw the picture")
     p.add_argument("--methods", default="ddmim", help="comma-separated methods to compare: ddmim, simmim, mae "
                    "(default ddmim)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of every run of the demo (default 0)")
 
     p = sub.add_parser("config", help="print a preset's full configuration, with overrides applied")
     p.add_argument("--preset", default="seed")
@@ -241,7 +242,7 @@ def cmd_demo(args) -> int:
     if args.unlabeled:
         run_unlabeled_demo(_out(args, "demo-unlabeled"))
         return 0
-    run_demo(_out(args, "demo"), tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+    run_demo(_out(args, "demo"), tuple(m.strip() for m in args.methods.split(",") if m.strip()), seed=args.seed)
     return 0
 
 

@@ -1,0 +1,45 @@
+"""The README's demo table is what `ddmim demo` prints today: a fresh demo (seed 0) gives the README's figures
+within `TOLERANCE`, which covers the arithmetic of another CPU and thread count, not a change of recipe."""
+import re
+from pathlib import Path
+
+import pytest
+
+from ddmim.demo import run_demo
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TOLERANCE = {"knn": 2.0, "finetune": 2.0, "recon": 0.05}  # top-1 points; the reconstruction ratio
+ROW = re.compile(r"^(ddmim|simmim|mae|random init)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+x|-)$")
+
+
+def readme_rows(text: str) -> dict[str, tuple[float, float, float | None]]:
+    """The rows of the README's first demo table (the one under `make demo`)."""
+    block = text.split("## The demo", 1)[1].split("```", 2)[1]
+    rows = {}
+    for line in block.splitlines():
+        found = ROW.match(line.strip())
+        if found:
+            name, knn, ft, recon = found.groups()
+            rows[name] = (float(knn), float(ft), None if recon == "-" else float(recon[:-1]))
+    return rows
+
+
+def test_the_readme_table_is_read_whole():
+    rows = readme_rows(README.read_text())
+    assert set(rows) == {"ddmim", "random init"} and rows["random init"][2] is None
+    broken = README.read_text().replace("random init ", "random-init ", 1)
+    assert set(readme_rows(broken)) == {"ddmim"}  # control: a row the pattern misses is missing
+
+
+@pytest.mark.slow
+def test_a_fresh_demo_prints_the_readmes_table(tmp_path):
+    summary = run_demo(tmp_path / "demo")
+    got = {"ddmim": (summary["methods"]["ddmim"]["knn_top1"], summary["methods"]["ddmim"]["finetune_top1"],
+                     summary["methods"]["ddmim"]["reconstruction"]["ratio"]),
+           "random init": (summary["random_init"]["knn_top1"], summary["random_init"]["finetune_top1"], None)}
+    for name, (knn, ft, recon) in readme_rows(README.read_text()).items():
+        assert abs(got[name][0] - knn) <= TOLERANCE["knn"], (name, "k-NN", got[name][0], knn)
+        assert abs(got[name][1] - ft) <= TOLERANCE["finetune"], (name, "fine-tune", got[name][1], ft)
+        if recon is not None:
+            assert abs(got[name][2] - recon) <= TOLERANCE["recon"], (name, "recon", got[name][2], recon)
+    assert got["ddmim"][0] > got["random init"][0]  # the k-NN column ranks them (fine-tuning, on digits, does not)
