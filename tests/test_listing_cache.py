@@ -27,6 +27,7 @@ def _flat(result):
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)  # a rank's variable left by another test would stop the writing
     monkeypatch.setattr(listing_cache, "CACHED_FROM", 1)  # the digits are far fewer than a source worth a file
     return tmp_path / "cache" / "ddmim" / "listings"
 
@@ -87,11 +88,16 @@ def test_a_file_added_or_removed_deep_in_the_tree_lists_again(cache, unlabeled_c
                               for p, _ in listing.files}
 
 
-def test_a_listing_is_not_kept_while_its_folders_are_changing_or_when_the_options_differ(cache, unlabeled_copy):
+def test_a_listing_is_not_kept_while_its_folders_are_changing_or_when_the_options_differ(cache, unlabeled_copy,
+                                                                                          monkeypatch):
     (unlabeled_copy / "2024-01" / "day0" / "new.png").write_bytes(b"")  # its folder changed just now
     source_splits(unlabeled_copy, "auto", 0.1)
     assert not list(cache.glob("*.npz"))
     _settle(unlabeled_copy)
+    with monkeypatch.context() as patched:
+        patched.setenv("LOCAL_RANK", "1")  # a second rank of the machine leaves the writing to the first
+        source_splits(unlabeled_copy, "auto", 0.1)
+    assert not list(cache.glob("*.npz"))
     base = _flat(source_splits(unlabeled_copy, "auto", 0.1))
     other = _flat(source_splits(unlabeled_copy, "auto", 0.3))
     assert len(list(cache.glob("*.npz"))) == 2 and len(other[1][1][0]) > len(base[1][1][0])

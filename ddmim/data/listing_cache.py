@@ -7,7 +7,9 @@ the options that shape it. It holds the modification time and inode of every fol
 removing or renaming a file changes its folder's time, so a listing is used only while every one of its
 folders is as it was. A listing is kept only when no folder changed from two seconds before listing began
 (filesystems that count time in whole seconds could otherwise hide a change made while it was read), and
-only for sources of `CACHED_FROM` samples or more, which take long enough to list to be worth a file.
+only for sources of `CACHED_FROM` samples or more, which take long enough to list to be worth a file. Of the
+ranks that a launcher such as torchrun starts together on a machine, only the first (LOCAL_RANK 0) writes it:
+eight copies of a 300 MB file would all be the same.
 """
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def cached_splits(root: Path, options: dict, list_splits: Callable[[], tuple[tup
         return kept
     began = time.time()
     result, keep = list_splits()
-    if keep and sum(len(listing.files) for listing in result[1:]) >= CACHED_FROM:
+    first_rank = os.environ.get("LOCAL_RANK", "0") == "0"
+    if keep and first_rank and sum(len(listing.files) for listing in result[1:]) >= CACHED_FROM:
         _store(path, root, result, began)
     return result
 
