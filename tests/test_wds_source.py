@@ -3,11 +3,13 @@ held out and read by the folder loader and both converters as the very images, w
 folders they were made from."""
 import hashlib
 import io
+import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -152,7 +154,7 @@ def test_pretraining_reads_third_party_shards_and_what_needs_labels_says_so(sour
     samples, shards, _ = sources
     unlabeled = write_shards(samples, tmp_path / "unlabeled", cls=False)
     assert detect_format(shards) == detect_format(unlabeled) == "folder"  # no DALI indexes: not ddmim's shards
-    with pytest.raises(UserError, match="shards of another tool are read with --format folder"):
+    with pytest.raises(UserError, match="shards of another tool are read with --format folder or dali"):
         list_dali_shards(shards / "train")
     cfg = make_config("tiny", ["data.num_workers=0", "train.batch_size=16"])
     assert make_datamodule(shards, cfg, labels=True).num_classes == 10
@@ -182,3 +184,37 @@ def test_broken_shards_and_forced_layouts_are_named(sources, tmp_path):
     with pytest.raises(UserError, match="holds no .tar shards"):
         list_splits(folders, "wds", 0.01)
 
+
+
+def test_the_dali_loader_reads_third_party_shards_through_a_view_with_the_folder_loaders_labels(sources, tmp_path,
+                                                                                                  monkeypatch):
+    from ddmim.data.dali_view import dali_root
+    from ddmim.train.pretrain import pretrain
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    samples, shards, _ = sources
+    cfg = make_config("tiny", ["data.num_workers=1", "train.batch_size=16", "data.mean=[0,0,0]", "data.std=[1,1,1]"])
+    for split in ("train", "val"):
+        read = {fmt: [(x, y) for x, y in eval_batches(shards, cfg, split, fmt, labels=True)]
+                for fmt in ("dali", "folder")}
+        labels = {fmt: torch.cat([y for _, y in batches]) for fmt, batches in read.items()}
+        assert labels["dali"].tolist() == labels["folder"].tolist() and len(labels["dali"]) > 10, split
+        means = {fmt: torch.cat([x for x, _ in batches]).mean(dim=(2, 3)) for fmt, batches in read.items()}
+        torch.testing.assert_close(means["dali"], means["folder"], atol=0.02, rtol=0, msg=split)  # jpg, png, webp
+    view = dali_root(shards, cfg.data.val_fraction)
+    made = (view / "train" / "conversion.json").stat().st_mtime_ns
+    assert dali_root(shards, cfg.data.val_fraction) == view  # made once
+    assert (view / "train" / "conversion.json").stat().st_mtime_ns == made
+    first = sorted((shards / "train").glob("*.tar"))[0]
+    times = first.stat().st_atime_ns, first.stat().st_mtime_ns
+    os.utime(first, ns=(times[0], times[1] + 10**9))  # a shard written again: another view
+    try:
+        assert dali_root(shards, cfg.data.val_fraction) != view
+    finally:
+        os.utime(first, ns=times)
+    unlabeled = write_shards(samples, tmp_path / "unlabeled", cls=False, splits=False)
+    summary = pretrain(make_config("tiny", ["data.num_workers=1", "train.batch_size=16", "data.val_fraction=0.2"]),
+                       unlabeled, tmp_path / "run", QUIET_STEPS(2), data_format="dali")
+    assert summary["steps"] == 2 and summary["val_loss_last"] is not None
+    with pytest.raises(UserError, match="has no labels"):
+        make_datamodule(unlabeled, cfg, "dali", labels=True)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from ddmim.data.converted import split_path
 from ddmim.data.dali_format import INDEX, MANIFEST
+from ddmim.data.dali_view import dali_root
 from ddmim.data.layout import require_labels
 from ddmim.data.loader_spec import LoaderSpec
 from ddmim.data.workers import check_workers
@@ -54,6 +55,8 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
         from ddmim.data.folder import FolderDataModule
 
         return FolderDataModule(root, spec, randaugment, labels)
+    if fmt == "dali":
+        root = dali_root(root, spec.data.val_fraction)
     if fmt in ("ffcv", "dali") and labels:
         require_labels(root)
     if fmt == "ffcv":
@@ -79,6 +82,8 @@ def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None, la
         raise UserError(f"data path {root} does not exist")
     fmt = detect_format(root) if fmt == "auto" else fmt
     device = torch.device(device or "cpu")
+    if fmt == "dali":
+        root = dali_root(root, spec.data.val_fraction)
     if fmt in ("ffcv", "dali"):
         require(fmt)
         if labels:

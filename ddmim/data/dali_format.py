@@ -3,6 +3,8 @@
 DST/<split>/ holds WebDataset shards `shard-NNNNNN.tar` (`KEY.jpg`, `KEY.cls`: the label as one little-endian
 int32), beside each its index in DALI's wds2idx format (`.idx`, whose first line is 'v1.2 SAMPLES') and the CRC-32
 of each JPEG (`.crc`, 'KEY CRC32' per line), and `conversion.json`, how the shards were written ("shuffled").
+A view of another tool's shards (`dali_view`) has links to them, indexes and no `cls` members: its labels are
+`labels.npy`, one per sample in the order of the indexes.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from ddmim.errors import UserError, say
 INDEX = ".idx"
 CHECKSUMS = ".crc"
 MANIFEST = "conversion.json"
+HOST_LABELS = "labels.npy"
 
 Shards = tuple[list[str], list[str]]  # (tars, their indexes)
 
@@ -57,7 +60,8 @@ def list_shards(folder: Path) -> Shards:
     for tar, idx in zip(tars, indexes):
         if not idx.is_file():
             raise UserError(f"shard {tar} has no index {idx.name} (data_prep/to_dali.py writes both); WebDataset "
-                            "shards of another tool are read with --format folder, or converted by to_dali.py")
+                            "shards of another tool are read with --format folder or dali on the folder that holds "
+                            "them, or converted by to_dali.py")
         head = index_header(idx)
         if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
             raise UserError(f"{idx} is not a DALI webdataset index (wds2idx format)")
@@ -75,7 +79,11 @@ def sample_count(indexes: list[str]) -> int:
 def check_shuffled(folder: Path) -> None:
     """Shards of the converter before it shuffled are in class order: say what that does to batches."""
     manifest = folder / MANIFEST
-    shuffled = manifest.is_file() and json.loads(manifest.read_text()).get("shuffled")
-    if not shuffled:
+    written = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if written.get("view_of"):
+        if not written.get("shuffled"):
+            say(f"ddmim: warning: the shards of {written['view_of']} hold their samples in class order; each batch "
+                "will hold few classes. data_prep/to_dali.py converts them shuffled.")
+    elif not written.get("shuffled"):
         say(f"ddmim: warning: {folder} was written in class order (by an older data_prep/to_dali.py); each "
             "batch will hold few classes. Convert it again.")

@@ -19,11 +19,12 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ddmim.data.bad_samples import SkippedSamples
 from ddmim.data.dali_epoch import EpochLog, SampleOrdinals, union_of
-from ddmim.data.dali_format import Shards, list_shards, sample_count
+from ddmim.data.dali_format import HOST_LABELS, Shards, list_shards, sample_count
 from ddmim.data.dali_pipeline import READER, build_pipeline
 from ddmim.data.dali_repair import (
     damaged_samples,
@@ -45,17 +46,16 @@ class DaliLoader:
     decoded; they are recorded in `skipped`, the pipeline is rebuilt without them, and the epoch goes on.
 
     Under data-parallel training (`group`, a gloo group of every rank) a rank whose batch failed repairs its
-    pipeline at once, and the ranks tell each other whether theirs failed with an all-reduce of one number that
-    runs in the background while the step trains; each rank reads it at its next batch, when the ranks' previous
-    steps have met in DDP's gradient all-reduce, so the read does not wait. When one failed, every rank takes
-    the union of what the failing ranks found and rebuilds its pipeline over the same filtered sample list at
-    that same step, keeping the epoch's batch count, so no rank waits for another."""
+    pipeline at once and says so in an all-reduce that runs while the step trains, read at the next batch (after
+    DDP's gradient all-reduce, so it does not wait). Then every rank takes the union of what the failing ranks
+    found and rebuilds its pipeline over the same sample list at that step, keeping the epoch's batch count."""
 
     def __init__(self, make_pipe, *, train: bool, channels_last: bool, folder: Path, skipped: SkippedSamples,
-                 group=None, accumulate: int = 1, batch: int = 0):
+                 group=None, accumulate: int = 1, batch: int = 0, labels: np.ndarray | None = None):
         self.make_pipe, self.train, self.channels_last = make_pipe, train, channels_last
         self.accumulate, self.batch = accumulate, batch  # training batches per optimiser step; images per batch
-        self.samples = SampleOrdinals(list_shards(folder)) if train else None
+        self.labels = labels  # each sample's label by its ordinal, for a view whose shards hold none (`dali_view`)
+        self.samples = SampleOrdinals(list_shards(folder)) if train or labels is not None else None
         self.log = EpochLog(self.samples.size) if train else None  # what this epoch trained, on this rank
         self.folder, self.skipped, self.ranks = folder, skipped, RankExchange(group)
         self.left_out: set[str] = set()  # 'SHARD.tar:KEY' of every sample left out so far
@@ -97,7 +97,8 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        outputs = ["images", "labels", "where"] if self.train else ["images", "labels"]
+        outputs = (["images", "where"] if self.labels is not None else
+                   ["images", "labels", "where"] if self.train else ["images", "labels"])
         return DALIGenericIterator([self.make_pipe(self.shards, checkpoint)], outputs,
                                    reader_name=READER, last_batch_policy=policy, auto_reset=True,
                                    prepare_first_batch=False)
@@ -216,10 +217,8 @@ class DaliLoader:
 
     def _even(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A validation batch as large as the largest rank's, padded with its own first samples (as
-        DistributedSampler pads a rank's part). The ranks' parts differ by a sample, so their last batches
-        can too, and a collective over the batch (the contrastive loss gathers every rank's features) needs
-        one size on every rank: a 2-rank run with 355 validation images aborted in gloo. Only the epoch's last
-        batch can be short, so only it is exchanged."""
+        DistributedSampler pads): a collective over the batch (the contrastive loss gathers every rank's
+        features) needs one size on every rank, and only an epoch's last batch can differ, by a sample."""
         missing = self.ranks.max(len(labels)) - len(labels)
         if missing <= 0:
             return images, labels
@@ -258,9 +257,12 @@ class DaliLoader:
                                     f"do not decode: {str(error).strip().splitlines()[-1]}") from None
             if self.ranks.shared:
                 self.sent = (self.ranks.any_later(bool(bad)), bad)
+            ordinals = self.samples.of(out[0]["where"]) if self.samples is not None else None
             if self.log is not None:
-                self.log.add(self.samples.of(out[0]["where"]))
-            images, labels = out[0]["images"], out[0]["labels"].reshape(-1).long()
+                self.log.add(ordinals)
+            images = out[0]["images"]
+            labels = (torch.from_numpy(self.labels[ordinals]).to(images.device) if self.labels is not None else
+                      out[0]["labels"].reshape(-1).long())
             if self.channels_last:  # HWC batches viewed as NCHW tensors in channels-last memory
                 images = images.permute(0, 3, 1, 2)
             if self.ranks.shared and not self.train and done == total - 1:
@@ -284,12 +286,14 @@ def open_loader(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, chann
                 skipped: SkippedSamples | None = None, group=None, accumulate: int = 1,
                 **pipeline_options) -> DaliLoader:
     """The loader of one split folder; `pipeline_options` go to `build_pipeline` (shard_id, batch_size, ...)."""
-    if skipped is None:
-        skipped = SkippedSamples(sample_count(list_shards(folder)[1]))
+    skipped = skipped or SkippedSamples(sample_count(list_shards(folder)[1]))
+    labels = np.load(folder / HOST_LABELS) if (folder / HOST_LABELS).is_file() else None
 
     def make_pipe(shards, checkpoint=None):
         return build_pipeline(folder, spec, train=train, gpu=gpu, channels_last=channels_last, shards=shards,
-                              enable_checkpointing=train, checkpoint=checkpoint, **pipeline_options)
+                              host_labels=labels is not None, enable_checkpointing=train, checkpoint=checkpoint,
+                              **pipeline_options)
 
     return DaliLoader(make_pipe, train=train, channels_last=channels_last, folder=folder, skipped=skipped,
-                      group=group, accumulate=accumulate, batch=pipeline_options.get("batch_size") or spec.batch_size)
+                      group=group, accumulate=accumulate, batch=pipeline_options.get("batch_size") or spec.batch_size,
+                      labels=labels)

@@ -1,7 +1,8 @@
 """The DALI pipeline of one split: the webdataset reader, then on CUDA decoding on the GPU (`mixed`) and on the
 CPU DALI's CPU decoder. Training decodes only the random crop window (`fn.decoders.image_random_crop`), then
 resizes, flips and normalises in one `fn.crop_mirror_normalize`; its batches also name their samples (a third
-output, `source_info`)."""
+output, `source_info`). A view of another tool's shards has no `cls` members (`dali_view`): its batches are
+(images, names) in training and validation alike, and the loader looks the labels up."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,11 +31,12 @@ def build_pipeline(folder: Path, spec: LoaderSpec, *, gpu: bool, **options):
 def define_pipeline(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, device_id: int | None,
                     shard_id: int = 0, num_shards: int = 1, batch_size: int | None = None,
                     channels_last: bool = False, threads: int | None = None,
-                    shards: Shards | None = None, **pipeline_kw):
+                    shards: Shards | None = None, host_labels: bool = False, **pipeline_kw):
     """The pipeline, not built: `gpu` decodes with nvJPEG ("mixed") and leaves the batches on the device.
     `device_id` None defines even a GPU pipeline where there is no CUDA (so that its operators and arguments
     are checked on any machine). `shards`: (tars, indexes) to read instead of the folder's own (after samples
-    were left out); `pipeline_kw`: more options of the Pipeline (enable_checkpointing, checkpoint)."""
+    were left out); `host_labels`: the shards hold no labels (a view); `pipeline_kw`: more options of the
+    Pipeline (enable_checkpointing, checkpoint)."""
     from nvidia.dali import fn, pipeline_def, types
 
     tars, indexes = shards or list_shards(folder)
@@ -48,11 +50,13 @@ def define_pipeline(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, d
 
     @pipeline_def
     def pipeline():
-        jpegs, labels = fn.readers.webdataset(
-            paths=tars, index_paths=indexes, ext=["jpg", "cls"], dtypes=[types.UINT8, types.INT32],
+        read = fn.readers.webdataset(
+            paths=tars, index_paths=indexes, ext=["jpg"] if host_labels else ["jpg", "cls"],
+            dtypes=[types.UINT8] if host_labels else [types.UINT8, types.INT32],
             shard_id=shard_id, num_shards=num_shards, random_shuffle=train, stick_to_shard=False,
             initial_fill=shuffle_buffer(batch_size, sample_count(indexes) // num_shards),
             pad_last_batch=True, name=READER, seed=spec.seed)
+        jpegs, labels = (read[0] if isinstance(read, (list, tuple)) else read, None) if host_labels else read
         if train:
             images = fn.decoders.image_random_crop(
                 jpegs, device=decode_device, output_type=types.RGB, random_area=list(spec.data.crop_scale),
@@ -61,13 +65,15 @@ def define_pipeline(folder: Path, spec: LoaderSpec, *, train: bool, gpu: bool, d
             mirror = fn.random.coin_flip(probability=spec.data.hflip) if spec.data.hflip > 0 else 0
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout=layout, mean=mean,
                                               std=std, mirror=mirror)
-            # which samples the batch holds, by shard and offset ('SHARD.tar:OFFSET:KEY.jpg'): see dali_epoch
-            where = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
         else:
             images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=round(size / spec.data.val_crop_ratio), interp_type=interp)
             images = fn.crop_mirror_normalize(images, crop=(size, size), dtype=types.FLOAT, output_layout=layout,
                                               mean=mean, std=std)
+        # which samples the batch holds, by shard and offset ('SHARD.tar:OFFSET:KEY.jpg'): see dali_epoch
+        where = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0) if train or host_labels else None
+        if host_labels:
+            return images, where
         if gpu:
             labels = labels.gpu()
         return (images, labels, where) if train else (images, labels)

@@ -29,7 +29,7 @@ from PIL import Image
 
 from ddmim.atomic import write_text
 from ddmim.data.dali_format import CHECKSUMS, Shards, index_entries, read_checksums
-from ddmim.data.jpeg_header import header_fault
+from ddmim.data.jpeg_header import OTHER_FORMATS, header_fault
 from ddmim.user_cache import user_cache
 
 HEADER_READ = 4096  # bytes read at once at each sample's start: most JPEG headers end within them
@@ -65,7 +65,7 @@ def _check_stored(job: tuple[str, str]) -> list[tuple[str, str]]:
                 f.seek(offset + at)
                 return f.read(max(0, min(count, size - at)))
 
-            reason = header_fault(read, size)
+            reason = None if head.startswith(OTHER_FORMATS) else header_fault(read, size)
             if reason:
                 bad.append((key, f"damaged JPEG header: {reason}"))
             elif checksums is not None and zlib.crc32(head) != checksums.get(key):

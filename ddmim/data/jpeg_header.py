@@ -85,6 +85,11 @@ def _scan(body: bytes) -> str | None:
     return None
 
 
+# the starts of the other image files DALI decodes (PNG, WebP, BMP, TIFF, PNM), which a view of another tool's
+# shards may hold: not JPEGs with a damaged start
+OTHER_FORMATS = (b"\x89PNG", b"RIFF", b"BM", b"II*\x00", b"MM\x00*", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+
+
 def header_fault(read: Callable[[int, int], bytes], size: int) -> str | None:
     """What is wrong with the header of the `size`-byte JPEG that `read(offset, count)` reads; None when the
     header is well formed up to the first scan."""
