@@ -6,7 +6,8 @@ Builds (once, under --work) a synthetic tree of empty .JPEG files: ImageNet's sh
 train/, 50 images a class under val/) or an unlabeled one (folders of 1,000 files, two levels deep). Each repeat
 lists it in a fresh process with `ddmim.data.layout.source_splits`, the call every format's reader and both
 converters make, and reports the seconds, the memory the listing holds (the process's resident size after the
-call, less before it) and its peak (the largest resident size, less the size before). With --base the earlier
+call, less before it) and its peak (the largest resident size, less the size before), then the time the folder
+loader takes to its first batch's samples (the sampler's first epoch; nothing is decoded). With --base the earlier
 commit's listing (exported with `git archive`) runs too, alternating with this tree's, and the ratios are
 printed. Each repeat starts with an empty listing cache (`ddmim.data.listing_cache`), then lists again with
 the listing it kept ("second start"). The page cache holds the directories after the first repeat.
@@ -31,7 +32,10 @@ from benchmarks.compare_commits import ROOT, import_root, two_trees
 CHILD = r"""
 import json, sys, time
 import ddmim
+from ddmim.config import make_config
+from ddmim.data.folder import ListedImages, train_loader
 from ddmim.data.layout import source_splits
+from ddmim.data.loader_spec import LoaderSpec
 
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
@@ -41,8 +45,15 @@ start = time.perf_counter()
 classes, train, val = source_splits(sys.argv[1], sys.argv[2], 0.01)
 seconds = time.perf_counter() - start
 # VmHWM: this process's own peak (ru_maxrss keeps the peak of the process that forked it, across exec)
-peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
-print(json.dumps({"seconds": seconds, "held_mib": rss_mib() - before, "peak_mib": peak - before,
+def peak_mib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+
+held, peak = rss_mib() - before, peak_mib() - before
+start = time.perf_counter()  # the folder loader's first epoch, up to its first batch's samples (no decoding)
+loader = train_loader(ListedImages(train.files, classes, None), LoaderSpec.of(make_config("tiny")))
+next(iter(loader.batch_sampler))
+print(json.dumps({"seconds": seconds, "held_mib": held, "peak_mib": peak,
+                  "first_batch_s": time.perf_counter() - start, "first_batch_peak_mib": peak_mib() - before,
                   "train": len(train.files), "val": len(val.files), "classes": len(classes),
                   "ddmim": ddmim.__file__}))
 """
@@ -101,14 +112,17 @@ def main(argv: list[str] | None = None) -> int:
                                          "tree")
     row = {"layout": args.layout, "files": args.files, "base": args.base}
     for name, measured in runs.items():
-        row[name] = {key: statistics.median(r[key] for r in measured) for key in ("seconds", "held_mib", "peak_mib")}
+        row[name] = {key: statistics.median(r[key] for r in measured)
+                     for key in ("seconds", "held_mib", "peak_mib", "first_batch_s", "first_batch_peak_mib")}
         row[name]["runs"] = measured
         print(f"{name}: {args.layout}, {args.files:,} files: listed in {row[name]['seconds']:.1f} s (median of "
               f"{args.repeats}), {row[name]['held_mib']:.0f} MiB held, {row[name]['peak_mib']:.0f} MiB at the peak; "
-              f"train {measured[0]['train']:,}, val {measured[0]['val']:,}, {measured[0]['classes']} classes")
+              f"the folder loader's first batch {row[name]['first_batch_s']:.1f} s later, "
+              f"{row[name]['first_batch_peak_mib']:.0f} MiB at the peak; train {measured[0]['train']:,}, "
+              f"val {measured[0]['val']:,}, {measured[0]['classes']} classes")
     if args.base:
         print("this tree / base: " + ", ".join(f"{key} {row['this tree'][key] / row['base'][key]:.2f}x"
-                                               for key in ("seconds", "held_mib", "peak_mib")))
+                                               for key in ("seconds", "held_mib", "peak_mib", "first_batch_s")))
     path = write_results(f"listing-{args.layout}-{args.files}", row, args.json)
     print(f"wrote {path}")
     return 0

@@ -56,6 +56,7 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
 
         return FolderDataModule(root, spec, randaugment, labels)
     if fmt == "dali":
+        require("dali")  # before a view of the shards is made for it
         root = dali_root(root, spec.data.val_fraction)
     if fmt in ("ffcv", "dali") and labels:
         require_labels(root)
@@ -65,7 +66,6 @@ def make_datamodule(root: Path, cfg, fmt: str = "auto", channels_last: bool = Fa
 
         return FFCVDataModule(root, spec)
     if fmt == "dali":
-        require("dali")
         from ddmim.data.dali_module import DALIDataModule
 
         return DALIDataModule(root, spec, channels_last=channels_last)
@@ -82,10 +82,9 @@ def eval_batches(root: Path, cfg, split: str, fmt: str = "auto", device=None, la
         raise UserError(f"data path {root} does not exist")
     fmt = detect_format(root) if fmt == "auto" else fmt
     device = torch.device(device or "cpu")
-    if fmt == "dali":
-        root = dali_root(root, spec.data.val_fraction)
     if fmt in ("ffcv", "dali"):
         require(fmt)
+        root = dali_root(root, spec.data.val_fraction) if fmt == "dali" else root
         if labels:
             require_labels(root)
     if fmt == "ffcv":
