@@ -559,15 +559,23 @@ def test_resume_takes_the_latest_step_whatever_the_file_times(sample_root, tmp_p
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_exit_130(sample_root, tmp_path):
     """Lightning ends a run interrupted by Ctrl-C with sys.exit(1) after its own text. The run has steps enough
-    never to end before the signal, however late a loaded machine lets this test send it."""
+    never to end before the signal, however late a loaded machine lets this test send it, and starts with SIGINT
+    as a terminal gives it: a pytest-xdist worker can hold it ignored or blocked after earlier tests (twice in CI
+    the run went on to its last step), and a child inherits both."""
     out = tmp_path / "run"
     metrics = Growth(out / "logs" / "metrics.csv")
+    inherited = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    def as_a_terminal():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
     proc = subprocess.Popen(_train_cmd(sample_root, out, "--max-steps", "100000"), cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_a_terminal)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and not (metrics() and len(train_steps(out)) >= 3):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 130, (inherited, err[-2000:])
     assert err.strip().splitlines()[-1].startswith("ddmim: interrupted at step ")
