@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ddmim.data.converted import split_path
-from ddmim.data.dali_format import INDEX, MANIFEST
+from ddmim.data.dali_format import is_dali_conversion
 from ddmim.data.dali_view import dali_root
 from ddmim.data.layout import require_labels
 from ddmim.data.loader_spec import LoaderSpec
@@ -23,10 +23,8 @@ def detect_format(root: Path) -> str:
         return "folder"  # a file list
     if (root / "train.beton").exists():
         return "ffcv"
-    train = root / "train"
-    if (train / MANIFEST).is_file() or any(t.with_suffix(INDEX).is_file() for t in train.glob("*.tar")):
-        return "dali"
-    return "folder"  # shards without DALI's indexes are WebDataset shards of another tool, a folder source
+    # shards without DALI's indexes are WebDataset shards of another tool, a folder source
+    return "dali" if is_dali_conversion(root) else "folder"
 
 
 def require(fmt: str) -> None:

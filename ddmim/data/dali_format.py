@@ -50,6 +50,13 @@ def read_checksums(tar: str) -> dict[str, int] | None:
     return {key: int(crc, 16) for key, crc in (line.split() for line in path.read_text().splitlines())}
 
 
+def is_dali_conversion(root: Path) -> bool:
+    """`root` holds a DALI split as the converter (or a shard view) writes it: a manifest, or indexed shards in
+    train/. Shards without indexes are WebDataset shards of another tool."""
+    train = Path(root) / "train"
+    return (train / MANIFEST).is_file() or any(t.with_suffix(INDEX).is_file() for t in train.glob("*.tar"))
+
+
 def list_shards(folder: Path) -> Shards:
     if not folder.is_dir():
         raise UserError(f"DALI shard folder {folder} does not exist (make it with data_prep/to_dali.py)")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ddmim.atomic import temp_path
-from ddmim.data.dali_format import HOST_LABELS, INDEX, MANIFEST
+from ddmim.data.dali_format import HOST_LABELS, INDEX, MANIFEST, is_dali_conversion
 from ddmim.data.layout import CLASSES_FILE
 from ddmim.data.listing import SplitListing
 from ddmim.data.sample_refs import SEP
@@ -36,7 +36,7 @@ UNREADABLE = (b"GIF8",)  # images the folder loader reads and DALI's decoders do
 def dali_root(root: Path, val_fraction: float) -> Path:
     """`root` when it is a DALI conversion (or not shards at all), else the view of its shards."""
     root = Path(root)
-    if root.is_dir() and ((root / "train" / MANIFEST).is_file() or any((root / "train").glob(f"*{INDEX}"))):
+    if is_dali_conversion(root):
         return root
     return shard_view(root, val_fraction) if shard_files(root) else root
 
