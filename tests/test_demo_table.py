@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from ddmim.data.sample_digits import build_few_label_sample
 from ddmim.demo import run_demo
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -29,6 +30,18 @@ def test_the_readme_table_is_read_whole():
     assert set(rows) == {"ddmim", "random init"} and rows["random init"][2] is None
     broken = README.read_text().replace("random init ", "random-init ", 1)
     assert set(readme_rows(broken)) == {"ddmim"}  # control: a row the pattern misses is missing
+
+
+def test_the_k_nn_references_are_a_few_labelled_images_of_each_class_and_the_whole_val(sample_root, tmp_path):
+    few = build_few_label_sample(sample_root, tmp_path / "few", 3)
+    for split, expect in (("train", lambda names: sorted(names)[:3]), ("val", sorted)):
+        classes = sorted(p.name for p in (sample_root / split).iterdir())
+        assert sorted(p.name for p in (few / split).iterdir()) == classes == [str(d) for d in range(10)]
+        for c in classes:
+            assert sorted(p.name for p in (few / split / c).iterdir()) == expect(
+                p.name for p in (sample_root / split / c).iterdir())
+    (few / "train" / "0" / sorted(p.name for p in (few / "train" / "0").iterdir())[0]).unlink()
+    assert len(list((build_few_label_sample(sample_root, tmp_path / "few", 3) / "train" / "0").iterdir())) == 2
 
 
 @pytest.mark.slow
