@@ -1,15 +1,19 @@
-"""The README's demo table is what `ddmim demo` prints today: a fresh demo (seed 0) gives the README's figures
-within `TOLERANCE`, which covers the arithmetic of another CPU and thread count, not a change of recipe."""
+"""The README's demo table is what `ddmim demo` prints today: a fresh demo (seed 0), at the thread count of the
+2-core machine that printed the README's, gives its figures within `TOLERANCE`, which covers the arithmetic of
+another CPU, not a change of recipe. The thread count is fixed because it alone moved the k-NN figure by 2.9 points
+(1 thread against 2): with 10 references per class, one changed neighbour vote moves it by 0.28."""
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddmim.data.sample_digits import build_few_label_sample
 from ddmim.demo import run_demo
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TOLERANCE = {"knn": 2.0, "finetune": 2.0, "recon": 0.05}  # top-1 points; the reconstruction ratio
+README_THREADS = 2  # torch's default on the machine that printed the README's table
 ROW = re.compile(r"^(ddmim|simmim|mae|random init)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+x|-)$")
 
 
@@ -46,7 +50,12 @@ def test_the_k_nn_references_are_a_few_labelled_images_of_each_class_and_the_who
 
 @pytest.mark.slow
 def test_a_fresh_demo_prints_the_readmes_table(tmp_path):
-    summary = run_demo(tmp_path / "demo")
+    threads = torch.get_num_threads()  # one under pytest-xdist (conftest)
+    torch.set_num_threads(README_THREADS)
+    try:
+        summary = run_demo(tmp_path / "demo")
+    finally:
+        torch.set_num_threads(threads)
     got = {"ddmim": (summary["methods"]["ddmim"]["knn_top1"], summary["methods"]["ddmim"]["finetune_top1"],
                      summary["methods"]["ddmim"]["reconstruction"]["ratio"]),
            "random init": (summary["random_init"]["knn_top1"], summary["random_init"]["finetune_top1"], None)}
