@@ -34,21 +34,6 @@ def build_unlabeled_sample(labeled: Path, dst: Path) -> Path:
     return dst
 
 
-def build_few_label_sample(labeled: Path, dst: Path, per_class: int) -> Path:
-    """The first `per_class` training images of each class with the whole val split, once: a collection of which
-    only a few images carry labels (pretraining still reads every image of `labeled`)."""
-    dst = Path(dst)
-    if dst.is_dir():
-        return dst
-    with staged_folder(dst) as tmp:
-        for folder in sorted((Path(labeled) / "train").iterdir()):
-            (tmp / "train" / folder.name).mkdir(parents=True)
-            for image in sorted(folder.iterdir())[:per_class]:
-                shutil.copyfile(image, tmp / "train" / folder.name / image.name)
-        shutil.copytree(Path(labeled) / "val", tmp / "val")
-    return dst
-
-
 def build_sample_dataset(dst: Path) -> Path:
     """Writes DST/{train,val}/<digit>/<index>.png once; an existing complete set is reused."""
     from sklearn.datasets import load_digits
