@@ -33,10 +33,16 @@ def gradients(tmp_path_factory):
 
 
 def batches(path, *overrides, epochs=2, global_step=0, accumulate=1):
+    """The loader's training batches, whose building and epochs leave torch's thread count as it was (FFCV sets
+    it to its worker count: with data.num_workers 1 and 2 one of them differs from the caller's)."""
+    threads = torch.get_num_threads()
     cfg = make_config("tiny", ["train.batch_size=4", *overrides])
     loader = make_loader(path, LoaderSpec.of(cfg), train=True, device=CPU, global_step=global_step,
                          accumulate=accumulate)
-    return [x.clone() for _ in range(epochs) for x, _ in loader]  # FFCV reuses its batch buffers
+    assert torch.get_num_threads() == threads
+    out = [x.clone() for _ in range(epochs) for x, _ in loader]  # FFCV reuses its batch buffers
+    assert torch.get_num_threads() == threads, (threads, torch.get_num_threads(), overrides)
+    return out
 
 
 def test_crops_and_flips_follow_the_seed_not_the_threads(gradients):

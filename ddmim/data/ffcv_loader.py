@@ -11,6 +11,7 @@ are never read.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,9 @@ class CheckedBatches:
         return f"{self.path} sample {index}", "its JPEG data does not decode"
 
     def __iter__(self):
-        for images, labels in self.loader:
+        with torch_threads_kept():
+            batches = iter(self.loader)
+        for images, labels in batches:
             failed, samples = self.read_marks(images)
             if images.dtype == torch.uint8:  # the CUDA pipeline's raw pixels
                 images = self.read_marks.normalise(images)
@@ -75,6 +78,19 @@ class CheckedBatches:
                 self.spare = (images[good[0, 0]].clone(), labels[good[0, 0]].clone())
             images, labels, self.spare = fill_from_others(images, labels, failed, self.spare)
             yield images, labels
+
+
+@contextlib.contextmanager
+def torch_threads_kept():
+    """FFCV's Loader sets torch's intra-op thread count to its own worker count, when it is built and at every
+    epoch (`Compiler.set_num_threads`): training would run on `data.num_workers` threads, not on the process's
+    (the cores, OMP_NUM_THREADS, torch.set_num_threads). The count stays what it was."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:  # only where FFCV changed it
+            torch.set_num_threads(threads)
 
 
 def image_pipeline(decoder, spec: LoaderSpec, device: torch.device) -> list:
@@ -150,11 +166,12 @@ def make_loader(path: Path, spec: LoaderSpec, *, train: bool, device: torch.devi
     if distributed and traversal == OrderOption.QUASI_RANDOM:
         raise UserError("ffcv quasi_random order does not support data-parallel training; use order random")
     indices = readable_indices(path)
-    loader = Loader(str(path), batch_size=batch_size or spec.batch_size,
-                    num_workers=loader_threads(spec.data.num_workers), order=traversal, os_cache=os_cache,
-                    drop_last=train if drop_last is None else drop_last, distributed=distributed,
-                    indices=indices, seed=spec.seed,
-                    pipelines={"image": image_pipeline(decoder, spec, device), "label": label_pipeline(device)})
+    with torch_threads_kept():
+        loader = Loader(str(path), batch_size=batch_size or spec.batch_size,
+                        num_workers=loader_threads(spec.data.num_workers), order=traversal, os_cache=os_cache,
+                        drop_last=train if drop_last is None else drop_last, distributed=distributed,
+                        indices=indices, seed=spec.seed,
+                        pipelines={"image": image_pipeline(decoder, spec, device), "label": label_pipeline(device)})
     if train and traversal == OrderOption.RANDOM:
         loader.traversal_order = DealtOrder(indices, seed=spec.seed, world=world, rank=rank, accumulate=accumulate,
                                             batch_size=loader.batch_size)
