@@ -73,7 +73,7 @@ def few_label_knn(net, cfg, data: Path, per_class: int, draws: int, *, data_form
     short = {c: len(m) for c, m in enumerate(members) if len(m) < per_class * draws}
     if short:
         raise UserError(f"{draws} draws of {per_class} labelled images per class need {per_class * draws} images of "
-                        f"each class in {data}/train; class (index: images) {short} has fewer")
+                        f"each class in {data}/train; these have fewer (class index: images): {short}")
     top1 = []
     for d in range(draws):
         rows = torch.cat([m[d * per_class:(d + 1) * per_class] for m in members])
