@@ -48,7 +48,7 @@ test-fast: install-all
 # each ddmim training loader against its plain library (torchvision, FFCV, DALI), each in its own processes,
 # alternating rounds; fails below 0.85x (the spread of single rounds on a 2-core machine reaches about 10%)
 check-loaders: install-all
-	$(BIN)/python benchmarks/compare_loaders.py --images 1024 --rounds 3 --epochs 2 --guard 0.85 \
+	$(BIN)/python benchmarks/compare_loaders.py --images 1024 --rounds 5 --epochs 3 --guard 0.85 \
 		--json $(or $(TMPDIR),/tmp)/ddmim-loader-guard.json
 
 lint: install
