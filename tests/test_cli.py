@@ -121,6 +121,36 @@ def test_each_command_of_a_process_gets_a_notes_folder_of_its_own(monkeypatch):
         close_notes(second)
 
 
+def test_a_rank_whose_notes_folder_is_removed_while_it_writes_stops_without_a_traceback(monkeypatch):
+    """Two ranks stopped by the same bad input: rank 0 said why and removed the folder (`close_notes`) between
+    rank 1's look at the folder and its write, and rank 1 printed a FileNotFoundError traceback (seen in CI
+    beside a CPU hog). A write that fails while the folder is still there is not hidden."""
+    from ddmim.train import rank_notes
+
+    monkeypatch.delenv(rank_notes.NOTES_ENV, raising=False)
+    folder = rank_notes.open_notes()
+    write_text = rank_notes.write_text
+
+    def rank_0_closes_first(path, text):
+        rank_notes.close_notes(folder)
+        monkeypatch.setenv(rank_notes.NOTES_ENV, str(folder))  # rank 1's environment still names it
+        write_text(path, text)
+
+    monkeypatch.setattr(rank_notes, "write_text", rank_0_closes_first)
+    rank_notes.leave_note("a batch larger than the data")
+    assert not folder.exists()
+
+    folder = rank_notes.open_notes()
+    try:
+        def fails(path, text):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        monkeypatch.setattr(rank_notes, "write_text", fails)
+        with pytest.raises(FileNotFoundError):
+            rank_notes.leave_note("a batch larger than the data")
+    finally:
+        rank_notes.close_notes(folder)
+
+
 def test_lightning_tips_and_its_pytree_deprecation_are_silenced_and_nothing_else():
     import logging
     import warnings

@@ -47,8 +47,14 @@ def close_notes(folder: Path) -> None:
 def leave_note(message: str) -> None:
     """Called by a rank that stops on a bad input, before it exits."""
     folder = os.environ.get(NOTES_ENV)
-    if folder and Path(folder).is_dir():
+    if not folder or not Path(folder).is_dir():
+        return
+    try:
         write_text(Path(folder) / f"rank{this_rank()}", message)  # whole or absent when rank 0 reads it
+    except FileNotFoundError:
+        # rank 0, stopped by the same input, has already said why and removed the folder (`close_notes`)
+        if Path(folder).is_dir():
+            raise
 
 
 def notes(wait_s: float = 0.0) -> list[tuple[str, str]]:
