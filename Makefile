@@ -46,7 +46,8 @@ test-fast: install-all
 	$(PYTEST) -m "not slow" tests
 
 # each ddmim training loader against its plain library (torchvision, FFCV, DALI), each in its own processes,
-# alternating rounds; fails below 0.85x (the spread of single rounds on a 2-core machine reaches about 10%)
+# alternating rounds; fails when the median per-round ratio is below 0.85x (single rounds spread by about 20%
+# on a 2-core machine)
 check-loaders: install-all
 	$(BIN)/python benchmarks/compare_loaders.py --images 1024 --rounds 5 --epochs 3 --guard 0.85 \
 		--json $(or $(TMPDIR),/tmp)/ddmim-loader-guard.json
